@@ -1,0 +1,13 @@
+"""placerank: visual place recognition — global retrieval with FAISS, then local re-ranking."""
+
+__version__ = "0.1.0"
+
+from placerank.errors import PlaceRankError  # noqa: E402,F401
+
+
+def __getattr__(name):  # lazy: importing placerank must not pull torch for `placerank --help`
+    if name == "Database":
+        from placerank.localize.database import Database
+
+        return Database
+    raise AttributeError(name)

@@ -1,0 +1,115 @@
+"""The one dataset shape every command works on.
+
+An :class:`ImageSet` is an ordered list of images with *where* each was taken, given in exactly
+one of three ways: metric positions (UTM easting/northing in metres), frame indices of a
+frame-aligned traversal, or place identifiers. A :class:`Dataset` pairs a database set with a
+query set and a :class:`PositiveRule`; ground truth is always *computed* from the positions by
+that rule (see :mod:`placerank.data.positives`), never read from opaque arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from placerank.errors import DataError
+
+PositionKind = Literal["utm", "frame", "place"]
+
+
+@dataclass
+class ImageSet:
+    """Images plus their positions, in a fixed order (index i = ``paths[i]``).
+
+    ``positions`` is ``(N, 2)`` float64 metres for ``kind='utm'``, ``(N,)`` int64 for ``'frame'``
+    and ``(N,)`` of strings/ints for ``'place'``. ``utm_zone`` is kept when positions came from
+    lat/lon, because distances across zones are meaningless. ``latlon`` is ``(N, 2)`` WGS84
+    degrees where known (for maps and localisation output).
+    """
+
+    paths: list[Path]
+    kind: PositionKind
+    positions: np.ndarray
+    source: str = ""
+    utm_zone: np.ndarray | None = None
+    latlon: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.paths = [Path(p) for p in self.paths]
+        if len(self.positions) != len(self.paths):
+            raise DataError(
+                f"{self.source or 'image set'}: {len(self.paths)} images but {len(self.positions)} positions"
+            )
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, indices) -> "ImageSet":
+        idx = np.asarray(indices, dtype=np.int64)
+        return ImageSet(
+            paths=[self.paths[i] for i in idx],
+            kind=self.kind,
+            positions=self.positions[idx],
+            source=self.source,
+            utm_zone=None if self.utm_zone is None else self.utm_zone[idx],
+            latlon=None if self.latlon is None else self.latlon[idx],
+        )
+
+
+@dataclass(frozen=True)
+class PositiveRule:
+    """How to decide that a database image shows the query's place.
+
+    - ``utm``: Euclidean distance <= ``radius`` metres (same UTM zone when zones are known);
+    - ``frame``: ``|i - j| <= frame_tolerance``;
+    - ``place``: equal place identifiers.
+    """
+
+    kind: PositionKind
+    radius: float = 25.0
+    frame_tolerance: int = 0
+
+    def describe(self) -> str:
+        if self.kind == "utm":
+            return f"distance <= {self.radius:g} m"
+        if self.kind == "frame":
+            return f"|i-j| <= {self.frame_tolerance}"
+        return "same place_id"
+
+
+@dataclass
+class Dataset:
+    """A database set, a query set and the rule that links them."""
+
+    database: ImageSet
+    queries: ImageSet
+    rule: PositiveRule
+    name: str = "dataset"
+    _positives: list[np.ndarray] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if len(self.database) == 0:
+            raise DataError(f"{self.database.source or 'database'}: the database is empty (no images found)")
+        if len(self.queries) == 0:
+            raise DataError(f"{self.queries.source or 'queries'}: no query images found")
+        if self.database.kind != self.queries.kind:
+            raise DataError(
+                f"database positions are '{self.database.kind}' but query positions are "
+                f"'{self.queries.kind}': both sides need the same kind of position"
+            )
+        if self.rule.kind != self.database.kind:
+            raise DataError(
+                f"positive rule '{self.rule.kind}' does not fit '{self.database.kind}' positions"
+            )
+
+    @property
+    def positives(self) -> list[np.ndarray]:
+        """Per query, the sorted database indices that count as correct (computed once)."""
+        if self._positives is None:
+            from placerank.data.positives import compute_positives
+
+            self._positives = compute_positives(self.database, self.queries, self.rule)
+        return self._positives

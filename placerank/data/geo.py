@@ -1,0 +1,57 @@
+"""WGS84 <-> UTM with pyproj (never hand-rolled formulas)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+
+def utm_zone_for(lat: float, lon: float) -> int:
+    """EPSG code of the WGS84 UTM zone containing (lat, lon), e.g. 32633 for zone 33N."""
+    zone = int((lon + 180.0) // 6.0) % 60 + 1
+    # Norway / Svalbard exceptions, as in the UTM standard.
+    if 56.0 <= lat < 64.0 and 3.0 <= lon < 12.0:
+        zone = 32
+    if 72.0 <= lat < 84.0 and lon >= 0.0:
+        if lon < 9.0:
+            zone = 31
+        elif lon < 21.0:
+            zone = 33
+        elif lon < 33.0:
+            zone = 35
+        elif lon < 42.0:
+            zone = 37
+    return (32600 if lat >= 0 else 32700) + zone
+
+
+@lru_cache(maxsize=64)
+def _transformer(epsg: int, inverse: bool = False):
+    from pyproj import Transformer
+
+    if inverse:
+        return Transformer.from_crs(epsg, 4326, always_xy=True)
+    return Transformer.from_crs(4326, epsg, always_xy=True)
+
+
+def latlon_to_utm(latlon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(N,2)`` lat/lon degrees -> (``(N,2)`` easting/northing metres, ``(N,)`` EPSG zone codes)."""
+    latlon = np.asarray(latlon, dtype=np.float64).reshape(-1, 2)
+    zones = np.array([utm_zone_for(la, lo) for la, lo in latlon], dtype=np.int64)
+    en = np.zeros_like(latlon)
+    for z in np.unique(zones):
+        m = zones == z
+        e, n = _transformer(int(z)).transform(latlon[m, 1], latlon[m, 0])
+        en[m, 0], en[m, 1] = e, n
+    return en, zones
+
+
+def utm_to_latlon(easting_northing: np.ndarray, zones: np.ndarray) -> np.ndarray:
+    en = np.asarray(easting_northing, dtype=np.float64).reshape(-1, 2)
+    zones = np.asarray(zones).reshape(-1)
+    out = np.zeros_like(en)
+    for z in np.unique(zones):
+        m = zones == z
+        lon, lat = _transformer(int(z), inverse=True).transform(en[m, 0], en[m, 1])
+        out[m, 0], out[m, 1] = lat, lon
+    return out

@@ -1,0 +1,245 @@
+"""What every training method shares: the config, place-labelled data, a P x K sampler,
+and a run folder with per-epoch resumable checkpoints and a JSON-lines loss log.
+
+A method registers ``fn(config: TrainConfig) -> Path`` (returning ``RUN_DIR/model.pt``) with
+:func:`register_method`; ``placerank train --method NAME`` calls it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from placerank.data.dataset import ImageSet
+from placerank.data.readers import list_images, read_csv_manifest
+from placerank.errors import DataError, PlaceRankError
+from placerank.utils import atomic_path, write_json_atomic
+
+
+@dataclass
+class TrainConfig:
+    method: str
+    train: list[str]
+    out: Path
+    backbone: str = "effnet-lite0"
+    epochs: int = 1
+    max_minutes: float | None = None
+    batch_places: int = 8          # P places per batch
+    images_per_place: int = 2      # K images per place
+    lr: float | None = None        # None: the method's default
+    seed: int = 0
+    image_size: tuple[int, int] | None = None
+    frames: tuple[int, int] | None = None  # [start, stop) frame range used when training on traversals
+    device: str = "auto"
+    weights: str | None = None     # backbone weights (default: resolved like the models)
+    resume: bool = True
+    num_workers: int | None = None
+    options: dict = field(default_factory=dict)  # method-specific key=value options
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["out"] = str(self.out)
+        return d
+
+
+_METHODS: dict[str, Callable[[TrainConfig], Path]] = {}
+_PLUGINS = ("placerank.train.selavpr", "placerank.train.fol", "placerank.train.sfrs")
+
+
+def register_method(name: str):
+    def deco(fn):
+        _METHODS[name] = fn
+        return fn
+
+    return deco
+
+
+def list_methods() -> list[str]:
+    import importlib
+
+    for mod in _PLUGINS:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+    return sorted(_METHODS)
+
+
+def run_training(config: TrainConfig) -> Path:
+    methods = list_methods()
+    if config.method not in _METHODS:
+        raise PlaceRankError(f"unknown training method '{config.method}'; known: {', '.join(methods) or 'none'}")
+    return _METHODS[config.method](config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Place-labelled training data
+# ---------------------------------------------------------------------------------------------
+
+def read_training_places(specs: Sequence[str | Path], frames: tuple[int, int] | None = None) -> ImageSet:
+    """Images labelled by place.
+
+    Each spec is a CSV manifest with ``place_id`` (or ``frame``) or a frame-aligned traversal
+    folder; frame k of every traversal folder is place ``k``, so several traversals of one
+    route give K views per place. ``frames=(a, b)`` keeps frames a <= k < b (to hold some out).
+    """
+    paths: list[Path] = []
+    labels: list[str] = []
+    for spec in specs:
+        spec = Path(spec)
+        if spec.suffix.lower() == ".csv":
+            s = read_csv_manifest(spec)
+            if s.kind not in ("place", "frame"):
+                raise DataError(f"{spec}: training needs a place_id or frame column, found '{s.kind}' positions")
+            keep = np.arange(len(s))
+            if frames is not None and s.kind == "frame":
+                keep = keep[(s.positions >= frames[0]) & (s.positions < frames[1])]
+            paths += [s.paths[i] for i in keep]
+            labels += [str(s.positions[i]) for i in keep]
+        else:
+            files = list_images(spec, recursive=False)
+            if not files:
+                raise DataError(f"{spec}: no images found")
+            for k, p in enumerate(files):
+                if frames is None or frames[0] <= k < frames[1]:
+                    paths.append(p)
+                    labels.append(str(k))
+    if not paths:
+        raise DataError("training set is empty after applying the frame range")
+    return ImageSet(paths, "place", np.array(labels, dtype=object), source=",".join(map(str, specs)))
+
+
+def place_groups(places: ImageSet, min_images: int = 2) -> list[np.ndarray]:
+    """Indices of images per place, keeping places with at least ``min_images`` views."""
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(places.positions.tolist()):
+        groups.setdefault(p, []).append(i)
+    out = [np.array(v, dtype=np.int64) for k, v in sorted(groups.items(), key=lambda kv: kv[0]) if len(v) >= min_images]
+    if not out:
+        raise DataError(f"no place has {min_images} or more images: cannot form positive pairs")
+    return out
+
+
+class PlaceBatchSampler(torch.utils.data.Sampler):
+    """GSV-Cities-style batches: P places x K images, ordered by place (image k of place p at
+    position p*K + k), every place used once per epoch."""
+
+    def __init__(self, groups: list[np.ndarray], places_per_batch: int, images_per_place: int, seed: int = 0):
+        self.groups = groups
+        self.P = places_per_batch
+        self.K = images_per_place
+        self.seed = seed
+        self.epoch = 0
+        if len(groups) < self.P:
+            raise DataError(f"need at least {self.P} places with {self.K}+ images for a batch, found {len(groups)}")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.groups) // self.P
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = np.random.default_rng(self.seed + self.epoch)
+        order = rng.permutation(len(self.groups))
+        for b in range(len(self)):
+            batch: list[int] = []
+            for g in order[b * self.P:(b + 1) * self.P]:
+                members = self.groups[g]
+                pick = rng.choice(members, self.K, replace=len(members) < self.K)
+                batch.extend(int(i) for i in pick)
+            yield batch
+
+
+class PlaceImageDataset(torch.utils.data.Dataset):
+    """index -> (image tensor, integer place label)."""
+
+    def __init__(self, places: ImageSet, preprocess, augment=None):
+        from placerank.data.images import load_tensor
+
+        self._load = load_tensor
+        self.places = places
+        self.pre = preprocess
+        self.augment = augment
+        uniq = {p: i for i, p in enumerate(sorted(set(places.positions.tolist())))}
+        self.labels = np.array([uniq[p] for p in places.positions.tolist()], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.places)
+
+    def __getitem__(self, i: int):
+        tensor, _ = self._load(self.places.paths[i], self.pre)
+        if self.augment is not None:
+            tensor = self.augment(tensor)
+        return tensor, int(self.labels[i])
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folder: checkpoints, resume, loss log
+# ---------------------------------------------------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class RunDir:
+    """``RUN_DIR/config.json``, ``checkpoint.pt`` (latest, for resume), ``model.pt`` (a
+    placerank checkpoint loadable with ``--weights``) and ``log.jsonl`` (one JSON per step/epoch).
+
+    All writes are atomic; a run interrupted mid-epoch resumes from the last completed epoch.
+    """
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.path = Path(config.out)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.start_time = time.monotonic()
+        cfg_path = self.path / "config.json"
+        if cfg_path.exists() and config.resume:
+            old = json.loads(cfg_path.read_text())
+            if old.get("method") != config.method or old.get("backbone") != config.backbone:
+                raise PlaceRankError(
+                    f"{self.path}: run folder holds a '{old.get('method')}/{old.get('backbone')}' run; "
+                    f"use another --out or --no-resume"
+                )
+        write_json_atomic(cfg_path, config.to_json())
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / "checkpoint.pt"
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / "model.pt"
+
+    def log(self, record: dict) -> None:
+        record = {"time_s": round(time.monotonic() - self.start_time, 3), **record}
+        with open(self.path / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read_log(self) -> list[dict]:
+        p = self.path / "log.jsonl"
+        return [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if p.exists() else []
+
+    def save_checkpoint(self, state: dict) -> None:
+        with atomic_path(self.checkpoint_path) as tmp:
+            torch.save(state, tmp)
+
+    def load_checkpoint(self) -> dict | None:
+        if not (self.config.resume and self.checkpoint_path.exists()):
+            return None
+        return torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+
+    def out_of_time(self) -> bool:
+        m = self.config.max_minutes
+        return m is not None and (time.monotonic() - self.start_time) > 60.0 * m
