@@ -26,6 +26,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _close_progress_bars() -> None:
+    """Clear unfinished progress bars so the error starts on its own line."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.leave = False
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -35,9 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.func(args)
     except PlaceRankError as e:
+        _close_progress_bars()
         print(f"placerank: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _close_progress_bars()
         print("placerank: interrupted; finished work is saved and a re-run resumes", file=sys.stderr)
         return 130
     return int(result or 0)
