@@ -59,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="effnet-lite0-gem", help="first-stage model (global descriptors)")
     p.add_argument("--weights", default=None, help="first-stage model weights")
     p.add_argument("--rerankers", nargs="+", default=None, help="subset of registered re-rankers (default: all)")
+    p.add_argument("--exclude", nargs="+", default=[], help="re-rankers to leave out (reported as skipped)")
     p.add_argument("--model-for", action="append", metavar="RERANKER=MODEL",
                    help="model a needs-model re-ranker is built with (repeatable)")
     p.add_argument("--weights-for", action="append", metavar="RERANKER=PATH",
@@ -67,8 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="network input of the RANSAC local features (GardensPoint frames are 16:9)")
     p.add_argument("--max-keypoints", type=int, default=2048)
     p.add_argument("--max-queries", type=int, default=None, help="evenly spaced subset of the queries")
+    p.add_argument("--max-database", type=int, default=None,
+                   help="first N database images only (queries without a positive among them are dropped)")
     p.add_argument("--quick", action="store_true",
-                   help="CI smoke run: 6 queries, top-5, local input 288x512, 1024 keypoints")
+                   help="CI smoke run: 40 database images, 6 queries, top-5, local input 288x512, 1024 keypoints")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads per process")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "rerank.json"))
@@ -76,6 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.max_queries = args.max_queries or 6
+        args.max_database = args.max_database or 40
         args.top_k = [5]
         args.local_size = [288, 512]
         args.max_keypoints = 1024
@@ -97,6 +101,10 @@ def first_stage(args) -> dict:
     from placerank.utils import resolve_device
 
     ds = load_dataset(args.database, args.queries, radius=args.radius, frame_tolerance=None if args.radius else args.frame_tolerance)
+    if args.max_database and args.max_database < len(ds.database):
+        ds = Dataset(ds.database.subset(np.arange(args.max_database)), ds.queries, ds.rule, name=ds.name)
+        has_pos = np.flatnonzero([len(p) > 0 for p in ds.positives])
+        ds = Dataset(ds.database, ds.queries.subset(has_pos), ds.rule, name=ds.name)
     if args.max_queries and args.max_queries < len(ds.queries):
         sel = np.unique(np.linspace(0, len(ds.queries) - 1, args.max_queries).round().astype(int))
         ds = Dataset(ds.database, ds.queries.subset(sel), ds.rule, name=ds.name)
@@ -130,10 +138,22 @@ def _blocks(top_k: list[int], depth: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def run_child(spec_path: str) -> None:
-    """One re-ranker: extract, re-rank, write its result JSON (runs in its own process)."""
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. ``VmHWM`` rather than ``getrusage``: Linux carries
+    ``ru_maxrss`` over fork + exec, so a child would report at least its parent's size."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024.0, 1)
+    except OSError:
+        pass
     import resource
 
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
+
+
+def run_child(spec_path: str) -> None:
+    """One re-ranker: extract, re-rank, write its result JSON (runs in its own process)."""
     import torch
 
     from placerank.eval.recall import recall_at_n
@@ -218,7 +238,7 @@ def run_child(spec_path: str) -> None:
         "query_extract_ms_median": round(float(np.median(q_ms)), 1) if q_ms else None,
         "db_extract_s": round(t_db, 2) if n_new_db else None,
         "db_images_extracted": int(n_new_db),
-        "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
+        "peak_memory_mb": peak_rss_mb(),
         "device": str(device),
     }
     store.close()
@@ -263,6 +283,10 @@ def main(argv=None) -> int:
         np.savez(arrays, ids=fs["ids"], **{f"pos_{i}": p for i, p in enumerate(fs["positives"])})
         for name in names:
             entry = entries[name]
+            if name in args.exclude:
+                results[name] = {"status": "skipped", "reason": "excluded with --exclude"}
+                print(f"- {name}: skipped (excluded with --exclude)", flush=True)
+                continue
             if entry.needs_model and name not in model_for:
                 results[name] = {"status": "skipped",
                                  "reason": f"needs a trained model: pass --model-for {name}=MODEL "
@@ -299,7 +323,8 @@ def main(argv=None) -> int:
                         "global_extract_s": fs["global_extract_s"]},
         "config": {"top_k": args.top_k, "local_size": list(args.local_size), "max_keypoints": args.max_keypoints,
                    "quick": bool(args.quick), "device": args.device, "torch_threads": fs["torch_threads"],
-                   "cpu_count": os.cpu_count(), "reference": REFERENCE,
+                   "cpu_count": os.cpu_count(), "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
+                   "reference": REFERENCE,
                    "timing": "ms per query = store reads + score() over the top-K; query local-feature "
                              "extraction reported separately (query_extract_ms_median)"},
         "rerankers": results,

@@ -1,0 +1,109 @@
+"""``placerank localize``: where was this photo taken? (against a database from ``placerank index``)."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+from placerank.commands.index import add_db_model_args
+
+
+def register(sub) -> None:
+    p = sub.add_parser("localize", help="estimate where photos were taken, against a `placerank index` database",
+                       description="For each photo: retrieve the most similar database photos (optionally "
+                                   "re-ranked), estimate lat/lon (or metres) from those that agree, and write "
+                                   "OUT/<photo>.json, <photo>_matches.png, <photo>_map.png (+ _inliers.png).")
+    p.add_argument("photos", nargs="+", type=Path, help="photo(s) or folder(s) of photos")
+    p.add_argument("--db", required=True, type=Path, help="database folder built by `placerank index`")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--rerank", default=None, help="re-ranker name, e.g. ransac-xfeat (see `placerank models`)")
+    p.add_argument("--top-k", type=int, default=10, help="database photos retrieved (and re-ranked) per photo (default 10)")
+    p.add_argument("--radius", type=float, default=None,
+                   help="metres: matches this close to the best one agree with it (default: the database's, 25 for GPS)")
+    p.add_argument("--no-pictures", action="store_true", help="write only the JSON files")
+    p.add_argument("--show", type=int, default=5, help="top matches printed per photo (default 5)")
+    add_db_model_args(p)
+    p.set_defaults(func=run)
+
+
+def _short(path: str) -> str:
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
+
+
+def _photos(items: list[Path]) -> list[Path]:
+    from placerank.errors import DataError
+    from placerank.localize.database import list_photos
+
+    out: list[Path] = []
+    for item in items:
+        if item.is_dir():
+            found = list_photos(item)
+            if not found:
+                raise DataError(f"{item}: no .jpg/.jpeg/.png photos found")
+            out.extend(found)
+        else:
+            out.append(item)  # a missing or unreadable file is reported per photo
+    return out
+
+
+def print_result(r, show: int = 5) -> None:
+    from placerank.localize.outputs import format_distance
+
+    name = Path(r.query).name
+    if not r.found:
+        print(f"{name}: no estimate ({'; '.join(r.notes) or 'no match has a position'})")
+        return
+    where = f"{r.lat:.6f}, {r.lon:.6f} (UTM {r.utm_zone} E {r.easting:.1f} N {r.northing:.1f})" if r.lat is not None \
+        else f"E {r.easting:.3f} m, N {r.northing:.3f} m (local frame)"
+    print(f"{name}: {where}  confidence {r.confidence:.2f}")
+    for m in r.matches[:show]:
+        score = f"sim {m.similarity:.3f}" + (f"  {r.rerank} {m.rerank_score:g}" if m.rerank_score is not None else "")
+        print(f"  #{m.rank:<2d} {_short(m.path):40s} {score}  {format_distance(m.distance_m):>10s}  "
+              f"{'agrees' if m.agrees else 'other place'}")
+    if r.query_gps is not None and r.query_gps.error_m is not None:
+        print(f"  the photo's own EXIF GPS ({r.query_gps.lat:.6f}, {r.query_gps.lon:.6f}) is "
+              f"{format_distance(r.query_gps.error_m)} from the estimate")
+    for note in r.notes:
+        print(f"  note: {note}")
+
+
+def run(args) -> int:
+    from placerank.commands._common import image_size_arg
+    from placerank.errors import DataError
+    from placerank.localize.database import Database
+    from placerank.localize.outputs import unique_stem, write_outputs
+    from placerank.utils import atomic_path
+
+    photos = _photos(args.photos)
+    db = Database.open(args.db, model=args.model, weights=args.weights, image_size=image_size_arg(args.image_size),
+                       device=args.device)
+    failures = 0
+    rows = []
+    taken: set[str] = set()
+    with db:
+        for photo in photos:
+            try:
+                r = db.localize(photo, top_k=args.top_k, rerank=args.rerank, radius=args.radius)
+            except DataError as e:  # one bad photo must not stop the others
+                print(f"placerank: error: {e}", file=sys.stderr)
+                failures += 1
+                continue
+            stem = unique_stem(args.out, photo.stem, taken)
+            written = write_outputs(db, r, args.out, stem=stem, pictures=not args.no_pictures)
+            print_result(r, args.show)
+            print(f"  wrote {written[0]}" + "".join(f", {w.name}" for w in written[1:]))
+            best = r.matches[0] if r.matches else None
+            rows.append([str(photo), r.lat, r.lon, r.easting, r.northing, r.utm_zone, r.confidence,
+                         best.path if best else "", best.similarity if best else "", written[0].name])
+    if rows:
+        with atomic_path(args.out / "summary.csv") as tmp, open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["photo", "lat", "lon", "easting", "northing", "utm_zone", "confidence", "best_match",
+                        "best_similarity", "json"])
+            w.writerows(rows)
+    if failures:
+        print(f"{failures} of {len(photos)} photo(s) could not be localized", file=sys.stderr)
+        return 1
+    return 0

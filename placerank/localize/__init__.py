@@ -1,0 +1,26 @@
+"""Localize your own photos: index a folder of geotagged photos once, then estimate where new
+photos were taken (lat/lon or metres, a confidence, the top matches, pictures).
+
+    import placerank
+    db = placerank.Database.open_or_create("my.db")          # EfficientNet-Lite0 + GeM by default
+    db.add_folder("photos/")                                  # EXIF GPS; only new/changed photos
+    result = db.localize("new_photo.jpg", rerank="ransac-xfeat")
+    print(result.lat, result.lon, result.confidence)
+
+See :mod:`placerank.localize.database` (storage and safety), :mod:`placerank.localize.estimate`
+(position and confidence) and docs/localize.md.
+"""
+
+from placerank.localize.database import (  # noqa: F401
+    Database,
+    DatabaseBusyError,
+    IndexReport,
+    LocalizeResult,
+    Match,
+    QueryGps,
+    RemoveReport,
+)
+from placerank.localize.estimate import Estimate, EstimateConfig, estimate_position  # noqa: F401
+from placerank.localize.exif import GpsReading, NoGps, read_gps  # noqa: F401
+from placerank.localize.outputs import write_outputs  # noqa: F401
+from placerank.localize.positions import Position, read_positions_csv  # noqa: F401

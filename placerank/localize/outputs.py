@@ -1,0 +1,82 @@
+"""Files written for each localized photo: ``<stem>.json``, ``<stem>_matches.png`` (query + top
+matches, green = agrees with the estimate), ``<stem>_inliers.png`` (with a re-ranker that exposes
+``matches()``: the verified matches to the best candidate) and ``<stem>_map.png``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from placerank.errors import DataError
+
+
+def format_distance(metres: float | None) -> str:
+    """'0.27 m', '14 m', '1012.9 km'; '' when unknown."""
+    if metres is None:
+        return ""
+    if metres < 10:
+        return f"{metres:.2f} m"
+    if metres < 1000:
+        return f"{metres:.0f} m"
+    return f"{metres / 1000:.1f} km"
+
+
+def unique_stem(out_dir: Path, stem: str, taken: set[str]) -> str:
+    """``stem``, or ``stem-2``, ``stem-3``... when several photos share a name in one run."""
+    name, k = stem, 1
+    while name in taken:
+        k += 1
+        name = f"{stem}-{k}"
+    taken.add(name)
+    return name
+
+
+def write_outputs(db, result, out_dir: str | Path, stem: str | None = None, pictures: bool = True,
+                  top: int = 5) -> list[Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = stem or Path(result.query).stem
+    json_path = out_dir / f"{stem}.json"
+    written = [json_path]
+    if pictures:
+        written += _pictures(db, result, out_dir, stem, top)
+    result.save_json(json_path)  # last: picture notes end up in it
+    return written
+
+
+def _pictures(db, result, out_dir: Path, stem: str, top: int) -> list[Path]:
+    written = []
+    from placerank.eval.report import draw_example
+
+    shown = result.matches[:top]
+    if shown:
+        labels = [f"#{m.rank} {Path(m.path).name} {format_distance(m.distance_m)}" for m in shown]
+        path = out_dir / f"{stem}_matches.png"
+        draw_example(Path(result.query), [Path(m.path) for m in shown], [m.agrees for m in shown], path,
+                     labels=labels,
+                     title=f"{Path(result.query).name}: top-{len(shown)}{' after ' + result.rerank if result.rerank else ''}"
+                           f" (green = within {result.radius_m:g} m of the estimate)")
+        written.append(path)
+    reranker = result.extras.get("reranker")
+    if reranker is not None and hasattr(reranker, "matches") and result.matches:
+        try:
+            from placerank.viz.matches import draw_matches
+        except ImportError:
+            draw_matches = None
+        if draw_matches is not None:
+            qlf, blf = result.extras["query_lf"], result.extras["cand_lf"][0]
+            pairs = reranker.matches(qlf, blf)
+            path = out_dir / f"{stem}_inliers.png"
+            try:
+                draw_matches(result.query, result.matches[0].path, qlf.keypoints, blf.keypoints, pairs, path,
+                             title=f"{reranker.name}: {len(pairs)} verified matches, "
+                                   f"{Path(result.query).name} vs #1 {Path(result.matches[0].path).name}")
+                written.append(path)
+            except DataError as e:  # the database photo was moved or deleted since indexing
+                result.notes.append(f"inlier picture not drawn: {e}")
+    if result.found:
+        from placerank.localize.maps import draw_map
+
+        path = out_dir / f"{stem}_map.png"
+        draw_map(result, db.positions(result.extras.get("ref_epsg")), path)
+        written.append(path)
+    return written

@@ -1,0 +1,183 @@
+"""Spatial-verification re-ranking: the classic baseline every learned re-ranker is compared to.
+
+For each top-K candidate: putative matches between the query's and the candidate's local
+features (mutual nearest neighbours, or LighterGlue for XFeat), then a fundamental matrix (or
+homography) estimated with OpenCV's USAC/MAGSAC; the score is the number of inliers. Ties keep
+the first-stage order (:func:`placerank.rerank.base.rerank_order`).
+
+Registered re-rankers: ``ransac-xfeat``, ``ransac-aliked``, ``ransac-disk`` (MNN + MAGSAC) and
+``ransac-xfeat-lighterglue``. Options (``EvalConfig.rerank_options`` or keyword arguments):
+``image_size`` (H, W) of the fixed network input (default 480x640: eval batches images, so the
+size must be fixed; keypoints are mapped back to original pixels), ``max_keypoints`` (2048),
+``geometry`` ('fundamental' | 'homography'), ``threshold_px`` (1.0, in a frame whose longest side
+is 640 px), ``confidence``, ``max_iters``, ``weights`` / ``matcher_weights`` (file paths),
+``device``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from placerank.data.images import Preprocess, load_tensor
+from placerank.errors import PlaceRankError
+from placerank.localfeat.base import create_features, to_original_pixels
+from placerank.localfeat.matching import LighterGlue, VerifyConfig, mutual_nn_pairs, verify_pairs
+from placerank.models.base import LocalFeatures
+from placerank.rerank.base import Reranker, register_reranker
+
+# The networks take RGB in [0, 1]: no mean/std normalisation (XFeat instance-normalises inside).
+# Images smaller than 32 px per side have no 8x8-cell / stride-32 structure left to detect on.
+LOCAL_MEAN = (0.0, 0.0, 0.0)
+LOCAL_STD = (1.0, 1.0, 1.0)
+LOCAL_MIN_SIDE = 32
+DEFAULT_SIZE = (480, 640)
+
+
+def _size(v) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    t = tuple(int(x) for x in v)
+    if len(t) == 1:
+        return (t[0], t[0])
+    if len(t) != 2 or min(t) < LOCAL_MIN_SIDE:
+        raise PlaceRankError(f"image_size must be HEIGHT WIDTH with both >= {LOCAL_MIN_SIDE} px, got {v}")
+    return t
+
+
+@dataclass(frozen=True)
+class RansacConfig:
+    features: str = "xfeat"
+    matcher: str = "mnn"  # "mnn" | "lighterglue"
+    max_keypoints: int = 2048
+    image_size: tuple[int, int] = DEFAULT_SIZE
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+    weights: str | None = None
+    matcher_weights: str | None = None
+
+
+class RansacReranker(Reranker):
+    """Local features + putative matches + MAGSAC; score = inlier count."""
+
+    def __init__(self, config: RansacConfig = RansacConfig(), device: str | torch.device = "cpu"):
+        if config.matcher not in ("mnn", "lighterglue"):
+            raise PlaceRankError(f"unknown matcher '{config.matcher}': use mnn or lighterglue")
+        if config.matcher == "lighterglue" and config.features != "xfeat":
+            raise PlaceRankError("LighterGlue matches XFeat features only (use --features xfeat)")
+        self.config = config
+        self.name = f"ransac-{config.features}" + ("-lighterglue" if config.matcher == "lighterglue" else "")
+        self.net = create_features(config.features, weights=config.weights, max_keypoints=config.max_keypoints)
+        self.dim = self.net.dim
+        self.preprocess = Preprocess(tuple(config.image_size), LOCAL_MEAN, LOCAL_STD, min_side=LOCAL_MIN_SIDE)
+        self.glue = LighterGlue(config.matcher_weights) if config.matcher == "lighterglue" else None
+        self.device = torch.device("cpu")
+        self.to(device)
+
+    def signature(self) -> str:
+        """Stored features depend on the network, its weights, the keypoint budget and the input
+        size; the matcher and RANSAC settings only affect scoring, so they are not part of it."""
+        return (f"{self.name}:{self.net.kind}:w{self.net.weights_sha256[:12]}:k{self.config.max_keypoints}:"
+                f"{self.preprocess.signature()}")
+
+    def to(self, device) -> "RansacReranker":
+        self.device = torch.device(device)
+        self.net.to(self.device)
+        if self.glue is not None:
+            self.glue.to(self.device)
+        return self
+
+    # -- extraction -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def extract(self, images: torch.Tensor, original_sizes: Sequence[tuple[int, int]]) -> list[LocalFeatures]:
+        images = images.to(self.device, torch.float32)
+        raw = self.net.detect(images)
+        hw = tuple(images.shape[-2:])
+        out = []
+        for r, orig in zip(raw, original_sizes):
+            orig = (int(orig[0]), int(orig[1]))
+            kp = r.keypoints.cpu().numpy().astype(np.float32)
+            out.append(LocalFeatures(
+                keypoints=to_original_pixels(kp, hw, orig),
+                descriptors=r.descriptors.cpu().numpy().astype(np.float32),
+                scores=r.scores.cpu().numpy().astype(np.float32),
+                image_size=orig,
+            ))
+        return out
+
+    def extract_path(self, path: str | Path, keep_aspect: bool = True) -> LocalFeatures:
+        """Features of one image file. ``keep_aspect``: resize to longest side = max(image_size),
+        sides rounded to multiples of 32, instead of the fixed batch size (for single pairs)."""
+        pre = self.preprocess
+        if keep_aspect:
+            from placerank.data.images import open_image
+
+            im = open_image(path, LOCAL_MIN_SIDE)
+            W, H = im.size
+            side = max(self.preprocess.size)
+            s = side / max(H, W)
+            size = (max(32, int(round(H * s / 32)) * 32), max(32, int(round(W * s / 32)) * 32))
+            pre = self.preprocess.with_size(size)
+        t, orig = load_tensor(path, pre)
+        return self.extract(t[None], [orig])[0]
+
+    # -- scoring ----------------------------------------------------------------------------------
+    def putative(self, query: LocalFeatures, cand: LocalFeatures) -> np.ndarray:
+        if self.glue is not None:
+            return self.glue.match(query.keypoints, query.descriptors, query.image_size,
+                                   cand.keypoints, cand.descriptors, cand.image_size)
+        return mutual_nn_pairs(query.descriptors, cand.descriptors, self.device)
+
+    def matches(self, query: LocalFeatures, cand: LocalFeatures) -> np.ndarray:
+        """(P, 2) verified (query_idx, cand_idx) inlier pairs."""
+        pairs = self.putative(query, cand)
+        inl = verify_pairs(query.keypoints, cand.keypoints, pairs, query.image_size, cand.image_size,
+                           self.config.verify)
+        return pairs[inl]
+
+    def score(self, query: LocalFeatures, candidates: Sequence[LocalFeatures]) -> np.ndarray:
+        return np.array([len(self.matches(query, c)) for c in candidates], dtype=np.float64)
+
+
+def _make(features: str, matcher: str = "mnn", **kw) -> RansacReranker:
+    device = kw.pop("device", "cpu")
+    verify_keys = {"geometry", "threshold_px", "confidence", "max_iters", "min_matches"}
+    vkw = {k: kw.pop(k) for k in list(kw) if k in verify_keys}
+    unknown = set(kw) - {"image_size", "max_keypoints", "weights", "matcher_weights"}
+    if unknown:
+        raise PlaceRankError(f"unknown option(s) for ransac re-ranking: {', '.join(sorted(unknown))}")
+    verify = VerifyConfig()
+    if "geometry" in vkw and "min_matches" not in vkw:
+        vkw["min_matches"] = 8 if vkw["geometry"] == "fundamental" else 4
+    verify = replace(verify, **vkw)
+    cfg = RansacConfig(
+        features=features, matcher=matcher,
+        max_keypoints=int(kw.get("max_keypoints", 2048)),
+        image_size=_size(kw["image_size"]) if kw.get("image_size") is not None else DEFAULT_SIZE,
+        verify=verify,
+        weights=kw.get("weights"), matcher_weights=kw.get("matcher_weights"),
+    )
+    return RansacReranker(cfg, device=device)
+
+
+@register_reranker("ransac-xfeat", "XFeat + mutual NN + MAGSAC fundamental matrix; score = inliers")
+def ransac_xfeat(**kw) -> RansacReranker:
+    return _make("xfeat", **kw)
+
+
+@register_reranker("ransac-aliked", "ALIKED-n16 + mutual NN + MAGSAC fundamental matrix; score = inliers")
+def ransac_aliked(**kw) -> RansacReranker:
+    return _make("aliked", **kw)
+
+
+@register_reranker("ransac-disk", "DISK + mutual NN + MAGSAC fundamental matrix; score = inliers")
+def ransac_disk(**kw) -> RansacReranker:
+    return _make("disk", **kw)
+
+
+@register_reranker("ransac-xfeat-lighterglue", "XFeat + LighterGlue matches + MAGSAC; score = inliers")
+def ransac_xfeat_lighterglue(**kw) -> RansacReranker:
+    return _make("xfeat", matcher="lighterglue", **kw)

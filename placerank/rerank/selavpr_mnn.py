@@ -1,0 +1,95 @@
+"""``--rerank selavpr-mnn``: SelaVPR's re-ranking (spec §5.2).
+
+Each top-K candidate is scored by the **number of mutual nearest neighbours** between the
+query's and the candidate's dense local features (the ``LocalAdapt`` grid of a ``selavpr-*``
+model: 61x61 for ViTs at 224 px, 45x77 for EfficientNet at 360x640); candidates are re-sorted
+by that count, ties kept in first-stage order. No ratio test, threshold or geometry.
+
+Memory: the query-vs-candidate similarity tensor is built for a chunk of candidates at a time,
+with the chunk size derived from ``max_chunk_mb`` (one 3,721 x 3,721 fp32 matrix is 55 MB, a
+whole top-100 would be 5.5 GB), so any K runs in bounded memory on CPU or GPU. Database
+features live in the float16 :class:`~placerank.rerank.store.LocalFeatureStore` and are read
+only for the candidates; they are upcast to float32 before the matrix product.
+
+Options: ``max_chunk_mb`` (256), ``min_matches`` (2: a single mutual match scores 0, as in the
+official code; 0 to count it).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from placerank.errors import PlaceRankError
+from placerank.models.base import LocalFeatures
+from placerank.rerank.base import Reranker, register_reranker
+from placerank.rerank.mnn import mnn_counts
+
+
+class SelaVPRMNNReranker(Reranker):
+    name = "selavpr-mnn"
+
+    def __init__(self, model, max_chunk_mb: float = 256.0, min_matches: int = 2,
+                 device: str | torch.device = "cpu"):
+        from placerank.models.selavpr import SelaVPRModel
+
+        if not isinstance(model, SelaVPRModel):
+            got = getattr(model, "name", type(model).__name__) if model is not None else "no model"
+            raise PlaceRankError(f"re-ranker 'selavpr-mnn' needs a SelaVPR model (--model selavpr-...), got '{got}'")
+        if max_chunk_mb <= 0:
+            raise PlaceRankError(f"max_chunk_mb must be > 0, got {max_chunk_mb}")
+        self.model = model
+        self.dim = model.local_dim
+        self.preprocess = model.preprocess
+        self.max_chunk_mb = float(max_chunk_mb)
+        self.min_matches = int(min_matches)
+        self.device = torch.device("cpu")
+        self.to(device)
+
+    def signature(self) -> str:
+        """Local features depend on the model's weights and input size, so both are in the key."""
+        return f"{self.name}:{self.model.name}:{self.model.weights_id}:{self.preprocess.signature()}"
+
+    def to(self, device) -> "SelaVPRMNNReranker":
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
+
+    def extract(self, images: torch.Tensor, original_sizes: Sequence[tuple[int, int]]) -> list[LocalFeatures]:
+        self.model.eval()
+        return self.model.local_features(images.to(self.device), original_sizes)
+
+    def chunk_size(self, n_query: int, n_cand: int) -> int:
+        """Candidates per batched matrix product so that the (chunk, n_c, n_q) float32
+        similarities (plus the masked copy) stay within ``max_chunk_mb``."""
+        per_candidate = max(1, n_query) * max(1, n_cand) * 4 * 2
+        return max(1, int(self.max_chunk_mb * 2**20 // per_candidate))
+
+    def score(self, query: LocalFeatures, candidates: Sequence[LocalFeatures]) -> np.ndarray:
+        if not candidates:
+            return np.zeros(0, dtype=np.int64)
+        n_c = max(len(c) for c in candidates)
+        chunk = self.chunk_size(len(query), n_c)
+        return mnn_counts(query.descriptors, [c.descriptors for c in candidates], chunk=chunk,
+                          device=self.device, min_matches=self.min_matches)
+
+    def matches(self, query: LocalFeatures, candidate: LocalFeatures) -> np.ndarray:
+        """(P, 2) int64 (query index, candidate index) of the mutual nearest neighbours — the
+        pairs :meth:`score` counts (for match pictures)."""
+        from placerank.train.losses.mnn import mutual_nn_pairs
+
+        if len(query) == 0 or len(candidate) == 0:
+            return np.zeros((0, 2), dtype=np.int64)
+        q = torch.as_tensor(np.asarray(query.descriptors), device=self.device).float()
+        c = torch.as_tensor(np.asarray(candidate.descriptors), device=self.device).float()
+        with torch.no_grad():
+            i, j = mutual_nn_pairs(q @ c.t())
+        return torch.stack([i, j], dim=1).cpu().numpy().astype(np.int64)
+
+
+@register_reranker("selavpr-mnn", "SelaVPR: count of mutual nearest neighbours between dense local features "
+                                  "(needs a selavpr-* model)", needs_model=True)
+def _selavpr_mnn(model=None, max_chunk_mb: float = 256.0, min_matches: int = 2, device="cpu"):
+    return SelaVPRMNNReranker(model, max_chunk_mb=max_chunk_mb, min_matches=min_matches, device=device)

@@ -1,0 +1,234 @@
+"""``placerank train --method fol``: FoL training (spec ``fol.md`` §3–§4) on any backbone.
+
+Batches are P places x K images ordered by place (:class:`PlaceBatchSampler`); the loss is
+:class:`placerank.train.losses.fol.FoLCriterion` (MS + local MNN triplet + SAL + CEL +
+pseudo-correspondences); AdamW (lr 6e-5 for ViTs, 1e-4 for the CNN; weight decay 9.5e-9) with
+the official linear decay of the lr factor from 1 to 0.1 over 10,000 iterations, stepped every
+iteration. fp16 autocast + GradScaler on CUDA only. Per-epoch resumable checkpoints, one JSON
+line per step in ``RUN_DIR/log.jsonl``, a tqdm bar, and ``RUN_DIR/model.pt`` (a placerank
+checkpoint: ``placerank eval --model fol-effnet-lite0 --weights RUN_DIR/model.pt``).
+
+Training data: CSV manifests / traversal folders (:func:`read_training_places`) and GSV-Cities
+folders (``Dataframes/`` + ``Images/``, :func:`placerank.data.gsv_cities.read_gsv_cities`).
+
+``--option KEY=VALUE`` keys: ``num_regions``, ``local_mode`` (center | pool3 | dense),
+``train_blocks``, ``weight_decay``, ``lr_decay_iters``, ``lr_final_factor``, ``amp``,
+``max_steps``, ``gsv_cities`` (comma-separated city names), ``gsv_min_images``, and every field
+of :class:`FoLLossConfig` (``w_ms``, ``w_local``, ``w_sal``, ``w_cel``, ``w_ws``, thresholds …).
+Deviation from the official script, recorded here: images are normalised with the model's
+preprocessing (the official training feeds raw [0, 1] pixels but evaluates normalised ones,
+pitfall 3), and no model selection on a test set is done (pitfall 12): the last epoch is saved.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from placerank.data.dataset import ImageSet
+from placerank.errors import PlaceRankError
+from placerank.train.common import (PlaceBatchSampler, PlaceImageDataset, RunDir, TrainConfig, place_groups,
+                                    read_training_places, register_method, seed_everything)
+from placerank.train.losses.fol import FoLCriterion, FoLLossConfig
+from placerank.utils import resolve_device
+
+BACKBONE_MODELS = {
+    "effnet-lite0": "fol-effnet-lite0",
+    "dinov2-vits14": "fol-vits14",
+    "dinov2-vitb14": "fol-vitb14",
+    "dinov2-vitl14": "fol-vitl14",
+}
+
+
+@dataclass
+class FoLTrainOptions:
+    """Method-specific options (``--option KEY=VALUE``)."""
+
+    num_regions: int = 225
+    local_mode: str = "center"
+    train_blocks: int = 4
+    weight_decay: float = 9.5e-9
+    lr_decay_iters: int = 10000
+    lr_final_factor: float = 0.1
+    amp: bool = True
+    max_steps: int = 0            # 0: no limit
+    gsv_cities: str = ""          # comma-separated dataframe names; empty: all
+    gsv_min_images: int = 4
+
+
+def parse_options(options: dict) -> tuple[FoLTrainOptions, FoLLossConfig]:
+    train_keys = {f.name: f for f in fields(FoLTrainOptions)}
+    loss_keys = {f.name for f in fields(FoLLossConfig)}
+    unknown = [k for k in options if k not in train_keys and k not in loss_keys]
+    if unknown:
+        known = ", ".join(sorted(list(train_keys) + sorted(loss_keys)))
+        raise PlaceRankError(f"unknown fol option '{unknown[0]}'; known: {known}")
+    defaults = asdict(FoLTrainOptions())
+    for k, v in options.items():
+        if k in train_keys:
+            want = type(defaults[k])
+            try:
+                defaults[k] = (str(v).lower() in ("1", "true", "yes")) if want is bool else want(v)
+            except ValueError:
+                raise PlaceRankError(f"fol option {k}={v!r} is not a valid {want.__name__}") from None
+    try:
+        loss_cfg = FoLLossConfig().update({k: v for k, v in options.items() if k in loss_keys})
+    except ValueError as e:
+        raise PlaceRankError(f"bad fol loss option ({e})") from None
+    return FoLTrainOptions(**defaults), loss_cfg
+
+
+def model_name_for(backbone: str) -> str:
+    if backbone in BACKBONE_MODELS:
+        return BACKBONE_MODELS[backbone]
+    if backbone in BACKBONE_MODELS.values():
+        return backbone
+    raise PlaceRankError(f"fol cannot train on backbone '{backbone}'; use one of: {', '.join(BACKBONE_MODELS)}")
+
+
+def read_places(config: TrainConfig, opts: FoLTrainOptions) -> ImageSet:
+    """Place-labelled images from traversal folders / CSVs and GSV-Cities roots."""
+    from placerank.data.gsv_cities import is_gsv_cities_root, read_gsv_cities
+
+    gsv = [s for s in config.train if is_gsv_cities_root(s)]
+    other = [s for s in config.train if not is_gsv_cities_root(s)]
+    sets = []
+    if other:
+        sets.append(read_training_places(other, config.frames))
+    cities = [c for c in opts.gsv_cities.split(",") if c] or None
+    for root in gsv:
+        sets.append(read_gsv_cities(root, cities, opts.gsv_min_images))
+    if len(sets) == 1:
+        return sets[0]
+    paths = [p for s in sets for p in s.paths]
+    labels = np.array([f"{k}:{l}" for k, s in enumerate(sets) for l in s.positions.tolist()], dtype=object)
+    return ImageSet(paths, "place", labels, source=",".join(s.source for s in sets))
+
+
+def lr_factor(step: int, decay_iters: int, final: float) -> float:
+    """Linear decay of the lr factor from 1 to ``final`` over ``decay_iters`` steps, then constant."""
+    if decay_iters <= 0:
+        return 1.0
+    t = min(step, decay_iters) / decay_iters
+    return 1.0 + (final - 1.0) * t
+
+
+def fol_step_loss(model, criterion: FoLCriterion, images: torch.Tensor, labels: torch.Tensor):
+    """One batch's FoL loss. With ``local_mode="center"`` nothing needs the dense local map's
+    gradient (CEL detaches it, region features come from the patch centres, and the
+    pseudo-correspondence cells are recomputed from small windows by ``model.pooled_cells``), so
+    the dense map is computed without autograd: ~3x cheaper on CPU, same loss and gradients."""
+    import torch.nn.functional as F
+
+    sparse = model.cfg.local_mode == "center"
+    out = model.run(images, local_map=not sparse)
+    if sparse:
+        with torch.no_grad():
+            local_map = model._head(out.feature_map, normalize=False)
+        cells = lambda b, r, c: model.pooled_cells(out.feature_map, b, r, c)  # noqa: E731
+    else:
+        local_map, cells = out.local_map, None
+    sets = model.region_sets(out, training=True)
+    return criterion(out, [s.descriptors.float() for s in sets], labels, F.normalize(local_map.float(), dim=1), cells)
+
+
+@register_method("fol")
+def train_fol(config: TrainConfig) -> Path:
+    from placerank.models.checkpoints import save_placerank_checkpoint
+    from placerank.models.registry import create
+
+    opts, loss_cfg = parse_options(config.options)
+    name = model_name_for(config.backbone)
+    if config.images_per_place < 2:
+        raise PlaceRankError("fol needs --images-per-place >= 2 (positives for the MS, local, CEL and WS losses)")
+    seed_everything(config.seed)
+    device = resolve_device(config.device)
+    run = RunDir(config)
+
+    model = create(name, weights=config.weights, image_size=config.image_size, num_regions=opts.num_regions,
+                   local_mode=opts.local_mode, train_blocks=opts.train_blocks)
+    model_kwargs = {"image_size": list(model.preprocess.size), "num_regions": model.cfg.num_regions,
+                    "local_mode": model.cfg.local_mode, "train_blocks": model.cfg.train_blocks}
+    model.to(device)
+
+    places = read_places(config, opts)
+    groups = place_groups(places, min_images=config.images_per_place)
+    sampler = PlaceBatchSampler(groups, config.batch_places, config.images_per_place, seed=config.seed)
+    workers = config.num_workers if config.num_workers is not None else min(2, os.cpu_count() or 1)
+    loader = torch.utils.data.DataLoader(PlaceImageDataset(places, model.preprocess), batch_sampler=sampler,
+                                         num_workers=workers, persistent_workers=False)
+
+    lr = config.lr if config.lr is not None else (1e-4 if name == "fol-effnet-lite0" else 6e-5)
+    params = model.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=opts.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, opts.lr_decay_iters, opts.lr_final_factor))
+    use_amp = bool(opts.amp) and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    criterion = FoLCriterion(loss_cfg)
+
+    start_epoch, step = 0, 0
+    state = run.load_checkpoint()
+    if state is not None:
+        model.load_state_dict(state["model"], strict=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        criterion.rng.setstate(state["criterion_rng"])
+        start_epoch, step = int(state["epoch"]), int(state["step"])
+        run.log({"event": "resume", "epoch": start_epoch, "step": step})
+    else:
+        run.log({"event": "start", "model": name, "images": len(places), "places": len(groups),
+                 "batches_per_epoch": len(sampler), "lr": lr, "device": str(device),
+                 "trainable_params": int(sum(p.numel() for p in params)),
+                 "options": asdict(opts), "loss": asdict(loss_cfg)})
+
+    stop_reason = None
+    for epoch in range(start_epoch, config.epochs):
+        model.train()
+        sampler.set_epoch(epoch)
+        totals: list[float] = []
+        bar = tqdm(loader, desc=f"fol epoch {epoch + 1}/{config.epochs}", unit="batch", dynamic_ncols=True)
+        for images, labels in bar:
+            images, labels = images.to(device, non_blocking=True), labels.to(device)
+            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+                loss, log = fol_step_loss(model, criterion, images, labels)
+            if not math.isfinite(float(loss.detach())):
+                raise PlaceRankError(f"fol training diverged at step {step} (loss {float(loss)}); lower --lr")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            totals.append(log["loss"])
+            run.log({"epoch": epoch, "step": step, "lr": scheduler.get_last_lr()[0], **log})
+            bar.set_postfix(loss=f"{log['loss']:.3f}", ms=f"{log['ms']:.3f}", local=f"{log['local']:.2f}")
+            if opts.max_steps and step >= opts.max_steps:
+                stop_reason = "max_steps"
+            elif run.out_of_time():
+                stop_reason = "max_minutes"
+            if stop_reason:
+                break
+        bar.close()
+        run.save_checkpoint({"epoch": epoch + 1, "step": step, "model": model.state_dict(),
+                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             "scaler": scaler.state_dict(), "criterion_rng": criterion.rng.getstate()})
+        run.log({"event": "epoch_end", "epoch": epoch, "step": step,
+                 "mean_loss": float(np.mean(totals)) if totals else None, "stopped": stop_reason})
+        if stop_reason:
+            break
+
+    model.eval()
+    model.invalidate_weights_id()
+    save_placerank_checkpoint(model, run.model_path, model_kwargs,
+                              extra={"method": "fol", "steps": step, "stopped": stop_reason})
+    run.log({"event": "done", "step": step, "model": str(run.model_path)})
+    return run.model_path

@@ -1,0 +1,384 @@
+"""``placerank train --method selavpr``: SelaVPR training with cached-feature hard mining.
+
+Spec §4, adapted from metric positions to place labels:
+
+- each *loop* samples ``queries_per_loop`` query images (of places with 2+ views) and a random
+  ``negative_pool`` of images, computes their global descriptors (and those of all the queries'
+  positives) with the current model (eval mode, no gradients), then per query takes the
+  **nearest positive** (same place) and the ``num_negatives`` **nearest negatives** from the pool
+  (other places; on frame-labelled routes, frames within ``neighbour_exclusion`` of the query's
+  frame are neither positives nor negatives — they play the role of the official 25 m "soft
+  positives");
+- it then trains on those tuples in batches of ``batch_tuples`` (shuffle off, drop_last), loss
+  global triplet (m = 0.1) + MNN local loss (:mod:`placerank.train.losses.selavpr`);
+- Adam, no weight decay, no scheduler; only adapters, GeM ``p`` and the up-convolutions train.
+
+An epoch is ``loops_per_epoch`` loops. Every epoch writes ``RUN_DIR/checkpoint.pt`` (trainable
+tensors + optimizer, for resume) and ``RUN_DIR/model.pt`` (a placerank checkpoint for
+``--weights``); ``log.jsonl`` gets one line per step and per epoch. ``--max-minutes`` stops
+cleanly after the current step and saves both files.
+
+Method options (``--option KEY=VALUE``): see :class:`SelaVPROptions`.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from placerank.data.dataset import ImageSet
+from placerank.data.images import check_batch_errors, make_loader
+from placerank.data.readers import read_csv_manifest
+from placerank.errors import DataError, PlaceRankError
+from placerank.models.checkpoints import save_placerank_checkpoint
+from placerank.models.selavpr import SelaVPRModel, is_trainable_name
+from placerank.train.common import RunDir, TrainConfig, read_training_places, register_method, seed_everything
+from placerank.train.losses.selavpr import SelaVPRLossConfig, selavpr_loss
+from placerank.utils import resolve_device
+
+BACKBONES = {
+    "effnet-lite0": "selavpr-effnet-lite0",
+    "dinov2-vits14": "selavpr-vits14",
+    "dinov2-vitb14": "selavpr-vitb14",
+    "dinov2-vitl14": "selavpr-vitl14",
+}
+# Official lr is 1e-5 (ViT-L adapters). The CNN adapters/head start from zero on a much smaller
+# network; 1e-4 moved recall within minutes on CPU where 1e-5 barely did (see docs/selavpr.md).
+DEFAULT_LR = {"effnet-lite0": 1e-4}
+OFFICIAL_LR = 1e-5
+
+
+@dataclass
+class SelaVPROptions:
+    queries_per_loop: int = 1000   # official: 1000 queries per cache refresh
+    negative_pool: int = 1000      # official: 1000 random database images per refresh
+    num_negatives: int = 2         # official: 2 hardest negatives per query
+    batch_tuples: int = 4          # official: 4 tuples (16 images) per step
+    loops_per_epoch: int = 1       # official: queries_per_epoch / 1000 (30 for MSLS)
+    margin: float = 0.1            # global triplet margin
+    local_weight: float = 1.0      # weight of the MNN local loss
+    neighbour_exclusion: int = -1  # frames; -1: 2 on frame-labelled routes, 0 for place ids
+    cache_batch: int = 16          # batch size of the mining descriptor pass
+    prefix_cache_mb: float = 2048.0  # RAM for cached frozen-prefix features (CNN backbones)
+
+    @classmethod
+    def from_dict(cls, options: dict) -> "SelaVPROptions":
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise PlaceRankError(f"unknown selavpr option '{unknown[0]}'; known: {', '.join(sorted(known))}")
+        out = cls()
+        for k, v in options.items():
+            typ = type(getattr(out, k))
+            try:
+                setattr(out, k, typ(v))
+            except (TypeError, ValueError):
+                raise PlaceRankError(f"selavpr option {k} expects a {typ.__name__}, got '{v}'") from None
+        for k in ("queries_per_loop", "negative_pool", "num_negatives", "batch_tuples", "loops_per_epoch", "cache_batch"):
+            if getattr(out, k) < 1:
+                raise PlaceRankError(f"selavpr option {k} must be >= 1, got {getattr(out, k)}")
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: place labels with route and frame (for neighbour exclusion)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainingPlaces:
+    images: ImageSet
+    labels: np.ndarray   # int64 place id per image
+    routes: np.ndarray   # int64 route id per image (-1 for place-id CSVs)
+    frames: np.ndarray   # int64 frame index per image (-1 for place-id CSVs)
+
+
+def read_places(specs, frames: tuple[int, int] | None = None) -> TrainingPlaces:
+    """Read ``--train`` specs into place-labelled images.
+
+    Traversal folders (and frame CSVs) that share a parent folder are one route: frame k of each
+    is place k *of that route*. Routes in different folders (e.g. GardensPoint and Nordland)
+    get separate places, so frame 5 of one never becomes a positive of frame 5 of the other.
+    Place-id CSVs keep their ids (shared across CSVs, as in
+    :func:`placerank.train.common.read_training_places`).
+    """
+    groups: dict[tuple, list[str]] = {}
+    for spec in specs:
+        p = Path(spec)
+        if p.suffix.lower() == ".csv":
+            kind = read_csv_manifest(p).kind
+            key = ("frame", str(p.resolve().parent)) if kind == "frame" else ("place", "")
+        else:
+            if not p.is_dir():
+                raise DataError(f"{p}: training folder does not exist")
+            key = ("frame", str(p.resolve().parent))
+        groups.setdefault(key, []).append(str(spec))
+    paths, names, routes, frame_idx = [], [], [], []
+    for r, ((kind, _), group) in enumerate(groups.items()):
+        s = read_training_places(group, frames)
+        paths += s.paths
+        if kind == "frame":
+            f = [int(v) for v in s.positions.tolist()]
+            names += [f"{r}:{v}" for v in f]
+            routes += [r] * len(f)
+            frame_idx += f
+        else:
+            names += [f"p:{v}" for v in s.positions.tolist()]
+            routes += [-1] * len(s)
+            frame_idx += [-1] * len(s)
+    uniq = {n: i for i, n in enumerate(sorted(set(names)))}
+    images = ImageSet(paths, "place", np.array(names, dtype=object), source=",".join(map(str, specs)))
+    return TrainingPlaces(images, np.array([uniq[n] for n in names], dtype=np.int64),
+                          np.array(routes, dtype=np.int64), np.array(frame_idx, dtype=np.int64))
+
+
+# ---------------------------------------------------------------------------------------------
+# Mining (spec §4.2) on cached global descriptors
+# ---------------------------------------------------------------------------------------------
+
+class FeatureSource:
+    """Inputs of the trainable part of the model, per training image.
+
+    For a backbone with a frozen prefix (EfficientNet: the stages before the first adapter),
+    the prefix output of each image is computed once and kept in RAM (up to ``limit_mb``):
+    SelaVPR trains without augmentation and the prefix is frozen (BatchNorm in eval mode), so it
+    never changes, and both mining passes and training steps then only run the adapted stages.
+    For ViTs (adapters in every block) this is just the preprocessed image, not cached.
+    """
+
+    def __init__(self, model: SelaVPRModel, paths, device, limit_mb: float = 2048.0, batch_size: int = 16,
+                 num_workers: int | None = None):
+        self.model = model
+        self.paths = paths
+        self.device = device
+        self.enabled = bool(getattr(model.backbone, "frozen_prefix", False))
+        self.limit = float(limit_mb) * 2**20 if self.enabled else 0.0
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.cache: dict[int, torch.Tensor] = {}
+        self.bytes = 0
+
+    @torch.no_grad()
+    def _compute(self, indices: list[int]) -> dict[int, torch.Tensor]:
+        out = {}
+        loader = make_loader([self.paths[i] for i in indices], self.model.preprocess,
+                             batch_size=self.batch_size, num_workers=self.num_workers)
+        for idx, images, _, errors in loader:
+            check_batch_errors(errors)
+            prefix = self.model.backbone.forward_prefix(images.to(self.device))
+            for k, t in zip(idx.tolist(), prefix):
+                out[indices[k]] = t
+        return out
+
+    def get(self, indices) -> torch.Tensor:
+        """(n, ...) prefix inputs of images ``indices`` on the device."""
+        indices = [int(i) for i in indices]
+        missing = sorted({i for i in indices if i not in self.cache})
+        fresh = self._compute(missing) if missing else {}
+        for i, t in fresh.items():
+            size = t.numel() * t.element_size()
+            if self.bytes + size <= self.limit:
+                self.cache[i] = t.cpu()
+                self.bytes += size
+        return torch.stack([(fresh[i] if i in fresh else self.cache[i]).to(self.device) for i in indices])
+
+
+@torch.no_grad()
+def compute_descriptors(model: SelaVPRModel, source: FeatureSource, indices: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    """Global descriptors of training images with the current model (eval mode, no grad)."""
+    was_training = model.training
+    model.eval()
+    out = np.zeros((len(indices), model.descriptor_dim), dtype=np.float32)
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start:start + batch_size]
+        out[start:start + len(chunk)] = model.global_from_prefix(source.get(chunk)).cpu().numpy()
+    model.train(was_training)
+    return out
+
+
+def mine_tuples(places: TrainingPlaces, descriptors: dict[int, np.ndarray], queries: np.ndarray,
+                pool: np.ndarray, num_negatives: int, exclusion: int) -> np.ndarray:
+    """(T, 2 + num_negatives) image indices: query, nearest positive, nearest negatives.
+
+    ``descriptors`` maps image index -> L2-normalised global descriptor for every query, every
+    positive of a query and every pool image. Queries without a positive or without enough
+    negatives in the pool are dropped.
+    """
+    labels, routes, frames = places.labels, places.routes, places.frames
+    by_place: dict[int, np.ndarray] = {}
+    for i, l in enumerate(labels.tolist()):
+        by_place.setdefault(l, []).append(i)
+    by_place = {k: np.array(v, dtype=np.int64) for k, v in by_place.items()}
+    P = np.stack([descriptors[int(i)] for i in pool]) if len(pool) else np.zeros((0, 1), np.float32)
+    tuples = []
+    for q in queries.tolist():
+        pos = by_place[int(labels[q])]
+        pos = pos[pos != q]
+        if len(pos) == 0:
+            continue
+        dq = descriptors[q]
+        Dp = np.stack([descriptors[int(i)] for i in pos])
+        best_pos = int(pos[np.argmin(((Dp - dq) ** 2).sum(1))])
+        ok = (labels[pool] != labels[q]) & (pool != q)
+        if exclusion > 0 and routes[q] >= 0:
+            near = (routes[pool] == routes[q]) & (np.abs(frames[pool] - frames[q]) <= exclusion)
+            ok &= ~near
+        cand = pool[ok]
+        if len(cand) < num_negatives:
+            continue
+        d = ((P[ok] - dq) ** 2).sum(1)
+        nearest = np.argsort(d, kind="stable")[:num_negatives]
+        tuples.append([q, best_pos, *[int(cand[i]) for i in nearest]])
+    return np.array(tuples, dtype=np.int64).reshape(-1, 2 + num_negatives)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+def build_model(config: TrainConfig) -> tuple[SelaVPRModel, dict]:
+    """The model to train and the constructor options saved in ``model.pt``."""
+    from placerank.models import create
+    from placerank.models.weights import resolve_weights
+
+    if config.backbone not in BACKBONES:
+        raise PlaceRankError(f"selavpr cannot train on backbone '{config.backbone}'; known: {', '.join(BACKBONES)}")
+    name = BACKBONES[config.backbone]
+    kwargs: dict = {}
+    if config.image_size is not None:
+        kwargs["image_size"] = [int(v) for v in config.image_size]
+    weights = config.weights
+    if weights is None and config.backbone.startswith("dinov2-"):
+        arch = config.backbone.split("-")[1]
+        weights = resolve_weights(f"dinov2_{arch}_pretrain.pth", None, f"DINOv2 {arch} (training starts from Meta's weights)")
+    model = create(name, weights=weights, **kwargs)
+    if not isinstance(model, SelaVPRModel):
+        raise PlaceRankError(f"{name} did not build a SelaVPR model")
+    if getattr(model.backbone, "num_register_tokens", 0):
+        kwargs["num_register_tokens"] = int(model.backbone.num_register_tokens)
+    return model, kwargs
+
+
+def trainable_state(model: SelaVPRModel) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if is_trainable_name(k)}
+
+
+def train_step(model: SelaVPRModel, inputs: torch.Tensor, optimizer: torch.optim.Optimizer,
+               num_negatives: int, loss_config: SelaVPRLossConfig, from_prefix: bool = False) -> dict[str, float]:
+    """One optimisation step on a tuple-ordered batch of B*(2+k) images (or their cached
+    frozen-prefix features when ``from_prefix``)."""
+    model.train()
+    g, dense = model.forward_train(inputs, from_prefix=from_prefix)
+    loss, parts = selavpr_loss(g, dense, num_negatives, loss_config)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    model.invalidate_weights_id()
+    return parts
+
+
+@register_method("selavpr")
+def train_selavpr(config: TrainConfig) -> Path:
+    from tqdm import tqdm
+
+    opts = SelaVPROptions.from_dict(config.options)
+    seed_everything(config.seed)
+    run = RunDir(config)
+    device = resolve_device(config.device)
+    places = read_places(config.train, config.frames)
+    n_images = len(places.images)
+    counts = np.bincount(places.labels)
+    queryable = np.flatnonzero(counts[places.labels] >= 2)
+    if len(queryable) == 0:
+        raise DataError("no place has 2 or more images: SelaVPR needs positive pairs (several traversals or views)")
+    exclusion = opts.neighbour_exclusion
+    if exclusion < 0:
+        exclusion = 2 if (places.routes >= 0).any() else 0
+
+    model, model_kwargs = build_model(config)
+    model.to(device)
+    lr = config.lr if config.lr is not None else DEFAULT_LR.get(config.backbone, OFFICIAL_LR)
+    params = model.trainable_parameters()
+    optimizer = torch.optim.Adam(params, lr=lr)
+    loss_config = SelaVPRLossConfig(margin=opts.margin, local_weight=opts.local_weight)
+
+    start_epoch, step = 0, 0
+    state = run.load_checkpoint()
+    if state is not None:
+        own = trainable_state(model)
+        if set(state["trainable"]) != set(own) or any(state["trainable"][k].shape != own[k].shape for k in own):
+            raise PlaceRankError(f"{run.checkpoint_path}: checkpoint does not match this model; use another --out or --no-resume")
+        model.load_state_dict({**model.state_dict(), **state["trainable"]}, strict=True)
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, step = int(state["epoch_done"]), int(state["step"])
+        model.invalidate_weights_id()
+        print(f"resuming {run.path} after epoch {start_epoch} (step {step})", file=sys.stderr)
+
+    info = {"event": "start", "images": n_images, "places": int(len(counts)), "queryable": int(len(queryable)),
+            "lr": lr, "device": str(device), "neighbour_exclusion": exclusion, "options": asdict(opts),
+            "trainable_params": int(sum(p.numel() for p in params)), "model": model.name,
+            "input_size": list(model.preprocess.size)}
+    run.log(info)
+    paths = places.images.paths
+    source = FeatureSource(model, paths, device, opts.prefix_cache_mb, opts.cache_batch, config.num_workers)
+    stopped = False
+
+    def save(epoch_done: int, partial: bool) -> None:
+        run.save_checkpoint({"epoch_done": epoch_done, "step": step, "partial": partial,
+                             "trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
+                             "options": asdict(opts), "model_kwargs": model_kwargs})
+        save_placerank_checkpoint(model, run.model_path, model_kwargs=model_kwargs,
+                                  extra={"method": "selavpr", "epochs_done": epoch_done, "steps": step,
+                                         "partial_epoch": partial, "train": [str(s) for s in config.train]})
+
+    for epoch in range(start_epoch, config.epochs):
+        epoch_losses = []
+        for loop in range(opts.loops_per_epoch):
+            rng = np.random.default_rng([config.seed, epoch, loop])
+            queries = rng.choice(queryable, min(opts.queries_per_loop, len(queryable)), replace=False)
+            pool = rng.choice(n_images, min(opts.negative_pool, n_images), replace=False)
+            same = [np.flatnonzero(places.labels == l) for l in np.unique(places.labels[queries])]
+            need = np.unique(np.concatenate([queries, pool, *same]))
+            t0 = time.monotonic()
+            desc = compute_descriptors(model, source, need, opts.cache_batch)
+            descriptors = {int(i): desc[k] for k, i in enumerate(need)}
+            tuples = mine_tuples(places, descriptors, queries, pool, opts.num_negatives, exclusion)
+            run.log({"event": "mined", "epoch": epoch, "loop": loop, "tuples": int(len(tuples)),
+                     "cached_images": int(len(need)), "mining_s": round(time.monotonic() - t0, 2),
+                     "prefix_cache_mb": round(source.bytes / 2**20, 1)})
+            n_steps = len(tuples) // opts.batch_tuples
+            if n_steps == 0:
+                raise DataError(f"mining produced {len(tuples)} tuples, fewer than one batch of {opts.batch_tuples}; "
+                                f"add places or lower --option batch_tuples")
+            bar = tqdm(range(n_steps), desc=f"selavpr epoch {epoch + 1}/{config.epochs} loop {loop + 1}",
+                       unit="step", mininterval=2.0, file=sys.stderr)
+            for b in bar:
+                batch = tuples[b * opts.batch_tuples:(b + 1) * opts.batch_tuples].reshape(-1)
+                inputs = source.get(batch)
+                parts = train_step(model, inputs, optimizer, opts.num_negatives, loss_config, from_prefix=True)
+                step += 1
+                epoch_losses.append(parts["loss"])
+                run.log({"event": "step", "epoch": epoch, "loop": loop, "step": step, **parts,
+                         "gem_p": round(float(model.aggregator.p.detach().item()), 5)})
+                bar.set_postfix(loss=f"{parts['loss']:.4f}")
+                if run.out_of_time():
+                    stopped = True
+                    break
+            bar.close()
+            if stopped:
+                break
+        if stopped:
+            save(epoch, partial=True)
+            run.log({"event": "stopped", "reason": "max-minutes", "epoch": epoch, "step": step})
+            break
+        save(epoch + 1, partial=False)
+        run.log({"event": "epoch", "epoch": epoch, "step": step,
+                 "mean_loss": float(np.mean(epoch_losses)) if epoch_losses else math.nan})
+    if not run.model_path.exists():  # e.g. resumed a finished run: still hand back a model
+        save(max(start_epoch, config.epochs), partial=False)
+    return run.model_path

@@ -1,0 +1,1 @@
+"""Pictures for people: matched keypoints between two images (``draw_matches``)."""
