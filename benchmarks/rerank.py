@@ -232,6 +232,7 @@ def run_child(spec_path: str) -> None:
         "signature": rr.signature(),
         "needs_model": bool(spec.get("model")),
         "model": spec.get("model"),
+        "model_weights": getattr(model, "weights_source", None) if model is not None else None,
         "per_k": per_k,
         "bytes_per_image": round(store.bytes_per_image(), 1),
         "local_dim": int(rr.dim),

@@ -73,3 +73,23 @@ def test_real_images_store_bytes_and_same_place_ranking(model, gardens, tmp_path
     assert 9 * 225 <= len(dense) <= 16 * 225
     assert rr.signature() != create_reranker("fol-region", model=model, mode="dense").signature()
     store.close()
+
+
+def test_cpu_scorer_equals_batched_torch_scorer():
+    from placerank.rerank.fol_region import mnn_counts_cpu
+    from placerank.rerank.mnn import mnn_counts
+
+    rng = np.random.default_rng(0)
+
+    def unit(n):
+        x = rng.standard_normal((n, 16)).astype(np.float32)
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+
+    q = unit(60)
+    cands = [unit(n) for n in (60, 31, 90, 60, 1, 0)]
+    for th in (0.3, 0.5, 0.7):
+        ours = mnn_counts_cpu(q, cands, th)
+        assert np.array_equal(ours, mnn_counts(q, cands, threshold=th, chunk=4)) and ours[-1] == 0
+    assert mnn_counts_cpu(q, cands, 0.3, min_matches=5).min() == 0
+    assert np.array_equal(mnn_counts_cpu(q, cands, 0.5, max_chunk_mb=0.01), mnn_counts_cpu(q, cands, 0.5))
+    assert mnn_counts_cpu(q[:0], cands).tolist() == [0] * 6

@@ -15,18 +15,18 @@ import shutil
 import sqlite3
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 from PIL import Image
 
 import placerank
 from placerank.cli import main
-from placerank.errors import IndexMismatchError
+from placerank.errors import DataError, IndexMismatchError, PlaceRankError
 from placerank.localize import write_outputs
 from placerank.localize.exif import read_gps
 from placerank.models import create as create_model
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _run_cli(argv: list[str]) -> tuple[int, str, str]:
@@ -175,6 +175,12 @@ def test_another_model_or_weights_is_refused(site, shared_weights, monkeypatch):
                    f"'effnet-lite0-netvlad'; use a new --db for another model\n")
     rc, _, err = _run_cli(["index", str(site["photos"]), "--db", str(db), "--image-size", "240", "320"])
     assert rc == 2 and err == f"placerank: error: {db}: database was built at image size 360x640, not 240x320\n"
+    with pytest.raises(PlaceRankError) as e:  # k-means init is data-dependent: could never be reopened
+        placerank.Database.create(site["root"] / "netvlad.db", model="effnet-lite0-netvlad")
+    assert str(e.value) == ("model 'effnet-lite0-netvlad' needs data-driven initialisation (NetVLAD k-means) before a "
+                            "database can store its descriptors; train or initialise it, save a placerank checkpoint "
+                            "and pass it with --weights")
+    assert not (site["root"] / "netvlad.db").exists()
     other = create_model("effnet-lite0-gem", pretrained=False)  # same name, other weights
     with pytest.raises(IndexMismatchError) as e:
         placerank.Database.open(db, model=other)
@@ -235,10 +241,20 @@ def test_incremental_reindex_touches_only_new_or_changed_files(site, tmp_path, m
         assert [Path(p).name for p in rep.added] == ["no_gps.jpg"] and len(db) == 5
         res = db.localize(site["held"] / "01.jpg", top_k=5)
         assert res.found and all(m.lat is None for m in res.matches if m.path.endswith("no_gps.jpg"))
+        # An indexed photo overwritten by one without GPS: reported, and its stale entry dropped.
+        shutil.copy(site["bad"] / "no_gps.jpg", photos / "03.jpg")
+        rep = db.add_folder(photos, progress=False)
+        assert [Path(p).name for p, _ in rep.no_position] == ["03.jpg"] and [Path(p).name for p in rep.removed] == ["03.jpg"]
+        assert len(db) == 4
         ids = np.sort(np.array([r[0] for r in db._conn.execute("SELECT id FROM images")]))
-        import faiss
-
         assert np.array_equal(np.sort(faiss.vector_to_array(db._ensure_index().id_map)), ids)
+        # Positions in a local metric frame cannot join a GPS database.
+        (tmp_path / "local.csv").write_text(f"path,easting,northing\n{photos / '02.jpg'},1.0,2.0\n")
+        with pytest.raises(DataError) as e:
+            db.add_folder(positions=tmp_path / "local.csv", progress=False)
+        assert str(e.value) == (f"{db.folder}: the database holds positions in GPS (lat/lon, UTM), but "
+                                f"{(photos / '02.jpg').resolve()} has a position in a local metric frame "
+                                f"(easting/northing without a UTM zone); use a separate --db")
 
 
 def test_users_photos_were_only_read(site):

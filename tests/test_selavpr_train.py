@@ -117,3 +117,24 @@ def test_training_errors(gardens, tmp_path):
         run_training(cfg)
     assert str(e.value) == ("selavpr cannot train on backbone 'vgg16'; known: effnet-lite0, dinov2-vits14, "
                             "dinov2-vitb14, dinov2-vitl14")
+
+
+def test_dinov2_backbone_trains_through_the_same_code(gardens, tmp_path):
+    """``--backbone dinov2-vits14`` from a Meta-format DINOv2 file (random tensors in Meta's key
+    layout, as no DINOv2 weights ship here): the adapters train, the frozen weights do not."""
+    from placerank.models.backbones import DinoV2Backbone
+
+    torch.manual_seed(0)
+    meta = tmp_path / "dinov2_vits14_pretrain.pth"
+    torch.save(DinoV2Backbone("vits14").state_dict(), meta)
+    out = tmp_path / "vit_run"
+    cfg = TrainConfig(method="selavpr", backbone="dinov2-vits14", train=[str(gardens / t) for t in ("day_left", "night_right")],
+                      out=out, frames=(0, 8), image_size=(56, 56), weights=str(meta),
+                      options={"queries_per_loop": 4, "negative_pool": 8}, num_workers=0)
+    run_training(cfg)
+    trained = create("selavpr-vits14", weights=str(out / "model.pt"))
+    start = create("selavpr-vits14", weights=str(meta), image_size=(56, 56))
+    a, b = trained.state_dict(), start.state_dict()
+    assert trained.grid_size() == (13, 13)
+    assert all(torch.equal(a[k], b[k]) for k in a if "adapter" not in k and k.startswith("backbone."))
+    assert any(not torch.equal(a[k], b[k]) for k in a if "D_fc2" in k)

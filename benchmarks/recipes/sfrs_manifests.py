@@ -4,7 +4,7 @@
         --train 0 100 --test 100 140
 
 writes OUT_DIR/train_{day_left,day_right,night_right}.csv (frames [a, b) of each traversal) and
-OUT_DIR/test_db_day_right.csv, OUT_DIR/test_q_night_right.csv (held-out frames [c, d)). Paths
+OUT_DIR/test_{day_left,day_right,night_right}.csv (held-out frames [c, d)). Paths
 are absolute so the manifests can live anywhere; the ``frame`` column is the place label.
 """
 
@@ -36,8 +36,8 @@ def main() -> None:
     for trav in ("day_left", "day_right", "night_right"):
         n = write_manifest(a.gardens / trav, range(*a.train), a.out / f"train_{trav}.csv")
         print(f"train_{trav}.csv: {n} frames")
-    print("test_db_day_right.csv:", write_manifest(a.gardens / "day_right", range(*a.test), a.out / "test_db_day_right.csv"))
-    print("test_q_night_right.csv:", write_manifest(a.gardens / "night_right", range(*a.test), a.out / "test_q_night_right.csv"))
+        n = write_manifest(a.gardens / trav, range(*a.test), a.out / f"test_{trav}.csv")
+        print(f"test_{trav}.csv: {n} frames")
 
 
 if __name__ == "__main__":

@@ -315,9 +315,15 @@ class Database:
             raise PlaceRankError(f"{folder}: exists and is not a folder")
         if radius <= 0:
             raise PlaceRankError(f"radius must be > 0 metres, got {radius}")
-        folder.mkdir(parents=True, exist_ok=True)
         db = cls(folder, None, device, model, weights, image_size)  # type: ignore[arg-type]
         m = db._build_model(model if model is not None else DEFAULT_MODEL, weights, image_size)
+        if m.needs_data_init:
+            # Its k-means initialisation depends on data and is not part of any weights file, so a
+            # database built with it could never be reopened with the same model.
+            raise PlaceRankError(
+                f"model '{m.name}' needs data-driven initialisation (NetVLAD k-means) before a database can store "
+                f"its descriptors; train or initialise it, save a placerank checkpoint and pass it with --weights")
+        folder.mkdir(parents=True, exist_ok=True)
         with WriteLock(folder, wait):
             if _is_initialised(folder):
                 raise PlaceRankError(f"{folder}: a placerank database already exists here (open it instead)")
@@ -621,6 +627,14 @@ class Database:
             db_frame = self.frame if has_pos else ""
             todo: list[dict] = []          # photos needing a descriptor (new or changed content)
             plain_updates: list[tuple] = []  # (sql, params) for rows whose content is unchanged
+            stale: list[str] = []            # indexed photos whose new content cannot be indexed
+
+            def check_frame(pos: Position, p: Path) -> None:
+                nonlocal db_frame
+                if db_frame and pos.frame != db_frame:
+                    raise DataError(_frame_error(self.folder, db_frame, pos.frame, p))
+                db_frame = pos.frame
+
             for p in files:
                 key = str(p)
                 try:
@@ -632,6 +646,7 @@ class Database:
                 pos = csv_pos.get(p) if csv_pos is not None else None
                 if old is not None and old[3] == st.st_mtime_ns and old[4] == st.st_size:
                     if pos is not None and not _same_position(old, pos):
+                        check_frame(pos, p)
                         plain_updates.append((_POS_UPDATE, (*_pos_values(pos), f"csv:{Path(positions).name}", old[1])))
                         report.position_updated.append(key)
                     else:
@@ -646,6 +661,7 @@ class Database:
                     params = (st.st_mtime_ns, st.st_size, old[1])
                     plain_updates.append(("UPDATE images SET mtime_ns=?, size=? WHERE id=?", params))
                     if pos is not None and not _same_position(old, pos):
+                        check_frame(pos, p)
                         plain_updates.append((_POS_UPDATE, (*_pos_values(pos), f"csv:{Path(positions).name}", old[1])))
                         report.position_updated.append(key)
                     report.touched.append(key)
@@ -656,21 +672,25 @@ class Database:
                         gps = read_gps(p)
                     except DataError as e:
                         report.failed.append((key, str(e)))
+                        if old is not None:
+                            stale.append(key)
                         continue
                     if isinstance(gps, GpsReading):
                         pos = Position.from_latlon(gps.lat, gps.lon)
                     elif (bad := _not_an_image(p)) is not None:
                         report.failed.append((key, bad))  # say "unreadable", not "no GPS"
+                        if old is not None:
+                            stale.append(key)
                         continue
                     elif not allow_no_gps:
                         report.no_position.append((key, f"{p}: {gps.reason}; skipped (give --positions CSV or --allow-no-gps)"))
+                        if old is not None:
+                            stale.append(key)
                         continue
                     else:
                         source = f"none ({gps.reason})"
                 if pos is not None:
-                    if db_frame and pos.frame != db_frame:
-                        raise DataError(_frame_error(self.folder, db_frame, pos.frame, p))
-                    db_frame = pos.frame
+                    check_frame(pos, p)
                 todo.append({"path": p, "sha": sha, "st": st, "pos": pos, "source": source,
                              "old_id": old[1] if old is not None else None})
 
@@ -698,7 +718,10 @@ class Database:
                         fresh.append(item)
                 if fresh:
                     say(f"extracting {len(fresh)} photo(s) with {self.model.name} on {self.device}")
-                    dirty |= self._extract_and_commit(fresh, report, batch_size, num_workers, progress)
+                    dirty |= self._extract_and_commit(fresh, report, batch_size, num_workers, progress, stale)
+                if stale:  # changed on disk into something unindexable: the old descriptor is wrong now
+                    report.removed.extend(self._remove_rows(stale))
+                    dirty = True
                 if prune and root is not None:
                     gone = [p for p in rows if _is_under(Path(p), root) and not Path(p).exists()]
                     if gone:
@@ -746,7 +769,7 @@ class Database:
             (report.updated if it["old_id"] is not None else report.added).append(str(it["path"]))
 
     def _extract_and_commit(self, items: list[dict], report: IndexReport, batch_size: int,
-                            num_workers: int | None, progress: bool) -> bool:
+                            num_workers: int | None, progress: bool, stale: list[str]) -> bool:
         import torch
         from tqdm.auto import tqdm
 
@@ -764,6 +787,8 @@ class Database:
                     if err:
                         it = items[int(idx[j])]
                         report.failed.append((str(it["path"]), err))
+                        if it["old_id"] is not None:
+                            stale.append(str(it["path"]))
                 if ok:
                     desc = model(images[ok].to(device, non_blocking=True)).float().cpu().numpy()
                     batch = []

@@ -24,15 +24,17 @@ Local head (§2.6): :class:`UpConvLocalHead` registered as ``upconv``/``upconv2`
 top level, so state-dict keys match the official table.
 
 Local features (fixes the official padded 3600 x 128 sets, issue #10): variable-length sets with
-pixel positions and region scores. ``local_mode``:
+pixel positions and region scores, one of three ``local_mode`` s:
 
-- ``"center"`` (default): one 128-d feature per selected patch, the up-conv cell at the patch
-  centre (cell (4r, 4c), which depends on that patch alone: computed without the dense map);
-  225 x (256 + 12) B = 60 KB per image in the float16 store.
-- ``"pool3"``: the 3 x 3 mean of the normalised dense map around each patch centre (the
-  descriptor the pseudo-correspondence loss trains), one per patch, same size as ``center``.
+- ``"pool3"`` (default): one 128-d feature per selected patch, the mean of the L2-normalised
+  up-conv cells in the 3 x 3 window at the patch centre (the descriptor FoL's
+  pseudo-correspondence loss trains). 225 x (256 + 12) B = 60 KB per image in the float16 store.
+- ``"center"``: one feature per selected patch, the single up-conv cell at the patch centre
+  (cell (4r, 4c), which depends on that patch alone: computed without the dense map). Same size.
 - ``"dense"``: every up-conv cell whose nearest patch is selected (the official set, ~9-16 per
-  patch, ~3,000+ per image, ~0.9 MB in float16); kept for parity measurements.
+  patch, ~3,000+ per image, ~0.8 MB in float16); kept for parity measurements.
+
+On held-out GardensPoint (docs/fol.md) ``pool3`` re-ranks best at the 60 KB budget.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ class FoLConfig:
     sinkhorn_iters: int = 3
     attention_threshold: float = 0.01   # Ã = A where A >= 0.01, else 0 (§2.4)
     num_regions: int = 225              # top-N patches of the region score (§2.5)
-    local_mode: str = "center"
+    local_mode: str = "pool3"
     train_blocks: int = 4               # trainable last blocks (ViT blocks / CNN inverted-residual blocks)
     clip_fraction: float = 0.05         # percentile clipping position (§2.5)
     clip_top: int = 3

@@ -544,15 +544,27 @@ def _placerank_ckpt(weights) -> bool:
     return weights is not None and is_placerank_checkpoint(weights)
 
 
+def _load_trained(weights, name: str, image_size) -> SelaVPRModel:
+    """A placerank checkpoint (training output); ``image_size`` overrides the trained input
+    size (adapters, GeM and up-convolutions are size-agnostic)."""
+    from placerank.models.checkpoints import load_placerank_checkpoint
+
+    model = load_placerank_checkpoint(weights, expected_name=name)
+    size = _size(image_size)
+    if size is not None:
+        if model.backbone.stride == 14 and (size[0] % 14 or size[1] % 14):
+            raise WeightsError(f"DINOv2 input size must be a multiple of 14 px, got {size[0]}x{size[1]}")
+        model.preprocess = model.preprocess.with_size(size)
+    return model
+
+
 def _vit_factory(name: str, arch: str, weights=None, image_size=None, pretrained: bool = True,
                  num_register_tokens: int = 0, allow_pickle: bool | None = None) -> SelaVPRModel:
     """``weights``: a placerank checkpoint, an official SelaVPR ``.pth`` or Meta's DINOv2
     ``.pth`` (adapters then start at zero). Default: ``SelaVPR_msls.pth`` for ViT-L, else Meta's
     ``dinov2_<arch>_pretrain.pth``, from the weights folder."""
-    from placerank.models.checkpoints import load_placerank_checkpoint
-
     if _placerank_ckpt(weights):
-        return load_placerank_checkpoint(weights, expected_name=name)
+        return _load_trained(weights, name, image_size)
     if not pretrained and weights is None:
         return _build_vit(name, arch, image_size, num_register_tokens)
     if weights is None:
@@ -583,11 +595,10 @@ def _effnet_factory(name: str, weights=None, image_size=None, pretrained: bool =
                     adapt_stages: Sequence[int] = (5, 6), adapt_head: bool = True) -> SelaVPRModel:
     """``weights``: a placerank checkpoint (a trained run's ``model.pt``) or ImageNet
     EfficientNet-Lite0 weights in timm layout (default: from the weights folder)."""
-    from placerank.models.checkpoints import load_placerank_checkpoint
     from placerank.models.zoo import effnet_backbone
 
     if _placerank_ckpt(weights):
-        return load_placerank_checkpoint(weights, expected_name=name)
+        return _load_trained(weights, name, image_size)
     base, source = effnet_backbone(EFFNET_VARIANT, weights, pretrained)
     bb = SelaEffNetBackbone(EFFNET_VARIANT, adapt_stages, adapt_head, base=base)
     model = SelaVPRModel(name, bb, EFFNET_PREPROCESS.with_size(_size(image_size)))

@@ -265,7 +265,8 @@ def _safe_torch_load(path: Path):
     ``best_recall5``; never unpickles arbitrary code."""
     safe = []
     try:
-        safe = [np.core.multiarray.scalar, np.dtype]  # type: ignore[attr-defined]
+        core = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core
+        safe = [core.multiarray.scalar, np.dtype]
         safe += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32")]
     except AttributeError:  # pragma: no cover - numpy layout differences
         pass

@@ -11,7 +11,8 @@ checkpoint: ``placerank eval --model fol-effnet-lite0 --weights RUN_DIR/model.pt
 Training data: CSV manifests / traversal folders (:func:`read_training_places`) and GSV-Cities
 folders (``Dataframes/`` + ``Images/``, :func:`placerank.data.gsv_cities.read_gsv_cities`).
 
-``--option KEY=VALUE`` keys: ``num_regions``, ``local_mode`` (center | pool3 | dense),
+``--option KEY=VALUE`` keys: ``num_regions``, ``local_mode`` (test-time region features:
+pool3 | center | dense), ``train_local_mode`` (the triplet loss's, default center),
 ``train_blocks``, ``weight_decay``, ``lr_decay_iters``, ``lr_final_factor``, ``amp``,
 ``max_steps``, ``gsv_cities`` (comma-separated city names), ``gsv_min_images``, and every field
 of :class:`FoLLossConfig` (``w_ms``, ``w_local``, ``w_sal``, ``w_cel``, ``w_ws``, thresholds …).
@@ -51,7 +52,8 @@ class FoLTrainOptions:
     """Method-specific options (``--option KEY=VALUE``)."""
 
     num_regions: int = 225
-    local_mode: str = "center"
+    local_mode: str = "pool3"       # the model's test-time region features (stored in model.pt)
+    train_local_mode: str = "center"  # region features of the local triplet loss during training
     train_blocks: int = 4
     weight_decay: float = 9.5e-9
     lr_decay_iters: int = 10000
@@ -119,14 +121,16 @@ def lr_factor(step: int, decay_iters: int, final: float) -> float:
     return 1.0 + (final - 1.0) * t
 
 
-def fol_step_loss(model, criterion: FoLCriterion, images: torch.Tensor, labels: torch.Tensor):
-    """One batch's FoL loss. With ``local_mode="center"`` nothing needs the dense local map's
-    gradient (CEL detaches it, region features come from the patch centres, and the
-    pseudo-correspondence cells are recomputed from small windows by ``model.pooled_cells``), so
-    the dense map is computed without autograd: ~3x cheaper on CPU, same loss and gradients."""
+def fol_step_loss(model, criterion: FoLCriterion, images: torch.Tensor, labels: torch.Tensor,
+                  train_local_mode: str = "center"):
+    """One batch's FoL loss. With ``train_local_mode="center"`` (default) nothing needs the dense
+    local map's gradient (CEL detaches it, the triplet loss's region features are the patch-centre
+    cells, and the pseudo-correspondence 3 x 3 cells are recomputed from small windows by
+    ``model.pooled_cells``), so the dense map is computed without autograd: ~2x cheaper per step
+    on CPU. "pool3"/"dense" (the official choice for the triplet loss) keep the dense map's graph."""
     import torch.nn.functional as F
 
-    sparse = model.cfg.local_mode == "center"
+    sparse = train_local_mode == "center"
     out = model.run(images, local_map=not sparse)
     if sparse:
         with torch.no_grad():
@@ -134,7 +138,7 @@ def fol_step_loss(model, criterion: FoLCriterion, images: torch.Tensor, labels: 
         cells = lambda b, r, c: model.pooled_cells(out.feature_map, b, r, c)  # noqa: E731
     else:
         local_map, cells = out.local_map, None
-    sets = model.region_sets(out, training=True)
+    sets = model.region_sets(out, training=True, mode=train_local_mode)
     return criterion(out, [s.descriptors.float() for s in sets], labels, F.normalize(local_map.float(), dim=1), cells)
 
 
@@ -145,6 +149,10 @@ def train_fol(config: TrainConfig) -> Path:
 
     opts, loss_cfg = parse_options(config.options)
     name = model_name_for(config.backbone)
+    from placerank.models.fol import LOCAL_MODES
+
+    if opts.train_local_mode not in LOCAL_MODES:
+        raise PlaceRankError(f"unknown train_local_mode '{opts.train_local_mode}' (known: {', '.join(LOCAL_MODES)})")
     if config.images_per_place < 2:
         raise PlaceRankError("fol needs --images-per-place >= 2 (positives for the MS, local, CEL and WS losses)")
     seed_everything(config.seed)
@@ -199,7 +207,7 @@ def train_fol(config: TrainConfig) -> Path:
         for images, labels in bar:
             images, labels = images.to(device, non_blocking=True), labels.to(device)
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                loss, log = fol_step_loss(model, criterion, images, labels)
+                loss, log = fol_step_loss(model, criterion, images, labels, opts.train_local_mode)
             if not math.isfinite(float(loss.detach())):
                 raise PlaceRankError(f"fol training diverged at step {step} (loss {float(loss)}); lower --lr")
             optimizer.zero_grad(set_to_none=True)

@@ -287,6 +287,8 @@ def train_selavpr(config: TrainConfig) -> Path:
     from tqdm import tqdm
 
     opts = SelaVPROptions.from_dict(config.options)
+    if config.backbone not in BACKBONES:
+        raise PlaceRankError(f"selavpr cannot train on backbone '{config.backbone}'; known: {', '.join(BACKBONES)}")
     seed_everything(config.seed)
     run = RunDir(config)
     device = resolve_device(config.device)

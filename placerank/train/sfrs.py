@@ -44,8 +44,8 @@ from placerank.data.images import check_batch_errors, open_image, to_tensor
 from placerank.errors import DataError, PlaceRankError
 from placerank.train.common import RunDir, TrainConfig, read_training_places, register_method, seed_everything
 from placerank.train.distributed import (
-    DistContext, all_true, barrier, broadcast_state, init_distributed, mean_across, shutdown, strided_batches,
-    sum_across, wrap_ddp,
+    DistContext, all_true, barrier, broadcast_object, broadcast_state, init_distributed, mean_across, shutdown,
+    strided_batches, sum_across, wrap_ddp,
 )
 from placerank.train.losses.sfrs import (
     hardest_region_negatives, image_to_region_similarities, k_reciprocal_rerank, sare_ind_loss,
@@ -294,13 +294,16 @@ class SFRSTrainer:
         self.pre = model.preprocess
         self.frozen_cache: torch.Tensor | None = None
         init_path = self.run.path / "init.pt"
-        if init_path.exists() and config.resume:
+        # rank 0 decides (another rank could see the init.pt rank 0 is about to write)
+        fresh = broadcast_object(not (init_path.exists() and config.resume), ctx)
+        if not fresh:
             self.init_state = torch.load(init_path, map_location="cpu", weights_only=True)
             self.model.load_state_dict(self.init_state)
-        else:
+        if self.opts.cache_frozen:
+            self.frozen_cache = self.compute_frozen_cache()
+        if fresh:
             if self.model.needs_data_init and ctx.is_main:
-                self.model.init_from_images(self.data.paths, max_images=self.opts.kmeans_images,
-                                            per_image=self.opts.kmeans_per_image, seed=config.seed + 43)
+                self.kmeans_init()
             broadcast_state(self.model, ctx)
             self.init_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
             if ctx.is_main:
@@ -318,6 +321,29 @@ class SFRSTrainer:
         self.best: dict | None = None
         self.best_state: dict | None = None
         self.history: list[dict] = []
+
+    @torch.no_grad()
+    def kmeans_init(self) -> None:
+        """NetVLAD initialisation from real training features (the NetVLAD/OpenIBL recipe: up
+        to ``kmeans_images`` images, ``kmeans_per_image`` random L2-normalised locations each,
+        k-means; alpha from the top-2 gap). With the frozen-stem cache the images are not
+        decoded again."""
+        o = self.opts
+        if self.frozen_cache is None:
+            self.model.init_from_images(self.data.paths, max_images=o.kmeans_images, per_image=o.kmeans_per_image,
+                                        seed=self.config.seed + 43)
+            return
+        rng = np.random.default_rng(self.config.seed + 43)
+        n = len(self.data.paths)
+        idx = np.arange(n) if n <= o.kmeans_images else np.sort(rng.choice(n, o.kmeans_images, replace=False))
+        chunks = []
+        for s in range(0, len(idx), o.extract_batch):
+            y = self.frozen_cache[torch.as_tensor(idx[s: s + o.extract_batch])].to(self.device)
+            fmap = F.normalize(self.model.backbone.trainable_features(y).float(), dim=1)
+            for f in fmap.flatten(2).transpose(1, 2).cpu().numpy():
+                chunks.append(f[rng.choice(f.shape[0], min(o.kmeans_per_image, f.shape[0]), replace=False)])
+        self.model.aggregator.init_from_descriptors(np.concatenate(chunks))
+        self.model.invalidate_weights_id()
 
     # -- features -------------------------------------------------------------------------
     @torch.no_grad()
@@ -466,8 +492,6 @@ class SFRSTrainer:
 
     def train(self) -> Path:
         ctx, o = self.ctx, self.opts
-        if o.cache_frozen:
-            self.frozen_cache = self.compute_frozen_cache()
         gen, epoch, optimizer = 0, 0, None
         ckpt = self.run.load_checkpoint()
         if ckpt is not None:
@@ -481,15 +505,16 @@ class SFRSTrainer:
             optimizer.load_state_dict(ckpt["optimizer"])
             if epoch >= self.epochs_of(gen):
                 if not (self.run.path / f"gen{gen}.pt").exists():  # interrupted before it was written
-                    self.save_model(self.model, self.run.path / f"gen{gen}.pt", {"generation": gen})
+                    self.save_model(self.model, [(self.run.path / f"gen{gen}.pt", {"generation": gen})])
                 gen, epoch, optimizer = gen + 1, 0, None
             if ctx.is_main:
                 self.run.log({"event": "resume", "gen": gen, "epoch": epoch})
         elif o.save_untrained:
             # The starting point of every generation (ImageNet backbone + k-means NetVLAD, PCA from
             # the same training images): the fair "untrained" baseline for evaluations.
-            self.save_model(self.model, self.run.path / "untrained.pt", {"generation": None, "untrained": True})
-        stopped = False
+            self.save_model(self.model, [(self.run.path / "untrained.pt", {"generation": None, "untrained": True})])
+        stopped = model_written = False
+        done = gen  # generations completed
         while gen < o.generations and not stopped:
             if optimizer is None:
                 optimizer = self.start_generation(gen)
@@ -516,12 +541,19 @@ class SFRSTrainer:
                 self.model.load_state_dict(self.teacher.state_dict())  # keep the teacher (issue #2/#14)
                 if ctx.is_main:
                     self.run.log({"event": "collapse", "gen": gen, "action": "generation aborted, teacher kept"})
-            if not stopped:
-                self.save_model(self.model, self.run.path / f"gen{gen}.pt", {"generation": gen})
+            if stopped:
+                break
+            done = gen + 1
+            targets = [(self.run.path / f"gen{gen}.pt", {"generation": gen})]
+            if done == o.generations and self.best_state is None:  # the final model: one PCA for both files
+                targets.append((self.run.model_path, {"generations_done": done, "stopped_early": False, "best": None}))
+                model_written = True
+            self.save_model(self.model, targets)
             gen, epoch, optimizer = gen + 1, 0, None
-        final = self.model if self.best_state is None else self.copy_of(self.best_state)
-        extra = {"generations_done": gen, "stopped_early": stopped, "best": self.best}
-        self.save_model(final, self.run.model_path, extra)
+        if not model_written:
+            final = self.model if self.best_state is None else self.copy_of(self.best_state)
+            self.save_model(final, [(self.run.model_path, {"generations_done": done, "stopped_early": stopped,
+                                                           "best": self.best})])
         return self.run.model_path
 
     def train_epoch(self, gen: int, epoch: int, optimizer) -> str:
@@ -646,14 +678,18 @@ class SFRSTrainer:
                           "reason": f"only {len(feats)} training images"})
         model.set_pca(learn_pca(feats, dim), whiten=o.whiten)
 
-    def save_model(self, model, path: Path, extra: dict) -> None:
+    def save_model(self, model, targets: list[tuple[Path, dict]]) -> None:
+        """Learn PCA-whitening for ``model`` (a copy: the student keeps training on the VLAD) and
+        write it as a placerank checkpoint to every target path."""
         from placerank.models.checkpoints import save_placerank_checkpoint
 
         model = self.copy_of(model.state_dict()) if model is self.model else model
         self.learn_pca(model)
         if self.ctx.is_main:
-            save_placerank_checkpoint(model.cpu(), path, model_kwargs=model.model_kwargs,
-                                      extra={**extra, "method": "sfrs", "options": asdict(self.opts)})
+            model = model.cpu()
+            for path, extra in targets:
+                save_placerank_checkpoint(model, path, model_kwargs=model.model_kwargs,
+                                          extra={**extra, "method": "sfrs", "options": asdict(self.opts)})
         barrier(self.ctx)
 
 

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# SFRS on CPU (<= 30 min on 2 cores): train sfrs-effnet-lite0 for generation 0 + generation 1 on
+# GardensPoint Walking frames 0-89 (day_left, day_right, night_right; CSV manifests whose frame
+# column is the place), then evaluate on frames 95-139, which it never saw (5-frame gap), for two
+# pairings: database day_right vs queries night_right, and database day_left vs queries
+# night_right (|i - j| <= 2). Compares the untrained model (ImageNet + k-means NetVLAD + PCA: the
+# start of every generation), generation 0 and generation 1; numbers go to OUT/results.json.
+#
+#   benchmarks/recipes/sfrs_cpu.sh [OUT]          # full recipe (the lead runs it on a free machine)
+#   TINY=1 benchmarks/recipes/sfrs_cpu.sh [OUT]   # 2-3 min end-to-end check of the same pipeline
+#
+# Env: PLACERANK_SHARED (default ../shared beside the repo), RERANK=<name> to also evaluate the
+# final model with a re-ranker, THREADS (default 2; use 1 on a shared, oversubscribed machine).
+set -euo pipefail
+
+REPO="$(cd "$(dirname "$0")/../.." && pwd)"
+SHARED="${PLACERANK_SHARED:-$REPO/../shared}"
+G="$SHARED/data/gardenspoint_walking"
+OUT="${1:-$REPO/runs/sfrs_cpu}"
+THREADS="${THREADS:-2}"
+export OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS"
+cd "$REPO"
+
+if [[ "${TINY:-0}" == "1" ]]; then
+  # the same pipeline on a budget: 16 anchors per epoch, fewer k-means images
+  SCHEDULE=(--epochs 1 --option queries_per_epoch=16 --option kmeans_images=40)
+else
+  # generation 0: 1 epoch (paper); generation 1: 2 epochs; every anchor each epoch
+  SCHEDULE=(--epochs 2 --max-minutes 24)
+fi
+
+mkdir -p "$OUT"
+M="$OUT/manifests"
+python benchmarks/recipes/sfrs_manifests.py "$G" "$M" --train 0 90 --test 95 140
+
+python -m placerank.cli train --method sfrs --backbone effnet-lite0 \
+  --train "$M/train_day_left.csv" "$M/train_day_right.csv" "$M/train_night_right.csv" \
+  --image-size 224 384 --device cpu --out "$OUT/run" "${SCHEDULE[@]}" \
+  --option generations=2 --option batch_tuples=4 --option neg_num=10 --option pos_num=10 \
+  --option pos_tolerance=1 --option neg_exclusion=5 --option cache_frozen=true \
+  --option pca_dim=256 --seed 0
+
+python benchmarks/recipes/sfrs_eval.py "$OUT/run" --model sfrs-effnet-lite0 \
+  --pair day_right-night_right "$M/test_day_right.csv" "$M/test_night_right.csv" \
+  --pair day_left-night_right "$M/test_day_left.csv" "$M/test_night_right.csv" \
+  --frame-tolerance 2 --device cpu ${RERANK:+--rerank "$RERANK"} --out "$OUT/results.json"
