@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
@@ -165,6 +164,8 @@ def test_effnet_model_shapes_and_registry(gardens):
     assert out.grid == (23, 40)   # stride 16 at 360 x 640: 920 patches, 225 of them form the region
     lf = model.local_features(img[None], [orig])[0]
     assert len(lf) == 225 and lf.descriptors.shape == (225, 128)
+    assert lf.image_size == (360, 640) == orig
+    assert (lf.keypoints >= 0).all() and (lf.keypoints[:, 0] <= 639).all() and (lf.keypoints[:, 1] <= 359).all()
     # CNN counterpart of the attention: a learned head, constant 0.15 at init (a SALAD-like scalar dustbin)
     assert torch.allclose(out.attention, torch.full_like(out.attention, 0.15), atol=1e-6)
     with pytest.raises(WeightsError, match="^unknown FoL local_mode 'sparse' \\(known: center, pool3, dense\\)$"):

@@ -46,6 +46,19 @@ def test_options_are_typed_and_checked():
         SFRSOptions.from_dict({"pos_tolerance": 2, "neg_exclusion": 1})
 
 
+def test_backbone_choice_errors(gardens, tmp_path):
+    from placerank.errors import WeightsError
+
+    cfg = TrainConfig(method="sfrs", train=_traversals(gardens), out=tmp_path / "vgg", frames=(0, 12),
+                      backbone="vgg16", device="cpu")
+    with pytest.raises(WeightsError, match=r"^sfrs-vgg16 needs --weights: OpenIBL's vgg16_netvlad.pth"):
+        run_training(cfg)
+    cfg = TrainConfig(method="sfrs", train=_traversals(gardens), out=tmp_path / "r50", backbone="resnet50", device="cpu")
+    with pytest.raises(PlaceRankError, match=r"^sfrs trains on backbones effnet-lite0, sfrs-effnet-lite0, sfrs-vgg16, "
+                                             r"vgg16; got 'resnet50'$"):
+        run_training(cfg)
+
+
 def test_frame_and_place_labels(gardens, shared_data, tmp_path):
     opts = SFRSOptions.from_dict({"pos_tolerance": 1, "neg_exclusion": 3})
     d = build_sfrs_data(_traversals(gardens), (0, 20), opts)

@@ -8,12 +8,12 @@
 #      per batch, AdamW lr 3e-4 decayed linearly to 0.1x over 600 steps, stopped after TRAIN_MINUTES;
 #   3. held-out evaluation (frames 100-139, never trained on): database day_right vs queries
 #      night_right, |i-j| <= 2, R@1/5/10 for the untrained backbone (ImageNet GeM, and FoL with
-#      random heads), the trained global descriptor, and trained + --rerank fol-region (top-20)
-#      for the region-feature modes in MODES (bytes per image are measured too).
+#      random heads, + fol-region pool3), the trained global descriptor, and trained + --rerank
+#      fol-region (top-20) for the region-feature modes in MODES (bytes per image measured too).
 #
 # Usage:  benchmarks/recipes/fol_cpu.sh [OUT_DIR]          (default runs/fol_cpu)
 #         TINY=1 benchmarks/recipes/fol_cpu.sh /tmp/fol_tiny  (~2-3 minute smoke version)
-# Env:    TRAIN_MINUTES (22), EVAL_FRAMES ("100 140"), MODES ("center pool3 dense"),
+# Env:    TRAIN_MINUTES (20), EVAL_FRAMES ("100 140"), MODES ("center pool3 dense"),
 #         IMAGE_SIZE ("240 432"), EVAL_SIZE ("" = the trained size), PLACERANK_SHARED
 # Output: OUT_DIR/results.json (+ OUT_DIR/run: log.jsonl, checkpoint.pt, model.pt)
 set -euo pipefail
@@ -24,7 +24,7 @@ mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 PY="${PYTHON:-python}"
 
-TRAIN_MINUTES="${TRAIN_MINUTES:-22}"
+TRAIN_MINUTES="${TRAIN_MINUTES:-20}"
 EVAL_FRAMES="${EVAL_FRAMES:-100 140}"
 MODES="${MODES:-center pool3 dense}"
 IMAGE_SIZE="${IMAGE_SIZE:-240 432}"
@@ -35,7 +35,7 @@ EPOCHS=50
 if [[ "${TINY:-0}" == "1" ]]; then
   TRAIN_MINUTES="${TRAIN_MINUTES_TINY:-0.5}"
   EVAL_FRAMES="100 116"
-  MODES="center"
+  MODES="pool3"
   IMAGE_SIZE="128 224"
   GARDENS_FRAMES="0 20"
   NORDLAND_PLACES=20

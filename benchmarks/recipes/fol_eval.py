@@ -50,7 +50,8 @@ def main(argv=None) -> int:
     p.add_argument("--queries", default="night_right")
     p.add_argument("--frame-tolerance", type=int, default=2)
     p.add_argument("--top-k", type=int, default=20)
-    p.add_argument("--modes", nargs="+", default=["center"], help="fol-region local modes to measure")
+    p.add_argument("--modes", nargs="+", default=["pool3"], help="fol-region local modes to measure (trained model)")
+    p.add_argument("--untrained-modes", nargs="*", default=["pool3"], help="fol-region local modes for the untrained model")
     p.add_argument("--image-size", type=int, nargs=2, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--skip-untrained", action="store_true")
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
         if not args.skip_untrained:
             run("untrained_effnet_lite0_gem", model="effnet-lite0-gem")
             run("untrained_fol_effnet_lite0", model="fol-effnet-lite0")
-            for mode in args.modes:
+            for mode in args.untrained_modes:
                 run(f"untrained_fol_region_{mode}", model="fol-effnet-lite0", rerank="fol-region",
                     rerank_options={"mode": mode})
         if args.run is not None:

@@ -25,7 +25,8 @@ if [[ "${TINY:-0}" == "1" ]]; then
   # the same pipeline on a budget: 16 anchors per epoch, fewer k-means images
   SCHEDULE=(--epochs 1 --option queries_per_epoch=16 --option kmeans_images=40)
 else
-  # generation 0: 1 epoch (paper); generation 1: 2 epochs; every anchor each epoch
+  # generation 0: 1 epoch (paper); generation 1: 2 epochs; every anchor each epoch. lr 0.01
+  # (paper 0.001): ~200 steps here against ~9k per generation in the paper.
   SCHEDULE=(--epochs 2 --max-minutes 24)
 fi
 
@@ -35,7 +36,7 @@ python benchmarks/recipes/sfrs_manifests.py "$G" "$M" --train 0 90 --test 95 140
 
 python -m placerank.cli train --method sfrs --backbone effnet-lite0 \
   --train "$M/train_day_left.csv" "$M/train_day_right.csv" "$M/train_night_right.csv" \
-  --image-size 224 384 --device cpu --out "$OUT/run" "${SCHEDULE[@]}" \
+  --image-size 224 384 --device cpu --out "$OUT/run" "${SCHEDULE[@]}" --lr 0.01 \
   --option generations=2 --option batch_tuples=4 --option neg_num=10 --option pos_num=10 \
   --option pos_tolerance=1 --option neg_exclusion=5 --option cache_frozen=true \
   --option pca_dim=256 --seed 0

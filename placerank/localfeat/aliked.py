@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from placerank.errors import PlaceRankError
 from placerank.localfeat.base import LocalFeatureNet, RawFeatures, register_features, strict_load
 
 
@@ -30,8 +31,11 @@ class ALIKED(LocalFeatureNet):
 
     def __init__(self, max_keypoints: int = 2048, detection_threshold: float = 0.2, nms_radius: int = 2):
         super().__init__(max_keypoints)
+        import kornia
         import kornia.feature as KF
 
+        if not hasattr(KF, "ALIKED"):
+            raise PlaceRankError(f"ALIKED needs kornia >= 0.9 (installed: kornia {kornia.__version__})")
         self.net = KF.ALIKED(model_name="aliked-n16", max_num_keypoints=self.max_keypoints,
                              detection_threshold=float(detection_threshold), nms_radius=int(nms_radius))
         self.detection_threshold = float(detection_threshold)

@@ -3,7 +3,7 @@
 The map is drawn offline with matplotlib in local metres around the estimate (UTM easting and
 northing of the estimate's zone, or the database's own metric frame): every database photo as a
 grey dot, the top matches coloured (green = agrees with the estimate, red = another place; dot
-area ~ weight; rank numbers), the estimate as a star with the agreement radius, the photo's own
+area ~ weight; rank numbers), the estimate as a star, the agreement radius around the best match, the photo's own
 EXIF GPS when it has one, and a scale bar. No map tiles: nothing is downloaded.
 """
 
@@ -67,7 +67,11 @@ def draw_map(result, db_points: np.ndarray, out_path: str | Path, max_points: in
     if len(inside) > max_points:
         inside = inside[np.linspace(0, len(inside) - 1, max_points).astype(int)]
     ax.scatter(inside[:, 0], inside[:, 1], s=6, c="#b0b0b0", label=f"database photos ({len(pts)})", zorder=1)
-    ax.add_patch(Circle((0, 0), r, fill=False, ls="--", ec="#2a7", lw=1.2, zorder=2))
+    # Agreement is measured from the place-defining best match (the first with a position).
+    best = next((k for k in range(len(result.matches)) if has[k]), None)
+    centre = tuple(rel[best]) if best is not None else (0.0, 0.0)
+    ax.add_patch(Circle(centre, r, fill=False, ls="--", ec="#2a7", lw=1.2, zorder=2,
+                        label=f"{_fmt_m(r)} around the best match"))
     wmax = max([m.weight for m in result.matches] + [1e-9])
     shown_out = 0
     for k, m in enumerate(result.matches):

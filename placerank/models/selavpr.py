@@ -563,8 +563,6 @@ def _vit_factory(name: str, arch: str, weights=None, image_size=None, pretrained
     """``weights``: a placerank checkpoint, an official SelaVPR ``.pth`` or Meta's DINOv2
     ``.pth`` (adapters then start at zero). Default: ``SelaVPR_msls.pth`` for ViT-L, else Meta's
     ``dinov2_<arch>_pretrain.pth``, from the weights folder."""
-    if _placerank_ckpt(weights):
-        return _load_trained(weights, name, image_size)
     if not pretrained and weights is None:
         return _build_vit(name, arch, image_size, num_register_tokens)
     if weights is None:
@@ -578,7 +576,11 @@ def _vit_factory(name: str, arch: str, weights=None, image_size=None, pretrained
                 ) from None
         else:
             weights = resolve_weights(f"dinov2_{arch}_pretrain.pth", None, f"DINOv2 {arch}")
+    # One (memory-mapped) read decides what the file is; a 1.4 GB official file is never read twice.
     obj = read_torch_file(weights, allow_pickle)
+    if isinstance(obj, dict) and "placerank" in obj:
+        del obj
+        return _load_trained(weights, name, image_size)
     if looks_like_official(obj):
         return load_official_selavpr(weights, arch, image_size, allow_pickle, obj=obj)
     if not isinstance(obj, dict):

@@ -200,6 +200,9 @@ def train_fol(config: TrainConfig) -> Path:
 
     stop_reason = None
     for epoch in range(start_epoch, config.epochs):
+        if opts.max_steps and step >= opts.max_steps:
+            stop_reason = "max_steps"
+            break
         model.train()
         sampler.set_epoch(epoch)
         totals: list[float] = []
