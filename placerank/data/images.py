@@ -21,10 +21,10 @@ class Preprocess:
     """What a model expects as input.
 
     ``size`` is (height, width) of the hard resize (aspect ratio is not kept, as in the VPR
-    literature; pick a size with the data's aspect). ``mean``/``std`` apply to pixel values
-    scaled by ``scale`` (1/255 gives [0, 1]; SFRS's MatConvNet weights use scale 1 on 0..255
-    values via std = 1/255 — expressed here as scale=1/255 and std=(1/255,)*3). ``grayscale``
-    feeds a single repeated channel (for grayscale local-feature nets).
+    literature; pick a size with the data's aspect). Pixels are scaled to [0, 1], then
+    ``(x - mean) / std``: ImageNet statistics by default; SFRS's MatConvNet weights expect
+    0..255 values minus the VGG means, i.e. std = (1/255,)*3. ``grayscale`` feeds a single
+    repeated channel (for grayscale local-feature nets).
     """
 
     size: tuple[int, int]

@@ -943,7 +943,8 @@ class Database:
         cand_ids = [int(i) for i in ids[0] if i >= 0]
         cand_sims = [float(s) for s, i in zip(sims[0], ids[0]) if i >= 0]
         marks = ",".join("?" * len(cand_ids))
-        rows = {r[0]: r for r in self._conn.execute(f"SELECT {_ROW_COLS} FROM images WHERE id IN ({marks})", cand_ids)}
+        rows = {r[0]: r for r in self._conn.execute(f"SELECT {_ROW_COLS} FROM images WHERE id IN ({marks})", cand_ids)} \
+            if cand_ids else {}
         keep = [j for j, i in enumerate(cand_ids) if i in rows]  # a concurrent writer may just have removed one
         cand_ids = [cand_ids[j] for j in keep]
         cand_sims = np.array([cand_sims[j] for j in keep], dtype=np.float64)
@@ -968,7 +969,7 @@ class Database:
         pos = _common_frame(cand, ref_epsg)
         mode = "rerank" if rerank_scores is not None else "similarity"
         est = estimate_position(pos, rerank_scores if rerank_scores is not None else cand_sims, mode, cfg)
-        if mode == "rerank" and est.position is None and len(cand):
+        if mode == "rerank" and est.position is None and np.isfinite(pos).all(axis=1).any():
             notes.append("the re-ranker found no geometric evidence for any candidate; estimate from global similarity")
             est = estimate_position(pos, cand_sims, "similarity", cfg)
         lat = lon = east = north = None

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
