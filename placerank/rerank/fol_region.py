@@ -125,8 +125,10 @@ class FoLRegionReranker(Reranker):
         descs = [c.descriptors for c in candidates]
         if self.device.type == "cpu":
             counts = mnn_counts_cpu(query.descriptors, descs, self.threshold, self.min_matches)
-        else:  # one batched bmm per chunk on the accelerator
-            counts = mnn_counts(query.descriptors, descs, threshold=self.threshold, chunk=self.chunk,
+        else:  # one batched bmm per chunk on the accelerator, chunk bounded to ~256 MB of similarities
+            n_max = max([len(d) for d in descs] + [1])
+            chunk = max(1, min(self.chunk, int(256 * 2**20 // (8 * n_max * max(1, len(query))))))
+            counts = mnn_counts(query.descriptors, descs, threshold=self.threshold, chunk=chunk,
                                 device=self.device, min_matches=self.min_matches)
         return counts.astype(np.float64)
 
