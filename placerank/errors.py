@@ -6,10 +6,23 @@ do. The CLI prints that line and exits with status 2; it never prints a tracebac
 """
 
 
+def _unwrap_worker_message(message: str) -> str:
+    """An error raised inside a DataLoader worker is re-raised by torch with the worker's whole
+    traceback as its message; keep only our own one-line message (the traceback's last line)."""
+    if message.startswith("Caught ") and "Original Traceback" in message:
+        last = [line for line in message.splitlines() if line.strip()][-1]
+        head, sep, tail = last.partition(": ")
+        if sep and "Error" in head:
+            return tail
+        return last
+    return message
+
+
 class PlaceRankError(Exception):
     """A one-line, user-actionable error."""
 
     def __init__(self, message: str):
+        message = _unwrap_worker_message(str(message))
         if "\n" in message:
             message = " ".join(part.strip() for part in message.splitlines() if part.strip())
         super().__init__(message)

@@ -23,3 +23,18 @@ def image_size_arg(values):
     if len(values) == 2:
         return (values[0], values[1])
     raise SystemExit("--image-size takes one value or HEIGHT WIDTH")
+
+
+def parse_option(text: str) -> tuple[str, object]:
+    """``key=value`` -> (key, value) with ints, floats and booleans converted."""
+    if "=" not in text:
+        raise SystemExit(f"expected key=value, got '{text}'")
+    k, v = text.split("=", 1)
+    for cast in (int, float):
+        try:
+            return k, cast(v)
+        except ValueError:
+            pass
+    if v.lower() in ("true", "false"):
+        return k, v.lower() == "true"
+    return k, v

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from placerank.commands._common import add_model_args, image_size_arg
+from placerank.commands._common import add_model_args, image_size_arg, parse_option
 
 
 def register(sub) -> None:
@@ -14,6 +14,8 @@ def register(sub) -> None:
     add_model_args(p)
     p.add_argument("--rerank", default=None, help="re-ranker name (see `placerank models`)")
     p.add_argument("--top-k", type=int, default=20, help="candidates re-ranked per query (default 20)")
+    p.add_argument("--rerank-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="re-ranker option, e.g. mode=dense for fol-region (repeatable)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--radius", type=float, default=None, help="positive radius in metres (default 25 for positions)")
     g.add_argument("--frame-tolerance", type=int, default=None, help="positives are frames with |i-j| <= N")
@@ -32,7 +34,7 @@ def run(args) -> int:
         rerank=args.rerank, top_k=args.top_k, radius=args.radius, frame_tolerance=args.frame_tolerance,
         layout=args.layout, image_size=image_size_arg(args.image_size), device=args.device,
         batch_size=args.batch_size, num_workers=args.workers, use_cache=not args.no_cache,
-        num_examples=args.examples,
+        num_examples=args.examples, rerank_options=dict(parse_option(o) for o in args.rerank_option),
     )
     result = evaluate(cfg)
     print_summary(result, args.out)

@@ -4,21 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from placerank.commands._common import image_size_arg
-
-
-def _option(text: str) -> tuple[str, object]:
-    if "=" not in text:
-        raise SystemExit(f"--option expects key=value, got '{text}'")
-    k, v = text.split("=", 1)
-    for cast in (int, float):
-        try:
-            return k, cast(v)
-        except ValueError:
-            pass
-    if v.lower() in ("true", "false"):
-        return k, v.lower() == "true"
-    return k, v
+from placerank.commands._common import image_size_arg, parse_option
 
 
 def register(sub) -> None:
@@ -53,7 +39,7 @@ def run(args) -> int:
         max_minutes=args.max_minutes, batch_places=args.places_per_batch, images_per_place=args.images_per_place,
         lr=args.lr, seed=args.seed, image_size=image_size_arg(args.image_size),
         frames=tuple(args.frames) if args.frames else None, device=args.device, weights=args.weights,
-        resume=not args.no_resume, num_workers=args.workers, options=dict(_option(o) for o in args.option),
+        resume=not args.no_resume, num_workers=args.workers, options=dict(parse_option(o) for o in args.option),
     )
     model_path = run_training(cfg)
     print(f"model written to {model_path}")

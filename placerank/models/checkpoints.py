@@ -7,6 +7,7 @@ loads the tensors strictly, so a checkpoint for another model is refused in one 
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import torch
@@ -29,9 +30,9 @@ def save_placerank_checkpoint(model, path: str | Path, model_kwargs: dict | None
         torch.save(payload, tmp)
 
 
-def _read(path: str | Path):
+def _read(path: str | Path, mmap: bool = False):
     try:
-        return torch.load(Path(path), map_location="cpu", weights_only=True)
+        return torch.load(Path(path), map_location="cpu", weights_only=True, mmap=mmap)
     except Exception:
         return None
 
@@ -40,7 +41,8 @@ def is_placerank_checkpoint(path) -> bool:
     p = Path(path)
     if not p.is_file() or p.suffix not in (".pt", ".pth"):
         return False
-    obj = _read(p)
+    # mmap: sniffing a 1.2 GB official checkpoint must not read it all into memory
+    obj = _read(p, mmap=zipfile.is_zipfile(p))
     return isinstance(obj, dict) and "placerank" in obj
 
 

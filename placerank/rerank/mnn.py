@@ -51,5 +51,6 @@ def mnn_counts(query: np.ndarray | torch.Tensor, candidates: Sequence[np.ndarray
             mutual &= sim > threshold
         counts = mutual.sum(dim=1).cpu().numpy().astype(np.int64)
         counts[counts < min_matches] = 0
+        counts[(lens == 0).cpu().numpy()] = 0  # an empty candidate has no matches (argmax of -inf is 0)
         out[start:start + len(block)] = counts
     return out

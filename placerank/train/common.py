@@ -93,6 +93,14 @@ def read_training_places(specs: Sequence[str | Path], frames: tuple[int, int] | 
     """
     paths: list[Path] = []
     labels: list[str] = []
+    routes = {Path(s).resolve().parent for s in specs if Path(s).suffix.lower() != ".csv"}
+    if len(routes) > 1:
+        # Frame k of a GardensPoint traversal and frame k of a Nordland one are different places;
+        # numbering them alike would silently make them positives of each other.
+        raise DataError(
+            "traversal folders from different routes (" + ", ".join(sorted(str(r) for r in routes)) +
+            ") would share frame numbers as places; train on one route per call or use place_id CSVs"
+        )
     for spec in specs:
         spec = Path(spec)
         if spec.suffix.lower() == ".csv":
