@@ -44,6 +44,15 @@ class Preprocess:
         return Preprocess(tuple(size), self.mean, self.std, self.grayscale, self.min_side)
 
 
+def normalize_image_size(image_size) -> tuple[int, int] | None:
+    """``None`` | ``int`` (square) | ``(H, W)`` -> ``(H, W)`` or None (the model's default)."""
+    if image_size is None:
+        return None
+    if isinstance(image_size, int):
+        return (image_size, image_size)
+    return tuple(int(v) for v in image_size)
+
+
 def open_image(path: str | Path, min_side: int = 16) -> Image.Image:
     """Open an image as RGB, honouring EXIF orientation; one-line errors for bad files."""
     path = Path(path)

@@ -49,6 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from placerank.data.images import normalize_image_size
 from placerank.data.images import Preprocess
 from placerank.errors import WeightsError
 from placerank.models.backbones import DINOV2_CONFIGS, DinoV2Backbone
@@ -571,12 +572,6 @@ def _is_official_layout(obj) -> bool:
 # Factories
 # ---------------------------------------------------------------------------------------------
 
-def _size(image_size) -> tuple[int, int] | None:
-    if image_size is None:
-        return None
-    if isinstance(image_size, int):
-        return (image_size, image_size)
-    return tuple(int(v) for v in image_size)
 
 
 def _config(num_regions, local_mode, train_blocks) -> FoLConfig:
@@ -597,7 +592,7 @@ def apply_overrides(model: FoLModel, image_size=None, num_regions=None, local_mo
     region selection differ."""
     import dataclasses
 
-    size = _size(image_size)
+    size = normalize_image_size(image_size)
     if size is not None:
         if isinstance(model.backbone, FoLViTBackbone) and (size[0] % 14 or size[1] % 14):
             raise WeightsError(f"DINOv2 input size must be a multiple of 14 px, got {size[0]}x{size[1]}")
@@ -613,7 +608,7 @@ def apply_overrides(model: FoLModel, image_size=None, num_regions=None, local_mo
 def build_fol_vit(arch: str, image_size=None, num_regions: int | None = None, local_mode: str | None = None,
                   train_blocks: int | None = None, name: str | None = None) -> FoLModel:
     """Randomly initialised FoL ViT (under ``torch.device('meta')`` it allocates nothing)."""
-    size = _size(image_size) or (VIT_PREPROCESS.size if arch != "vitb14" else (322, 322))
+    size = normalize_image_size(image_size) or (VIT_PREPROCESS.size if arch != "vitb14" else (322, 322))
     if size[0] % 14 or size[1] % 14:
         raise WeightsError(f"DINOv2 input size must be a multiple of 14 px, got {size[0]}x{size[1]}")
     cfg = _config(num_regions, local_mode, train_blocks)
@@ -655,7 +650,7 @@ def build_fol_cnn(variant: str = "tf_efficientnet_lite0", weights=None, pretrain
                   name: str = "fol-effnet-lite0") -> FoLModel:
     cfg = _config(num_regions, local_mode, train_blocks)
     bb = FoLCNNBackbone(variant, weights, pretrained, cfg.train_blocks)
-    model = FoLModel(name, bb, CNN_PREPROCESS.with_size(_size(image_size)), cfg, attention_source="learned")
+    model = FoLModel(name, bb, CNN_PREPROCESS.with_size(normalize_image_size(image_size)), cfg, attention_source="learned")
     model.weights_source = bb.source
     return model
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from placerank.data.images import normalize_image_size
 from placerank.data.images import Preprocess
 from placerank.errors import WeightsError
 from placerank.models.base import BackboneOutput, VPRModel
@@ -408,12 +409,6 @@ def export_openibl_hub(model: SFRSModel, path: str | Path) -> None:
 # Builders and registry entries
 # ---------------------------------------------------------------------------------------------
 
-def _size(image_size) -> tuple[int, int] | None:
-    if image_size is None:
-        return None
-    if isinstance(image_size, int):
-        return (image_size, image_size)
-    return tuple(int(v) for v in image_size)
 
 
 def check_even_map(size: tuple[int, int], stride: int = 16) -> None:
@@ -425,10 +420,10 @@ def check_even_map(size: tuple[int, int], stride: int = 16) -> None:
 
 def build_sfrs_vgg16(pca_dim: int | None = None, image_size=None, num_clusters: int = 64) -> SFRSModel:
     """Random-init ``sfrs-vgg16`` of the given shape (loaders fill it)."""
-    size = _size(image_size) or SFRS_VGG16_PREPROCESS.size
+    size = normalize_image_size(image_size) or SFRS_VGG16_PREPROCESS.size
     check_even_map(size)
     kwargs = {"num_clusters": num_clusters}
-    if _size(image_size):
+    if normalize_image_size(image_size):
         kwargs["image_size"] = list(size)
     return SFRSModel("sfrs-vgg16", VGG16Conv5(), NetVLAD(num_clusters, 512), SFRS_VGG16_PREPROCESS.with_size(size),
                      pca_dim=pca_dim, model_kwargs=kwargs)
@@ -438,9 +433,9 @@ def _load_placerank(weights, name, image_size):
     from placerank.models.checkpoints import load_placerank_checkpoint
 
     model = load_placerank_checkpoint(weights, expected_name=name)
-    if _size(image_size):
-        check_even_map(_size(image_size))
-        model.preprocess = model.preprocess.with_size(_size(image_size))
+    if normalize_image_size(image_size):
+        check_even_map(normalize_image_size(image_size))
+        model.preprocess = model.preprocess.with_size(normalize_image_size(image_size))
     return model
 
 
@@ -488,11 +483,11 @@ def sfrs_vgg16(weights=None, image_size=None, pretrained: bool = True, pca_dim: 
 def build_sfrs_effnet(variant: str = "tf_efficientnet_lite0", name: str = "sfrs-effnet-lite0", weights=None,
                       pretrained: bool = True, pca_dim: int | None = None, image_size=None,
                       num_clusters: int = 64) -> SFRSModel:
-    size = _size(image_size) or SFRS_EFFNET_PREPROCESS.size
+    size = normalize_image_size(image_size) or SFRS_EFFNET_PREPROCESS.size
     check_even_map(size)
     bb = EffNetStride16(variant, weights, pretrained)
     kwargs = {"num_clusters": num_clusters}
-    if _size(image_size):
+    if normalize_image_size(image_size):
         kwargs["image_size"] = list(size)
     model = SFRSModel(name, bb, NetVLAD(num_clusters, bb.out_channels), SFRS_EFFNET_PREPROCESS.with_size(size),
                       pca_dim=pca_dim, model_kwargs=kwargs)

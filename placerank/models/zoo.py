@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from placerank.data.images import normalize_image_size
 from placerank.data.images import Preprocess
 from placerank.errors import WeightsError
 from placerank.models.backbones import (
@@ -32,12 +33,6 @@ EFFNET_PREPROCESS = Preprocess(size=(360, 640), mean=(0.5, 0.5, 0.5), std=(0.5, 
 DINOV2_PREPROCESS = Preprocess(size=(224, 224))
 
 
-def _size(image_size) -> tuple[int, int] | None:
-    if image_size is None:
-        return None
-    if isinstance(image_size, int):
-        return (image_size, image_size)
-    return tuple(int(v) for v in image_size)
 
 
 def effnet_backbone(variant: str, weights=None, pretrained: bool = True, out_index: int = -1) -> tuple[EfficientNetBackbone, str]:
@@ -67,7 +62,7 @@ def _effnet_model(name, variant, aggregator_kind, weights, image_size, pretraine
     else:
         agg = NetVLAD(num_clusters, bb.out_channels)
         dim = agg.output_dim
-    model = VPRModel(name, bb, agg, EFFNET_PREPROCESS.with_size(_size(image_size)), dim)
+    model = VPRModel(name, bb, agg, EFFNET_PREPROCESS.with_size(normalize_image_size(image_size)), dim)
     model.weights_source = source
     return model
 
@@ -103,7 +98,7 @@ def _dinov2_model(name, arch, aggregator_kind, weights, image_size, pretrained, 
     else:
         agg = NetVLAD(num_clusters, bb.out_channels)
         dim = agg.output_dim
-    size = _size(image_size) or DINOV2_PREPROCESS.size
+    size = normalize_image_size(image_size) or DINOV2_PREPROCESS.size
     if size[0] % 14 or size[1] % 14:
         raise WeightsError(f"DINOv2 input size must be a multiple of 14 px, got {size[0]}x{size[1]}")
     model = VPRModel(name, bb, agg, DINOV2_PREPROCESS.with_size(size), dim)
