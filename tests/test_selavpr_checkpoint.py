@@ -23,6 +23,16 @@ from placerank.models.selavpr import _build_vit
 # helpers
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads spin-wait against other
+    processes and small ops run ~10x slower (measured); restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class _Numpy1Pickler(pickle._Pickler):
     """Writes numpy globals under their NumPy 1.x names (``numpy.core.multiarray``)."""
 
@@ -128,7 +138,10 @@ def test_official_vitl14_real_shapes_every_key_lands(tmp_path):
     assert "module.backbone.blocks.23.adapter2.D_fc2.weight" in container["model_state_dict"]
     save_official(container, path, numpy1_names=True)
     del model_sd, container
-    m = create("selavpr-vitl14", weights=str(path))
+    try:
+        m = create("selavpr-vitl14", weights=str(path))
+    finally:
+        path.unlink()  # 1.4 GB: do not leave it in pytest's kept temp folders (mmap stays valid)
     got = m.state_dict()
     assert set(got) == set(shapes)
     for i, (k, s) in enumerate(shapes.items()):
@@ -216,3 +229,10 @@ def test_placerank_checkpoint_roundtrip_effnet(tmp_path):
     with pytest.raises(WeightsError) as e:
         create("selavpr-effnet-lite0", weights=str(tmp_path / "gem.pt"))
     assert str(e.value) == f"{tmp_path / 'gem.pt'}: checkpoint is for model 'effnet-lite0-gem', not 'selavpr-effnet-lite0'"
+
+
+def test_missing_default_weights_say_what_to_put_where():
+    with pytest.raises(WeightsError) as e:
+        create("selavpr-vitl14")
+    assert str(e.value) == ("selavpr-vitl14 weights not found: put SelaVPR_msls.pth (released model) or "
+                            "dinov2_vitl14_pretrain.pth (to train) in $PLACERANK_WEIGHTS, or pass --weights PATH")

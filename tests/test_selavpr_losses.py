@@ -23,6 +23,16 @@ F_SET = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
 G_SET = torch.tensor([[0.8, 0.6], [0.0, 1.0], [-1.0, 0.0]])
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads spin-wait against other
+    processes and small ops run ~10x slower (measured); restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_mnn_mean_similarity_hand_checked():
     assert mnn_mean_similarity(F_SET, G_SET).item() == pytest.approx(0.98, abs=1e-6)
     # F against itself: every point is its own mutual NN -> mean 1.

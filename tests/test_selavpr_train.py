@@ -21,6 +21,16 @@ from placerank.train.selavpr import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads spin-wait against other
+    processes and small ops run ~10x slower (measured); restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_read_places_keeps_routes_apart(gardens, shared_data, tmp_path):
     nl = shared_data / "nordland_seqslam_64x32"
     places = read_places([gardens / "day_left", gardens / "day_right", nl / "database_summer", nl / "queries_winter"],

@@ -615,8 +615,9 @@ for _arch in ("vits14", "vitb14", "vitl14"):
 
     register_model(
         f"selavpr-{_arch}",
-        f"SelaVPR: DINOv2 {_arch} + in-block adapters, GeM 1024/768/384-d + dense 128-d local features"
-        f" (weights: {'SelaVPR_msls.pth or ' if _arch == 'vitl14' else ''}Meta dinov2_{_arch}_pretrain.pth via --weights)",
+        f"SelaVPR: DINOv2 {_arch} + in-block adapters, GeM {DINOV2_CONFIGS[_arch]['embed_dim']}-d + dense 128-d"
+        f" local features (weights: {'SelaVPR_msls.pth or ' if _arch == 'vitl14' else ''}"
+        f"Meta dinov2_{_arch}_pretrain.pth via --weights)",
         trainable_here=False,
     )(_f)
 

@@ -73,7 +73,6 @@ def local_mnn_loss(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor, margin: fl
 
 def dense_to_sets(dense: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) up-conv output -> (B, h*w, C) feature sets (row-major cells)."""
-    B, C = dense.shape[:2]
     return dense.flatten(2).transpose(1, 2)
 
 
