@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from placerank.data.images import normalize_image_size
 from placerank.data.images import Preprocess
 from placerank.errors import WeightsError
 from placerank.models.backbones import DINOV2_CONFIGS, DinoV2Backbone, EfficientNetBackbone
@@ -522,16 +523,10 @@ def load_official_selavpr(path: str | Path, arch: str = "vitl14", image_size=Non
 # Factories
 # ---------------------------------------------------------------------------------------------
 
-def _size(image_size) -> tuple[int, int] | None:
-    if image_size is None:
-        return None
-    if isinstance(image_size, int):
-        return (image_size, image_size)
-    return tuple(int(v) for v in image_size)
 
 
 def _build_vit(name: str, arch: str, image_size, num_register_tokens: int = 0) -> SelaVPRModel:
-    size = _size(image_size) or VIT_PREPROCESS.size
+    size = normalize_image_size(image_size) or VIT_PREPROCESS.size
     if size[0] % 14 or size[1] % 14:
         raise WeightsError(f"DINOv2 input size must be a multiple of 14 px, got {size[0]}x{size[1]}")
     bb = SelaViTBackbone(arch, num_register_tokens=num_register_tokens)
@@ -550,7 +545,7 @@ def _load_trained(weights, name: str, image_size) -> SelaVPRModel:
     from placerank.models.checkpoints import load_placerank_checkpoint
 
     model = load_placerank_checkpoint(weights, expected_name=name)
-    size = _size(image_size)
+    size = normalize_image_size(image_size)
     if size is not None:
         if model.backbone.stride == 14 and (size[0] % 14 or size[1] % 14):
             raise WeightsError(f"DINOv2 input size must be a multiple of 14 px, got {size[0]}x{size[1]}")
@@ -603,7 +598,7 @@ def _effnet_factory(name: str, weights=None, image_size=None, pretrained: bool =
         return _load_trained(weights, name, image_size)
     base, source = effnet_backbone(EFFNET_VARIANT, weights, pretrained)
     bb = SelaEffNetBackbone(EFFNET_VARIANT, adapt_stages, adapt_head, base=base)
-    model = SelaVPRModel(name, bb, EFFNET_PREPROCESS.with_size(_size(image_size)))
+    model = SelaVPRModel(name, bb, EFFNET_PREPROCESS.with_size(normalize_image_size(image_size)))
     model.weights_source = source if source == "random-init" else f"{source} (adapters and heads untrained)"
     return model
 
