@@ -4,8 +4,6 @@ that are not a checkpoint). Also the XFeat port's pieces checked by hand."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch

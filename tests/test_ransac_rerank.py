@@ -45,5 +45,5 @@ def test_registered_and_tie_order():
     rr = create_reranker("ransac-disk", image_size=(240, 320))
     assert rr.dim == 128 and rr.preprocess.size == (240, 320)
     sig = rr.signature()
-    assert sig.startswith("ransac-disk:disk:w9c2ee4ded238:k2048:240x320")
+    assert sig.startswith("ransac-disk:disk-w5-th0:w9c2ee4ded238:k2048:240x320")
     assert create_reranker("ransac-disk", image_size=(240, 320), max_keypoints=512).signature() != sig

@@ -56,6 +56,10 @@ class LocalFeatureNet(nn.Module):
     def detect(self, images: torch.Tensor) -> list[RawFeatures]:
         raise NotImplementedError
 
+    def config_id(self) -> str:
+        """Detection settings that change the extracted features (part of store signatures)."""
+        return ""
+
     # -- weights ------------------------------------------------------------------------------
     def load_weights(self, weights: str | Path | None = None) -> "LocalFeatureNet":
         """Resolve (explicit path, $PLACERANK_WEIGHTS, ../shared/weights) and strictly load."""

@@ -33,6 +33,9 @@ class DISK(LocalFeatureNet):
         self.window_size = int(window_size)
         self.score_threshold = float(score_threshold)
 
+    def config_id(self) -> str:
+        return f"w{self.window_size}-th{self.score_threshold:g}"
+
     def load_checkpoint_state(self, state: object, path: Path) -> None:
         if not isinstance(state, Mapping) or "extractor" not in state:
             raise WeightsError(f"{path}: weights do not fit DISK (expected a dict with an 'extractor' state_dict)")

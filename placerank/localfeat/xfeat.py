@@ -124,6 +124,9 @@ class XFeat(LocalFeatureNet):
         self.net = XFeatModel()
         self.detection_threshold = float(detection_threshold)
 
+    def config_id(self) -> str:
+        return f"th{self.detection_threshold:g}"
+
     def load_checkpoint_state(self, state: object, path: Path) -> None:
         strict_load(self.net, state, path, "XFeat")
 

@@ -80,8 +80,8 @@ class RansacReranker(Reranker):
     def signature(self) -> str:
         """Stored features depend on the network, its weights, the keypoint budget and the input
         size; the matcher and RANSAC settings only affect scoring, so they are not part of it."""
-        return (f"{self.name}:{self.net.kind}:w{self.net.weights_sha256[:12]}:k{self.config.max_keypoints}:"
-                f"{self.preprocess.signature()}")
+        return (f"{self.name}:{self.net.kind}-{self.net.config_id()}:w{self.net.weights_sha256[:12]}:"
+                f"k{self.config.max_keypoints}:{self.preprocess.signature()}")
 
     def to(self, device) -> "RansacReranker":
         self.device = torch.device(device)
