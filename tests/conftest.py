@@ -45,3 +45,14 @@ def _isolated_cache(tmp_path, monkeypatch):
     """Each test gets its own descriptor cache so tests never see each other's results."""
     monkeypatch.setenv("PLACERANK_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("PLACERANK_WEIGHTS", str(SHARED / "weights"))
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a module: on a shared 2-core machine, 2 OpenMP threads spin-wait
+    against other processes and small ops run ~10x slower (measured); restored afterwards.
+    Use with ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

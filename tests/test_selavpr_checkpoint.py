@@ -23,14 +23,7 @@ from placerank.models.selavpr import _build_vit
 # helpers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads spin-wait against other
-    processes and small ops run ~10x slower (measured); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class _Numpy1Pickler(pickle._Pickler):

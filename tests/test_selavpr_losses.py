@@ -23,14 +23,7 @@ F_SET = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
 G_SET = torch.tensor([[0.8, 0.6], [0.0, 1.0], [-1.0, 0.0]])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads spin-wait against other
-    processes and small ops run ~10x slower (measured); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_mnn_mean_similarity_hand_checked():

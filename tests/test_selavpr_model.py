@@ -12,14 +12,7 @@ from placerank.models.backbones import DinoV2Backbone
 from placerank.models.selavpr import SelaEffNetBackbone, SelaViTBackbone, SelaVPRModel, _build_vit
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads spin-wait against other
-    processes and small ops run ~10x slower (measured); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,14 +21,7 @@ from placerank.train.selavpr import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads spin-wait against other
-    processes and small ops run ~10x slower (measured); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_read_places_keeps_routes_apart(gardens, shared_data, tmp_path):
