@@ -5,7 +5,7 @@ Pairs: three Sacre-Coeur views (hloc) and the LightGlue building pair are the sa
 Sacre-Coeur x building are the different-place pairs. Measured (longest side 640 for XFeat, 512
 for ALIKED/DISK, which keeps the test fast and their margin is wide there):
 XFeat same 156/146/580 vs different 33..63; ALIKED (top-2048 maxima) same 309/210/870 vs
-41..60; DISK same 333/192/892 vs 11..18. Random F-matrix inliers among ~400 wrong putative
+42..60; DISK same 333/192/892 vs 11..18. Random F-matrix inliers among ~400 wrong putative
 matches sit at 10..60, hence the ratio floors below rather than a fixed count.
 """
 
