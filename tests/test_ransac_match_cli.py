@@ -82,3 +82,10 @@ def test_bad_options_are_one_line_errors():
     with pytest.raises(PlaceRankError) as e:
         create_reranker("ransac-xfeat", image_size=(16, 640))
     assert str(e.value) == "image_size must be HEIGHT WIDTH with both >= 32 px, got (16, 640)"
+    with pytest.raises(PlaceRankError) as e:
+        create_reranker("ransac-xfeat", image_size="wide")
+    assert str(e.value) == "image_size must be HEIGHT WIDTH (e.g. 360x640), got 'wide'"
+    # what `placerank eval --rerank-option image_size=360x640 --rerank-option max_keypoints=512` passes
+    rr = create_reranker("ransac-xfeat", image_size="360x640", max_keypoints=512, threshold_px=2)
+    assert rr.preprocess.size == (360, 640) and rr.net.max_keypoints == 512
+    assert rr.config.verify.threshold_px == 2.0

@@ -7,8 +7,8 @@ the first-stage order (:func:`placerank.rerank.base.rerank_order`).
 
 Registered re-rankers: ``ransac-xfeat``, ``ransac-aliked``, ``ransac-disk`` (MNN + MAGSAC) and
 ``ransac-xfeat-lighterglue``. Options (``EvalConfig.rerank_options`` or keyword arguments):
-``image_size`` (H, W) of the fixed network input (default 480x640: eval batches images, so the
-size must be fixed; keypoints are mapped back to original pixels), ``max_keypoints`` (2048),
+``image_size`` (H, W) of the fixed network input, or '360x640' from the CLI (default 480x640:
+eval batches images, so the size must be fixed; keypoints are mapped back to original pixels), ``max_keypoints`` (2048),
 ``geometry`` ('fundamental' | 'homography'), ``threshold_px`` (1.0, in a frame whose longest side
 is 640 px), ``confidence``, ``max_iters``, ``weights`` / ``matcher_weights`` (file paths),
 ``device``.
@@ -39,13 +39,20 @@ DEFAULT_SIZE = (480, 640)
 
 
 def _size(v) -> tuple[int, int]:
+    """(H, W) from an int, a pair, or a CLI string such as '360x640' / '360,640'."""
+    given = v
     if isinstance(v, int):
-        return (v, v)
-    t = tuple(int(x) for x in v)
+        v = (v, v)
+    if isinstance(v, str):
+        v = v.lower().replace("x", ",").split(",")
+    try:
+        t = tuple(int(x) for x in v)
+    except (TypeError, ValueError):
+        raise PlaceRankError(f"image_size must be HEIGHT WIDTH (e.g. 360x640), got {given!r}") from None
     if len(t) == 1:
         return (t[0], t[0])
     if len(t) != 2 or min(t) < LOCAL_MIN_SIDE:
-        raise PlaceRankError(f"image_size must be HEIGHT WIDTH with both >= {LOCAL_MIN_SIDE} px, got {v}")
+        raise PlaceRankError(f"image_size must be HEIGHT WIDTH with both >= {LOCAL_MIN_SIDE} px, got {t}")
     return t
 
 
