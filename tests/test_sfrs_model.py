@@ -23,12 +23,7 @@ from placerank.models.sfrs import (
 SMALL = (128, 160)  # an 8 x 10 stride-16 map: cheap VGG forwards
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,7 @@ TINY = {"generations": 2, "batch_tuples": 2, "queries_per_epoch": 4, "neg_num": 
         "kmeans_images": 30, "pca_dim": 8, "pos_tolerance": 1, "neg_exclusion": 3, "extract_batch": 8}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _traversals(gardens):
