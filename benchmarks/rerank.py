@@ -69,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="network input of the RANSAC local features (GardensPoint frames are 16:9)")
     p.add_argument("--max-keypoints", type=int, default=2048)
     p.add_argument("--max-queries", type=int, default=None, help="evenly spaced subset of the queries")
+    p.add_argument("--query-frames", type=int, nargs=2, default=None, metavar=("START", "STOP"),
+                   help="frame-indexed sets only: keep the queries with frame in [START, STOP), e.g. the "
+                        "frames a trained re-ranker's recipe held out (100 140 for the placerank recipes)")
     p.add_argument("--max-database", type=int, default=None,
                    help="first N database images only (queries without a positive among them are dropped)")
     p.add_argument("--quick", action="store_true",
@@ -106,6 +109,14 @@ def first_stage(args) -> dict:
         ds = Dataset(ds.database.subset(np.arange(args.max_database)), ds.queries, ds.rule, name=ds.name)
         has_pos = np.flatnonzero([len(p) > 0 for p in ds.positives])
         ds = Dataset(ds.database, ds.queries.subset(has_pos), ds.rule, name=ds.name)
+    if args.query_frames:
+        if ds.queries.kind != "frame":
+            raise SystemExit(f"--query-frames needs frame-indexed queries, {args.queries} has '{ds.queries.kind}' positions")
+        start, stop = args.query_frames
+        keep = np.flatnonzero((ds.queries.positions >= start) & (ds.queries.positions < stop))
+        if len(keep) == 0:
+            raise SystemExit(f"--query-frames {start} {stop}: no query has a frame in that range")
+        ds = Dataset(ds.database, ds.queries.subset(keep), ds.rule, name=ds.name)
     if args.max_queries and args.max_queries < len(ds.queries):
         sel = np.unique(np.linspace(0, len(ds.queries) - 1, args.max_queries).round().astype(int))
         ds = Dataset(ds.database, ds.queries.subset(sel), ds.rule, name=ds.name)
@@ -120,6 +131,7 @@ def first_stage(args) -> dict:
     positives = ds.positives
     return {
         "dataset": {"database": str(args.database), "queries": str(args.queries), "rule": ds.rule.describe(),
+                    "query_frames": list(args.query_frames) if args.query_frames else None,
                     "num_database": len(ds.database), "num_queries": len(ds.queries),
                     "num_queries_with_positives": int(sum(len(p) > 0 for p in positives))},
         "model": model.describe(),

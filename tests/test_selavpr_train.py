@@ -141,3 +141,39 @@ def test_dinov2_backbone_trains_through_the_same_code(gardens, tmp_path):
     assert trained.grid_size() == (13, 13)
     assert all(torch.equal(a[k], b[k]) for k in a if "adapter" not in k and k.startswith("backbone."))
     assert any(not torch.equal(a[k], b[k]) for k in a if "D_fc2" in k)
+
+
+def test_validation_keeps_the_best_epoch(gardens, tmp_path):
+    """With a validation pair, every epoch (and the untrained start) is scored and model.pt is
+    the best one: reloading model.pt reproduces the selected recall exactly."""
+    from placerank.train.common import ValidationSet
+
+    def manifest(name, trav, frames):
+        path = tmp_path / f"{name}.csv"
+        path.write_text("path,frame\n" + "".join(f"{gardens / trav / f'Image{k:03d}.jpg'},{k}\n" for k in frames))
+        return str(path)
+
+    val_db, val_q = manifest("vdb", "day_right", range(20, 32)), manifest("vq", "night_right", range(20, 32))
+    out = tmp_path / "run"
+    specs = [str(gardens / t) for t in ("day_left", "day_right", "night_right")]
+    opts = {"queries_per_loop": 8, "negative_pool": 12, "val_database": val_db, "val_queries": val_q,
+            "val_frame_tolerance": 1, "val_select_n": 1}
+    cfg = TrainConfig(method="selavpr", train=specs, out=out, epochs=3, frames=(0, 12), image_size=(64, 96),
+                      options=opts, lr=1e-3, num_workers=0)
+    run_training(cfg)
+    log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    vals = [l for l in log if l["event"] == "validation"]
+    assert [v["epochs_done"] for v in vals] == [0, 1, 2, 3]
+    val = ValidationSet.from_options(val_db, val_q, frame_tolerance=1, select_n=1)
+    best = max(vals, key=lambda v: (val.key(v["recall"]), -v["epochs_done"]))
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ck["best"]["epoch"] == best["epochs_done"] and ck["best"]["recall"] == best["recall"]
+    assert (out / "last.pt").exists()
+    from placerank.extract import extract_global
+
+    m = create("selavpr-effnet-lite0", weights=str(out / "model.pt"))
+    db = extract_global(m, val.dataset.database.paths, torch.device("cpu"), use_cache=False)
+    q = extract_global(m, val.dataset.queries.paths, torch.device("cpu"), use_cache=False)
+    assert val.recall(db, q) == best["recall"]
+    with pytest.raises(PlaceRankError, match=r"^validation needs both val_database and val_queries$"):
+        ValidationSet.from_options(val_db, "")

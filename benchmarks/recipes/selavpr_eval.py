@@ -54,7 +54,10 @@ def main(argv=None) -> int:
         steps = [l for l in lines if l.get("event") == "step"]
         summary["training"] = {"steps": len(steps), "time_s": lines[-1].get("time_s"),
                                "first_losses": [round(s["loss"], 4) for s in steps[:5]],
-                               "last_losses": [round(s["loss"], 4) for s in steps[-5:]]}
+                               "last_losses": [round(s["loss"], 4) for s in steps[-5:]],
+                               "validation": [{"epochs_done": l["epochs_done"], "step": l["step"], "recall": l["recall"]}
+                                              for l in lines if l.get("event") == "validation"],
+                               "selected": next((l for l in reversed(lines) if l.get("event") == "selected"), None)}
     for db_name in args.protocols.split(","):
         db = args.manifests / f"eval_db_{db_name}.csv"
         q = args.manifests / "eval_q_night_right.csv"

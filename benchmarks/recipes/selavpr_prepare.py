@@ -8,7 +8,11 @@ Training places (``path,place_id``):
   ``nordland_places`` frames with ``low_texture = 0`` from ``[nordland_start, ...)``, every
   ``nordland_step``-th, place ``nl_k`` (2 views, season change).
 
-Held-out evaluation (``path,frame``), GardensPoint frames ``[gp_train_frames, 140)``:
+Validation (``path,frame``), GardensPoint frames ``[gp_train_frames, gp_eval_start)`` (never
+trained on, never tested on; picks the best epoch): ``val_db_day_right.csv`` vs
+``val_q_night_right.csv``.
+
+Held-out evaluation (``path,frame``), GardensPoint frames ``[gp_eval_start, gp_eval_stop)``:
 ``eval_db_day_right.csv`` vs ``eval_q_night_right.csv`` (illumination change) and
 ``eval_db_day_left.csv`` (for day_left -> night_right, both changes).
 
@@ -36,6 +40,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[3] / "shared" / "data")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--gp-train-frames", type=int, default=100)
+    ap.add_argument("--gp-eval-start", type=int, default=100)
     ap.add_argument("--gp-eval-stop", type=int, default=140)
     ap.add_argument("--nordland-places", type=int, default=300, help="0: GardensPoint only")
     ap.add_argument("--nordland-start", type=int, default=200)
@@ -62,9 +67,14 @@ def main(argv=None) -> int:
                 rows.append([str(nl / folder / r["file"]), f"nl_{r['index']}"])
         write_csv(args.out / "train_nordland.csv", ["path", "place_id"], rows)
 
+    if not args.gp_train_frames <= args.gp_eval_start < args.gp_eval_stop:
+        raise SystemExit("need --gp-train-frames <= --gp-eval-start < --gp-eval-stop")
+    for trav, name in (("day_right", "val_db_day_right"), ("night_right", "val_q_night_right")):
+        rows = [[str(gp / trav / f"Image{k:03d}.jpg"), k] for k in range(args.gp_train_frames, args.gp_eval_start)]
+        write_csv(args.out / f"{name}.csv", ["path", "frame"], rows)
     for trav, name in (("day_right", "eval_db_day_right"), ("night_right", "eval_q_night_right"),
                        ("day_left", "eval_db_day_left")):
-        rows = [[str(gp / trav / f"Image{k:03d}.jpg"), k] for k in range(args.gp_train_frames, args.gp_eval_stop)]
+        rows = [[str(gp / trav / f"Image{k:03d}.jpg"), k] for k in range(args.gp_eval_start, args.gp_eval_stop)]
         write_csv(args.out / f"{name}.csv", ["path", "frame"], rows)
     print(f"manifests written to {args.out}")
     return 0

@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from placerank.data.dataset import ImageSet
+from placerank.data.dataset import Dataset, ImageSet
 from placerank.data.readers import list_images, read_csv_manifest
 from placerank.errors import DataError, PlaceRankError
 from placerank.utils import atomic_path, write_json_atomic
@@ -188,6 +188,55 @@ class PlaceImageDataset(torch.utils.data.Dataset):
         if self.augment is not None:
             tensor = self.augment(tensor)
         return tensor, int(self.labels[i])
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: a held-aside database/query pair that picks the best epoch
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class ValidationSet:
+    """A database/query pair the trainer evaluates after every epoch; the epoch with the best
+    Recall@``select_n`` (ties: the better R@1, then R@5, then the earlier epoch) becomes ``model.pt``.
+
+    Why: the CPU recipes train on a few hundred images, and recall on unseen frames peaks and
+    then slips as the model over-fits; picking the epoch on validation frames (never the test
+    frames) is how the official SelaVPR and SFRS code choose their released models (best R@5).
+    """
+
+    dataset: "Dataset"
+    select_n: int = 5
+
+    @classmethod
+    def from_options(cls, database: str, queries: str, frame_tolerance: int = -1,
+                     radius: float = -1.0, select_n: int = 5) -> "ValidationSet | None":
+        """``None`` when no pair is configured; both or neither of database/queries."""
+        if not database and not queries:
+            return None
+        if not (database and queries):
+            raise PlaceRankError("validation needs both val_database and val_queries")
+        from placerank.data.readers import load_dataset
+
+        ds = load_dataset(database, queries, radius=radius if radius >= 0 else None,
+                          frame_tolerance=frame_tolerance if frame_tolerance >= 0 else None)
+        if not any(len(p) for p in ds.positives):
+            raise DataError(f"validation pair {database} / {queries}: no query has a positive in the database")
+        return cls(ds, select_n)
+
+    def recall(self, database: np.ndarray, queries: np.ndarray) -> dict[str, float]:
+        """Recall@1/5/10 of L2-normalised descriptors by inner product (exact, like eval)."""
+        from placerank.eval.recall import recall_at_n
+
+        depth = min(10, len(database))
+        ids = np.argsort(-(queries @ database.T), axis=1, kind="stable")[:, :depth]
+        return recall_at_n(ids, self.dataset.positives, [n for n in (1, 5, 10) if n <= depth])
+
+    def key(self, recall: dict[str, float]) -> tuple[float, float, float]:
+        n = str(self.select_n) if str(self.select_n) in recall else max(recall, key=int)
+        return recall[n], recall.get("1", 0.0), recall.get("5", 0.0)
+
+    def improves(self, recall: dict[str, float], best: dict[str, float] | None) -> bool:
+        return best is None or self.key(recall) > self.key(best)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,10 @@ Spec §4, adapted from metric positions to place labels:
 An epoch is ``loops_per_epoch`` loops. Every epoch writes ``RUN_DIR/checkpoint.pt`` (trainable
 tensors + optimizer, for resume) and ``RUN_DIR/model.pt`` (a placerank checkpoint for
 ``--weights``); ``log.jsonl`` gets one line per step and per epoch. ``--max-minutes`` stops
-cleanly after the current step and saves both files.
+cleanly after the current step and saves both files. With a validation pair
+(``--option val_database=... --option val_queries=...``) recall is measured after every epoch
+and ``model.pt`` is the best epoch so far (R@``val_select_n``, default 5 as the official code selects its
+model; ties: R@1, then the earlier epoch); ``last.pt`` is then the latest epoch.
 
 Method options (``--option KEY=VALUE``): see :class:`SelaVPROptions`.
 """
@@ -38,7 +41,8 @@ from placerank.data.readers import read_csv_manifest
 from placerank.errors import DataError, PlaceRankError
 from placerank.models.checkpoints import save_placerank_checkpoint
 from placerank.models.selavpr import SelaVPRModel, is_trainable_name
-from placerank.train.common import RunDir, TrainConfig, read_training_places, register_method, seed_everything
+from placerank.train.common import (RunDir, TrainConfig, ValidationSet, read_training_places, register_method,
+                                    seed_everything)
 from placerank.train.losses.selavpr import SelaVPRLossConfig, selavpr_loss
 from placerank.utils import resolve_device
 
@@ -66,6 +70,11 @@ class SelaVPROptions:
     neighbour_exclusion: int = -1  # frames; -1: 2 on frame-labelled routes, 0 for place ids
     cache_batch: int = 16          # batch size of the mining descriptor pass
     prefix_cache_mb: float = 2048.0  # RAM for cached frozen-prefix features (CNN backbones)
+    val_database: str = ""         # validation pair evaluated after every epoch: the best epoch
+    val_queries: str = ""          # (R@5, ties R@1) becomes model.pt; empty: the last epoch
+    val_frame_tolerance: int = -1  # -1: the eval default for the data's positions
+    val_radius: float = -1.0
+    val_select_n: int = 5          # the Recall@N that picks the epoch (official: 5; 1 when R@5 saturates)
 
     @classmethod
     def from_dict(cls, options: dict) -> "SelaVPROptions":
@@ -309,7 +318,9 @@ def train_selavpr(config: TrainConfig) -> Path:
     optimizer = torch.optim.Adam(params, lr=lr)
     loss_config = SelaVPRLossConfig(margin=opts.margin, local_weight=opts.local_weight)
 
-    start_epoch, step = 0, 0
+    val = ValidationSet.from_options(opts.val_database, opts.val_queries, opts.val_frame_tolerance, opts.val_radius,
+                                     select_n=opts.val_select_n)
+    start_epoch, step, best = 0, 0, None
     state = run.load_checkpoint()
     if state is not None:
         own = trainable_state(model)
@@ -318,6 +329,7 @@ def train_selavpr(config: TrainConfig) -> Path:
         model.load_state_dict({**model.state_dict(), **state["trainable"]}, strict=True)
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, step = int(state["epoch_done"]), int(state["step"])
+        best = state.get("best")
         model.invalidate_weights_id()
         print(f"resuming {run.path} after epoch {start_epoch} (step {step})", file=sys.stderr)
 
@@ -330,14 +342,39 @@ def train_selavpr(config: TrainConfig) -> Path:
     source = FeatureSource(model, paths, device, opts.prefix_cache_mb, opts.cache_batch, config.num_workers)
     stopped = False
 
-    def save(epoch_done: int, partial: bool) -> None:
+    val_source = None
+    if val is not None:
+        val_paths = list(val.dataset.database.paths) + list(val.dataset.queries.paths)
+        val_source = FeatureSource(model, val_paths, device, opts.prefix_cache_mb, opts.cache_batch, config.num_workers)
+
+    def validate(epochs_done: int) -> dict[str, float]:
+        n_db = len(val.dataset.database)
+        desc = compute_descriptors(model, val_source, np.arange(len(val_source.paths)), opts.cache_batch)
+        rec = val.recall(desc[:n_db], desc[n_db:])
+        run.log({"event": "validation", "epochs_done": epochs_done, "step": step, "recall": rec})
+        return rec
+
+
+    def save(epoch_done: int, partial: bool, recall: dict | None = None) -> None:
+        nonlocal best
+        extra = {"method": "selavpr", "epochs_done": epoch_done, "steps": step,
+                 "partial_epoch": partial, "train": [str(s) for s in config.train]}
+        if val is None:
+            save_placerank_checkpoint(model, run.model_path, model_kwargs=model_kwargs, extra=extra)
+        else:
+            save_placerank_checkpoint(model, run.path / "last.pt", model_kwargs=model_kwargs, extra=extra)
+            if recall is not None and val.improves(recall, None if best is None else best["recall"]):
+                best = {"epoch": epoch_done, "step": step, "recall": recall}
+                save_placerank_checkpoint(model, run.model_path, model_kwargs=model_kwargs,
+                                          extra={**extra, "validation": best})
         run.save_checkpoint({"epoch_done": epoch_done, "step": step, "partial": partial,
                              "trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
-                             "options": asdict(opts), "model_kwargs": model_kwargs})
-        save_placerank_checkpoint(model, run.model_path, model_kwargs=model_kwargs,
-                                  extra={"method": "selavpr", "epochs_done": epoch_done, "steps": step,
-                                         "partial_epoch": partial, "train": [str(s) for s in config.train]})
+                             "options": asdict(opts), "model_kwargs": model_kwargs, "best": best})
 
+    if val is not None and state is None:
+        # The starting point (zero-initialised adapters == the frozen backbone) is a candidate
+        # too: if training never beats it on validation, model.pt stays the backbone.
+        save(0, partial=False, recall=validate(0))
     for epoch in range(start_epoch, config.epochs):
         epoch_losses = []
         for loop in range(opts.loops_per_epoch):
@@ -375,12 +412,15 @@ def train_selavpr(config: TrainConfig) -> Path:
             if stopped:
                 break
         if stopped:
-            save(epoch, partial=True)
+            save(epoch, partial=True, recall=validate(epoch) if val is not None else None)  # epoch: done so far
             run.log({"event": "stopped", "reason": "max-minutes", "epoch": epoch, "step": step})
             break
-        save(epoch + 1, partial=False)
+        save(epoch + 1, partial=False, recall=validate(epoch + 1) if val is not None else None)
         run.log({"event": "epoch", "epoch": epoch, "step": step,
                  "mean_loss": float(np.mean(epoch_losses)) if epoch_losses else math.nan})
     if not run.model_path.exists():  # e.g. resumed a finished run: still hand back a model
-        save(max(start_epoch, config.epochs), partial=False)
+        done = max(start_epoch, config.epochs)
+        save(done, partial=False, recall=validate(done) if val is not None else None)
+    if best is not None:
+        run.log({"event": "selected", "epoch": best["epoch"], "step": best["step"], "recall": best["recall"]})
     return run.model_path

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from placerank.data.images import check_batch_errors, open_image, to_tensor
 from placerank.errors import DataError, PlaceRankError
-from placerank.train.common import RunDir, TrainConfig, read_training_places, register_method, seed_everything
+from placerank.train.common import RunDir, TrainConfig, ValidationSet, read_training_places, register_method, seed_everything
 from placerank.train.distributed import (
     DistContext, all_true, barrier, broadcast_object, broadcast_state, init_distributed, mean_across, shutdown,
     strided_batches, sum_across, wrap_ddp,
@@ -640,21 +640,13 @@ class SFRSTrainer:
         """Recall@1/5/10 of the pre-PCA VLAD on the optional validation pair; the best R@5 over
         all generations becomes model.pt (the paper's selection, on validation data only)."""
         o = self.opts
-        if not (o.val_database and o.val_queries):
+        val = ValidationSet.from_options(o.val_database, o.val_queries, o.val_frame_tolerance, o.val_radius)
+        if val is None:
             return
-        from placerank.data.readers import load_dataset
-        from placerank.eval.recall import recall_at_n
-
-        ds = load_dataset(o.val_database, o.val_queries,
-                          radius=o.val_radius if o.val_radius >= 0 else None,
-                          frame_tolerance=o.val_frame_tolerance if o.val_frame_tolerance >= 0 else None)
-        db = self.extract_vlads(self.model, ds.database.paths, "validation database").numpy()
-        q = self.extract_vlads(self.model, ds.queries.paths, "validation queries").numpy()
-        depth = min(10, len(db))
-        ids = np.argsort(-(q @ db.T), axis=1, kind="stable")[:, :depth]
-        rec = recall_at_n(ids, ds.positives, [n for n in (1, 5, 10) if n <= depth])
-        r5 = rec.get("5", rec[max(rec, key=int)])
-        if self.best is None or r5 > self.best["recall"].get("5", -1):
+        db = self.extract_vlads(self.model, val.dataset.database.paths, "validation database").numpy()
+        q = self.extract_vlads(self.model, val.dataset.queries.paths, "validation queries").numpy()
+        rec = val.recall(db, q)
+        if val.improves(rec, None if self.best is None else self.best["recall"]):
             self.best = {"gen": gen, "epoch": epoch, "recall": rec}
             self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         if self.ctx.is_main:
