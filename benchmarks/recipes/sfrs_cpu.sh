@@ -10,7 +10,10 @@
 #   TINY=1 benchmarks/recipes/sfrs_cpu.sh [OUT]   # 2-3 min end-to-end check of the same pipeline
 #
 # Env: PLACERANK_SHARED (default ../shared beside the repo), RERANK=<name> to also evaluate the
-# final model with a re-ranker, THREADS (default 2; use 1 on a shared, oversubscribed machine).
+# final model with a re-ranker, THREADS (default 2; use 1 on a shared, oversubscribed machine),
+# EPOCHS (generation-1 epochs, 3), POS_TOL (positives: frames within this many of the anchor's,
+# from the other two traversals; 3 gives up to 14 per anchor, of which the 10 most difficult
+# feed the soft loss, as the paper's 10-of-20 nearest positives within 10 m), SEED (0).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -25,9 +28,9 @@ if [[ "${TINY:-0}" == "1" ]]; then
   # the same pipeline on a budget: 16 anchors per epoch, fewer k-means images
   SCHEDULE=(--epochs 1 --option queries_per_epoch=16 --option kmeans_images=40)
 else
-  # generation 0: 1 epoch (paper); generation 1: 2 epochs; every anchor each epoch. lr 0.01
-  # (paper 0.001): ~200 steps here against ~9k per generation in the paper.
-  SCHEDULE=(--epochs 2 --max-minutes 24)
+  # generation 0: 1 epoch (paper); generation 1: EPOCHS (3) epochs (paper: 5); every anchor each
+  # epoch. lr 0.01 (paper 0.001): ~270 steps here against ~9k per generation in the paper.
+  SCHEDULE=(--epochs "${EPOCHS:-3}" --max-minutes 24)
 fi
 
 mkdir -p "$OUT"
@@ -38,8 +41,8 @@ python -m placerank.cli train --method sfrs --backbone effnet-lite0 \
   --train "$M/train_day_left.csv" "$M/train_day_right.csv" "$M/train_night_right.csv" \
   --image-size 224 384 --device cpu --out "$OUT/run" "${SCHEDULE[@]}" --lr 0.01 \
   --option generations=2 --option batch_tuples=4 --option neg_num=10 --option pos_num=10 \
-  --option pos_tolerance=1 --option neg_exclusion=5 --option cache_frozen=true \
-  --option pca_dim=256 --seed 0
+  --option pos_tolerance="${POS_TOL:-3}" --option neg_exclusion=5 --option cache_frozen=true \
+  --option pca_dim=256 --seed "${SEED:-0}"
 
 python benchmarks/recipes/sfrs_eval.py "$OUT/run" --model sfrs-effnet-lite0 \
   --pair day_right-night_right "$M/test_day_right.csv" "$M/test_night_right.csv" \
