@@ -210,3 +210,28 @@ def test_ddp_two_processes_give_the_one_process_result(resumed_run, gardens, tmp
     la = [json.loads(l)["loss"] for l in (ref / "log.jsonl").read_text().splitlines() if '"step"' in l]
     lb = [json.loads(l)["loss"] for l in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines() if '"step"' in l]
     assert len(la) == len(lb) == 4 and np.allclose(la, lb, rtol=1e-4)
+
+
+def test_validation_picks_model_pt_over_generations(gardens, tmp_path):
+    """With a validation pair, every epoch of every generation is scored on it and model.pt is
+    the best one (R@5, ties R@1), not simply the last generation."""
+    from placerank.train.common import ValidationSet
+
+    for name, trav in (("vdb.csv", "day_right"), ("vq.csv", "night_right")):  # frames 40..51, not trained on
+        with open(tmp_path / name, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "frame"])
+            w.writerows([(str(gardens / trav / f"Image{k:03d}.jpg"), k) for k in range(40, 52)])
+    opts = {**TINY, "cache_frozen": True, "save_untrained": False,
+            "val_database": str(tmp_path / "vdb.csv"), "val_queries": str(tmp_path / "vq.csv"), "val_frame_tolerance": 1}
+    cfg = TrainConfig(method="sfrs", train=_traversals(gardens), out=tmp_path / "run", frames=(0, 12),
+                      image_size=(64, 128), device="cpu", epochs=1, options=opts)
+    path = run_training(cfg)
+    log = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    vals = [r for r in log if r.get("event") == "validation"]
+    assert [(r["gen"], r["epoch"]) for r in vals] == [(0, 0), (1, 0)]
+    val = ValidationSet.from_options(opts["val_database"], opts["val_queries"], frame_tolerance=1)
+    best = max(vals, key=lambda r: (val.key(r["recall"]), -r["gen"]))
+    extra = torch.load(path, weights_only=True)["extra"]
+    assert extra["best"] == {"gen": best["gen"], "epoch": best["epoch"], "recall": best["recall"]}
+    assert extra["generations_done"] == 2 and extra["stopped_early"] is False
