@@ -354,7 +354,6 @@ def train_selavpr(config: TrainConfig) -> Path:
         run.log({"event": "validation", "epochs_done": epochs_done, "step": step, "recall": rec})
         return rec
 
-
     def save(epoch_done: int, partial: bool, recall: dict | None = None) -> None:
         nonlocal best
         extra = {"method": "selavpr", "epochs_done": epoch_done, "steps": step,
@@ -412,7 +411,7 @@ def train_selavpr(config: TrainConfig) -> Path:
             if stopped:
                 break
         if stopped:
-            save(epoch, partial=True, recall=validate(epoch) if val is not None else None)  # epoch: done so far
+            save(epoch, partial=True, recall=validate(epoch) if val is not None else None)  # partial: step tells it apart
             run.log({"event": "stopped", "reason": "max-minutes", "epoch": epoch, "step": step})
             break
         save(epoch + 1, partial=False, recall=validate(epoch + 1) if val is not None else None)

@@ -317,6 +317,8 @@ class SFRSTrainer:
         self.student = wrap_ddp(self.model, ctx)
         self.teacher = None
         self.neg_cache: dict[int, np.ndarray] = {}
+        o = self.opts  # read the validation pair now: a bad path fails before any training
+        self.val = ValidationSet.from_options(o.val_database, o.val_queries, o.val_frame_tolerance, o.val_radius)
         self.best: dict | None = None
         self.best_state: dict | None = None
         self.history: list[dict] = []
@@ -639,8 +641,7 @@ class SFRSTrainer:
     def validate(self, gen: int, epoch: int) -> None:
         """Recall@1/5/10 of the pre-PCA VLAD on the optional validation pair; the best R@5 over
         all generations becomes model.pt (the paper's selection, on validation data only)."""
-        o = self.opts
-        val = ValidationSet.from_options(o.val_database, o.val_queries, o.val_frame_tolerance, o.val_radius)
+        val = self.val
         if val is None:
             return
         db = self.extract_vlads(self.model, val.dataset.database.paths, "validation database").numpy()
