@@ -1,6 +1,6 @@
 """Extraction throughput: the full placerank path vs the bare timm forward, in one process.
 
-Full path = ``placerank.extract.extract_global`` with the cache off: DataLoader workers decode
+Full path = ``placerank.descriptors.extract.extract_global`` with the cache off: DataLoader workers decode
 and resize the JPEGs, batched inference, L2-normalisation, copy to NumPy.
 Baseline = ``timm`` ``forward_features`` + GeM on already-decoded tensors of the same batch size
 and input size (what the network alone costs). Both run side by side, alternating, several
@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from placerank.commands.demo import find_shared_data  # noqa: E402
 from placerank.data.images import load_tensor  # noqa: E402
-from placerank.extract import extract_global  # noqa: E402
+from placerank.descriptors.extract import extract_global  # noqa: E402
 from placerank.models import create  # noqa: E402
 from placerank.utils import resolve_device  # noqa: E402
 
@@ -57,7 +57,7 @@ def main() -> None:
     def bare() -> float:
         t0 = time.perf_counter()
         for s in range(0, len(tensors), bs):
-            x = tensors[s:s + bs].to(device)
+            x = tensors[s : s + bs].to(device)
             fmap = model.backbone.net.forward_features(x)
             torch.nn.functional.normalize(model.aggregator(fmap), dim=-1).cpu()
         if device.type == "cuda":
@@ -83,9 +83,17 @@ def main() -> None:
     print(f"| {'placerank extract_global':32s} | {med['pipeline_img_s']:17.2f} |")
     print(f"| {'ratio (goal >= 0.9)':32s} | {med['ratio']:17.3f} |")
     out = {
-        "benchmark": "extraction", "model": args.model, "input_size": list(pre.size), "batch_size": bs,
-        "images": len(paths), "rounds": rows, "median": med, "device": str(device),
-        "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
+        "benchmark": "extraction",
+        "model": args.model,
+        "input_size": list(pre.size),
+        "batch_size": bs,
+        "images": len(paths),
+        "rounds": rows,
+        "median": med,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -51,7 +51,9 @@ def _kv(items: list[str] | None, flag: str) -> dict[str, str]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--database", default=str(GARDENS / "day_right"))
     p.add_argument("--queries", default=str(GARDENS / "night_right"))
     p.add_argument("--frame-tolerance", type=int, default=2)
@@ -61,21 +63,43 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weights", default=None, help="first-stage model weights")
     p.add_argument("--rerankers", nargs="+", default=None, help="subset of registered re-rankers (default: all)")
     p.add_argument("--exclude", nargs="+", default=[], help="re-rankers to leave out (reported as skipped)")
-    p.add_argument("--model-for", action="append", metavar="RERANKER=MODEL",
-                   help="model a needs-model re-ranker is built with (repeatable)")
-    p.add_argument("--weights-for", action="append", metavar="RERANKER=PATH",
-                   help="weights of that model (repeatable)")
-    p.add_argument("--local-size", type=int, nargs=2, default=[360, 640], metavar=("H", "W"),
-                   help="network input of the RANSAC local features (GardensPoint frames are 16:9)")
+    p.add_argument(
+        "--model-for",
+        action="append",
+        metavar="RERANKER=MODEL",
+        help="model a needs-model re-ranker is built with (repeatable)",
+    )
+    p.add_argument("--weights-for", action="append", metavar="RERANKER=PATH", help="weights of that model (repeatable)")
+    p.add_argument(
+        "--local-size",
+        type=int,
+        nargs=2,
+        default=[360, 640],
+        metavar=("H", "W"),
+        help="network input of the RANSAC local features (GardensPoint frames are 16:9)",
+    )
     p.add_argument("--max-keypoints", type=int, default=2048)
     p.add_argument("--max-queries", type=int, default=None, help="evenly spaced subset of the queries")
-    p.add_argument("--query-frames", type=int, nargs=2, default=None, metavar=("START", "STOP"),
-                   help="frame-indexed sets only: keep the queries with frame in [START, STOP), e.g. the "
-                        "frames a trained re-ranker's recipe held out (100 140 for the placerank recipes)")
-    p.add_argument("--max-database", type=int, default=None,
-                   help="first N database images only (queries without a positive among them are dropped)")
-    p.add_argument("--quick", action="store_true",
-                   help="CI smoke run: 40 database images, 6 queries, top-5, local input 288x512, 1024 keypoints")
+    p.add_argument(
+        "--query-frames",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("START", "STOP"),
+        help="frame-indexed sets only: keep the queries with frame in [START, STOP), e.g. the "
+        "frames a trained re-ranker's recipe held out (100 140 for the placerank recipes)",
+    )
+    p.add_argument(
+        "--max-database",
+        type=int,
+        default=None,
+        help="first N database images only (queries without a positive among them are dropped)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="CI smoke run: 40 database images, 6 queries, top-5, local input 288x512, 1024 keypoints",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads per process")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "rerank.json"))
@@ -98,20 +122,24 @@ def first_stage(args) -> dict:
 
     from placerank.data.dataset import Dataset
     from placerank.data.readers import load_dataset
+    from placerank.descriptors.extract import extract_global
     from placerank.eval.recall import recall_at_n
-    from placerank.extract import extract_global
     from placerank.index.flat import FlatIndex
     from placerank.models import create
     from placerank.utils import resolve_device
 
-    ds = load_dataset(args.database, args.queries, radius=args.radius, frame_tolerance=None if args.radius else args.frame_tolerance)
+    ds = load_dataset(
+        args.database, args.queries, radius=args.radius, frame_tolerance=None if args.radius else args.frame_tolerance
+    )
     if args.max_database and args.max_database < len(ds.database):
         ds = Dataset(ds.database.subset(np.arange(args.max_database)), ds.queries, ds.rule, name=ds.name)
         has_pos = np.flatnonzero([len(p) > 0 for p in ds.positives])
         ds = Dataset(ds.database, ds.queries.subset(has_pos), ds.rule, name=ds.name)
     if args.query_frames:
         if ds.queries.kind != "frame":
-            raise SystemExit(f"--query-frames needs frame-indexed queries, {args.queries} has '{ds.queries.kind}' positions")
+            raise SystemExit(
+                f"--query-frames needs frame-indexed queries, {args.queries} has '{ds.queries.kind}' positions"
+            )
         start, stop = args.query_frames
         keep = np.flatnonzero((ds.queries.positions >= start) & (ds.queries.positions < stop))
         if len(keep) == 0:
@@ -130,10 +158,15 @@ def first_stage(args) -> dict:
     _, ids = FlatIndex.build(db, model.name, model.weights_id).search(q, depth)
     positives = ds.positives
     return {
-        "dataset": {"database": str(args.database), "queries": str(args.queries), "rule": ds.rule.describe(),
-                    "query_frames": list(args.query_frames) if args.query_frames else None,
-                    "num_database": len(ds.database), "num_queries": len(ds.queries),
-                    "num_queries_with_positives": int(sum(len(p) > 0 for p in positives))},
+        "dataset": {
+            "database": str(args.database),
+            "queries": str(args.queries),
+            "rule": ds.rule.describe(),
+            "query_frames": list(args.query_frames) if args.query_frames else None,
+            "num_database": len(ds.database),
+            "num_queries": len(ds.queries),
+            "num_queries_with_positives": int(sum(len(p) > 0 for p in positives)),
+        },
         "model": model.describe(),
         "global_extract_s": round(t_extract, 2),
         "ids": ids,
@@ -169,8 +202,8 @@ def run_child(spec_path: str) -> None:
     """One re-ranker: extract, re-rank, write its result JSON (runs in its own process)."""
     import torch
 
+    from placerank.descriptors.extract import extract_local, local_store_for
     from placerank.eval.recall import recall_at_n
-    from placerank.extract import extract_local, local_store_for
     from placerank.rerank.base import create_reranker, rerank_order
     from placerank.utils import resolve_device
 
@@ -289,8 +322,11 @@ def main(argv=None) -> int:
 
     print(f"first stage: {args.model} on {args.database} -> {args.queries}", flush=True)
     fs = first_stage(args)
-    print(f"  {fs['dataset']['num_queries']} queries x {fs['dataset']['num_database']} database, "
-          f"rule {fs['dataset']['rule']}, R@1 {fs['recall_first_stage']['1']:.3f}", flush=True)
+    print(
+        f"  {fs['dataset']['num_queries']} queries x {fs['dataset']['num_database']} database, "
+        f"rule {fs['dataset']['rule']}, R@1 {fs['recall_first_stage']['1']:.3f}",
+        flush=True,
+    )
 
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="placerank-rerank-bench-") as tmp:
@@ -303,24 +339,34 @@ def main(argv=None) -> int:
                 print(f"- {name}: skipped (excluded with --exclude)", flush=True)
                 continue
             if entry.needs_model and name not in model_for:
-                results[name] = {"status": "skipped",
-                                 "reason": f"needs a trained model: pass --model-for {name}=MODEL "
-                                           f"[--weights-for {name}=PATH]"}
+                results[name] = {
+                    "status": "skipped",
+                    "reason": f"needs a trained model: pass --model-for {name}=MODEL [--weights-for {name}=PATH]",
+                }
                 print(f"- {name}: skipped ({results[name]['reason']})", flush=True)
                 continue
             spec = {
-                "name": name, "arrays": str(arrays), "result": str(Path(tmp) / f"{name}.json"),
-                "db_paths": fs["db_paths"], "q_paths": fs["q_paths"], "top_k": args.top_k,
-                "device": args.device, "threads": args.threads,
-                "model": model_for.get(name), "weights": weights_for.get(name),
+                "name": name,
+                "arrays": str(arrays),
+                "result": str(Path(tmp) / f"{name}.json"),
+                "db_paths": fs["db_paths"],
+                "q_paths": fs["q_paths"],
+                "top_k": args.top_k,
+                "device": args.device,
+                "threads": args.threads,
+                "model": model_for.get(name),
+                "weights": weights_for.get(name),
                 "options": ransac_options(args) if name.startswith("ransac-") else {},
             }
             spec_path = Path(tmp) / f"{name}.spec.json"
             spec_path.write_text(json.dumps(spec))
             print(f"- {name}: running", flush=True)
             t0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)],
-                                  capture_output=True, text=True)
+            proc = subprocess.run(
+                [sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)],
+                capture_output=True,
+                text=True,
+            )
             if proc.returncode != 0:
                 lines = [ln for ln in (proc.stderr or "").strip().splitlines() if ln.strip()]
                 results[name] = {"status": "failed", "reason": lines[-1] if lines else f"exit status {proc.returncode}"}
@@ -334,14 +380,24 @@ def main(argv=None) -> int:
     report = {
         "benchmark": "rerank",
         "dataset": fs["dataset"],
-        "first_stage": {"model": fs["model"], "recall": fs["recall_first_stage"],
-                        "global_extract_s": fs["global_extract_s"]},
-        "config": {"top_k": args.top_k, "local_size": list(args.local_size), "max_keypoints": args.max_keypoints,
-                   "quick": bool(args.quick), "device": args.device, "torch_threads": fs["torch_threads"],
-                   "cpu_count": os.cpu_count(), "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
-                   "reference": REFERENCE,
-                   "timing": "ms per query = store reads + score() over the top-K; query local-feature "
-                             "extraction reported separately (query_extract_ms_median)"},
+        "first_stage": {
+            "model": fs["model"],
+            "recall": fs["recall_first_stage"],
+            "global_extract_s": fs["global_extract_s"],
+        },
+        "config": {
+            "top_k": args.top_k,
+            "local_size": list(args.local_size),
+            "max_keypoints": args.max_keypoints,
+            "quick": bool(args.quick),
+            "device": args.device,
+            "torch_threads": fs["torch_threads"],
+            "cpu_count": os.cpu_count(),
+            "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
+            "reference": REFERENCE,
+            "timing": "ms per query = store reads + score() over the top-K; query local-feature "
+            "extraction reported separately (query_extract_ms_median)",
+        },
         "rerankers": results,
     }
     write_json_atomic(args.out, report)
@@ -372,9 +428,11 @@ def add_ratios(results: dict, top_k: list[int]) -> None:
 
 def format_table(report: dict) -> str:
     fs = report["first_stage"]["recall"]
-    lines = [f"{report['dataset']['database']} -> {report['dataset']['queries']} ({report['dataset']['rule']}, "
-             f"{report['dataset']['num_queries']} queries); first stage {report['first_stage']['model']['name']}: "
-             f"R@1 {fs['1']:.3f}" + (f" R@5 {fs['5']:.3f}" if "5" in fs else "")]
+    lines = [
+        f"{report['dataset']['database']} -> {report['dataset']['queries']} ({report['dataset']['rule']}, "
+        f"{report['dataset']['num_queries']} queries); first stage {report['first_stage']['model']['name']}: "
+        f"R@1 {fs['1']:.3f}" + (f" R@5 {fs['5']:.3f}" if "5" in fs else "")
+    ]
     hdr = f"{'re-ranker':28s} {'K':>4s} {'R@1':>6s} {'R@5':>6s} {'ms med':>9s} {'ms p90':>9s} {'q-ext ms':>9s} {'B/img':>9s} {'peak MB':>8s} {'x RANSAC':>9s} {'dR@1':>7s}"
     lines += [hdr, "-" * len(hdr)]
     for name, r in report["rerankers"].items():

@@ -1,11 +1,18 @@
 """Regenerate the README's method sections from docs/*.md (headings demoted one level), between the
 methods/toc markers. Edit docs/<area>.md, then run: python docs/merge_into_readme.py"""
+
 import re
 from pathlib import Path
 
 repo = Path(__file__).resolve().parents[1]
 readme = (repo / "README.md").read_text()
-order = [("ransac.md", "ransac"), ("selavpr.md", "selavpr"), ("fol.md", "fol"), ("sfrs.md", "sfrs"), ("localize.md", "localize")]
+order = [
+    ("ransac.md", "ransac"),
+    ("selavpr.md", "selavpr"),
+    ("fol.md", "fol"),
+    ("sfrs.md", "sfrs"),
+    ("localize.md", "localize"),
+]
 parts = []
 toc = []
 for name, _ in order:
@@ -30,6 +37,8 @@ toc_block = "<!-- toc:start -->\n" + "\n".join(toc) + "\n<!-- toc:end -->\n"
 if "<!-- toc:start -->" in readme:
     readme = re.sub(r"<!-- toc:start -->.*<!-- toc:end -->\n", toc_block, readme, flags=re.S)
 else:
-    readme = readme.replace("- [Layout and extending](#layout-and-extending)", toc_block + "- [Layout and extending](#layout-and-extending)")
+    readme = readme.replace(
+        "- [Layout and extending](#layout-and-extending)", toc_block + "- [Layout and extending](#layout-and-extending)"
+    )
 (repo / "README.md").write_text(readme)
 print("merged", len(parts), "sections;", len(readme.splitlines()), "lines")

@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from placerank.errors import PlaceRankError  # noqa: E402,F401
+from placerank.errors import PlaceRankError  # noqa: F401
 
 
 def __getattr__(name):  # lazy: importing placerank must not pull torch for `placerank --help`

@@ -9,8 +9,9 @@ import os
 import resource
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -41,9 +42,8 @@ def write_json_atomic(target: str | os.PathLike, obj: Any) -> None:
 
 
 def save_npy_atomic(target: str | os.PathLike, array: np.ndarray) -> None:
-    with atomic_path(target) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
+    with atomic_path(target) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
 
 
 def _json_default(o: Any) -> Any:

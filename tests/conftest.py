@@ -10,8 +10,8 @@ from pathlib import Path
 # core the other side needs (measured 10-20x slower small ops under load). Set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PLACERANK_SHARED", REPO.parent / "shared"))

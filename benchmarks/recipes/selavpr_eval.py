@@ -18,8 +18,17 @@ from placerank.utils import write_json_atomic
 
 
 def run_one(label: str, model, db: Path, q: Path, out: Path, top_k: int, tol: int, device: str) -> dict:
-    cfg = EvalConfig(database=str(db), queries=str(q), out=str(out / label), model=model.name,
-                     rerank="selavpr-mnn", top_k=top_k, frame_tolerance=tol, device=device, num_examples=4)
+    cfg = EvalConfig(
+        database=str(db),
+        queries=str(q),
+        out=str(out / label),
+        model=model.name,
+        rerank="selavpr-mnn",
+        top_k=top_k,
+        frame_tolerance=tol,
+        device=device,
+        num_examples=4,
+    )
     r = evaluate(cfg, model=model)
     keep = ("1", "5", "10")
     return {
@@ -46,29 +55,47 @@ def main(argv=None) -> int:
     trained = create("selavpr-effnet-lite0", weights=str(args.run / "model.pt"))
     untrained = create("selavpr-effnet-lite0", image_size=trained.preprocess.size)
     work = args.out.parent / (args.out.stem + "_evals")
-    summary = {"recipe": "selavpr_cpu", "run": str(args.run), "input_size": list(trained.preprocess.size),
-               "top_k": args.top_k, "frame_tolerance": args.frame_tolerance, "protocols": {}}
+    summary = {
+        "recipe": "selavpr_cpu",
+        "run": str(args.run),
+        "input_size": list(trained.preprocess.size),
+        "top_k": args.top_k,
+        "frame_tolerance": args.frame_tolerance,
+        "protocols": {},
+    }
     log = args.run / "log.jsonl"
     if log.exists():
         lines = [json.loads(l) for l in log.read_text().splitlines() if l.strip()]
         steps = [l for l in lines if l.get("event") == "step"]
-        summary["training"] = {"steps": len(steps), "time_s": lines[-1].get("time_s"),
-                               "first_losses": [round(s["loss"], 4) for s in steps[:5]],
-                               "last_losses": [round(s["loss"], 4) for s in steps[-5:]],
-                               "validation": [{"epochs_done": l["epochs_done"], "step": l["step"], "recall": l["recall"]}
-                                              for l in lines if l.get("event") == "validation"],
-                               "selected": next((l for l in reversed(lines) if l.get("event") == "selected"), None)}
+        summary["training"] = {
+            "steps": len(steps),
+            "time_s": lines[-1].get("time_s"),
+            "first_losses": [round(s["loss"], 4) for s in steps[:5]],
+            "last_losses": [round(s["loss"], 4) for s in steps[-5:]],
+            "validation": [
+                {"epochs_done": l["epochs_done"], "step": l["step"], "recall": l["recall"]}
+                for l in lines
+                if l.get("event") == "validation"
+            ],
+            "selected": next((l for l in reversed(lines) if l.get("event") == "selected"), None),
+        }
     for db_name in args.protocols.split(","):
         db = args.manifests / f"eval_db_{db_name}.csv"
         q = args.manifests / "eval_q_night_right.csv"
         name = f"{db_name}->night_right"
         summary["protocols"][name] = {
-            "untrained": run_one(f"{db_name}_untrained", untrained, db, q, work, args.top_k, args.frame_tolerance, args.device),
-            "trained": run_one(f"{db_name}_trained", trained, db, q, work, args.top_k, args.frame_tolerance, args.device),
+            "untrained": run_one(
+                f"{db_name}_untrained", untrained, db, q, work, args.top_k, args.frame_tolerance, args.device
+            ),
+            "trained": run_one(
+                f"{db_name}_trained", trained, db, q, work, args.top_k, args.frame_tolerance, args.device
+            ),
         }
         p = summary["protocols"][name]
-        print(f"{name}: R@1 untrained GeM {p['untrained']['global']['1']:.3f} | trained global "
-              f"{p['trained']['global']['1']:.3f} | trained + selavpr-mnn {p['trained']['reranked']['1']:.3f}")
+        print(
+            f"{name}: R@1 untrained GeM {p['untrained']['global']['1']:.3f} | trained global "
+            f"{p['trained']['global']['1']:.3f} | trained + selavpr-mnn {p['trained']['reranked']['1']:.3f}"
+        )
     write_json_atomic(args.out, summary)
     print(f"summary written to {args.out}")
     return 0

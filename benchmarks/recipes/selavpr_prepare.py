@@ -59,8 +59,10 @@ def main(argv=None) -> int:
     if args.nordland_places > 0:
         nl = args.data / "nordland_seqslam_64x32"
         with open(nl / "frames.csv", newline="") as f:
-            frames = [r for r in csv.DictReader(f) if int(r["index"]) >= args.nordland_start and r["low_texture"] == "0"]
-        frames = frames[::args.nordland_step][:args.nordland_places]
+            frames = [
+                r for r in csv.DictReader(f) if int(r["index"]) >= args.nordland_start and r["low_texture"] == "0"
+            ]
+        frames = frames[:: args.nordland_step][: args.nordland_places]
         rows = []
         for r in frames:
             for folder in ("database_summer", "queries_winter"):
@@ -72,8 +74,11 @@ def main(argv=None) -> int:
     for trav, name in (("day_right", "val_db_day_right"), ("night_right", "val_q_night_right")):
         rows = [[str(gp / trav / f"Image{k:03d}.jpg"), k] for k in range(args.gp_train_frames, args.gp_eval_start)]
         write_csv(args.out / f"{name}.csv", ["path", "frame"], rows)
-    for trav, name in (("day_right", "eval_db_day_right"), ("night_right", "eval_q_night_right"),
-                       ("day_left", "eval_db_day_left")):
+    for trav, name in (
+        ("day_right", "eval_db_day_right"),
+        ("night_right", "eval_q_night_right"),
+        ("day_left", "eval_db_day_left"),
+    ):
         rows = [[str(gp / trav / f"Image{k:03d}.jpg"), k] for k in range(args.gp_eval_start, args.gp_eval_stop)]
         write_csv(args.out / f"{name}.csv", ["path", "frame"], rows)
     print(f"manifests written to {args.out}")

@@ -48,24 +48,54 @@ def main() -> None:
     for name, weights, rerank in runs:
         per_pair = {}
         for pair, db, q in a.pair:
-            res = evaluate(EvalConfig(database=db, queries=q, out=a.out.parent / f"eval_{name}_{pair}",
-                                      model=a.model, weights=weights, rerank=rerank, frame_tolerance=a.frame_tolerance,
-                                      device=a.device, use_cache=False, num_examples=0,
-                                      image_size=size if weights is None else None))
-            per_pair[pair] = {"recall": {k: res.recall[k] for k in ("1", "5", "10")},
-                              "num_queries": res.num_queries, "descriptor_dim": res.model.get("descriptor_dim")}
+            res = evaluate(
+                EvalConfig(
+                    database=db,
+                    queries=q,
+                    out=a.out.parent / f"eval_{name}_{pair}",
+                    model=a.model,
+                    weights=weights,
+                    rerank=rerank,
+                    frame_tolerance=a.frame_tolerance,
+                    device=a.device,
+                    use_cache=False,
+                    num_examples=0,
+                    image_size=size if weights is None else None,
+                )
+            )
+            per_pair[pair] = {
+                "recall": {k: res.recall[k] for k in ("1", "5", "10")},
+                "num_queries": res.num_queries,
+                "descriptor_dim": res.model.get("descriptor_dim"),
+            }
         mean = {k: float(np.mean([v["recall"][k] for v in per_pair.values()])) for k in ("1", "5", "10")}
-        results[name] = {"weights": str(weights) if weights else None, "rerank": rerank, "mean_recall": mean,
-                         "pairs": per_pair}
+        results[name] = {
+            "weights": str(weights) if weights else None,
+            "rerank": rerank,
+            "mean_recall": mean,
+            "pairs": per_pair,
+        }
         cells = "  ".join(f"{p}: R@1 {100 * v['recall']['1']:5.1f}" for p, v in per_pair.items())
-        print(f"{name:24s} mean R@1 {100 * mean['1']:5.1f} R@5 {100 * mean['5']:5.1f} R@10 {100 * mean['10']:5.1f}"
-              f"   ({cells})", flush=True)
+        print(
+            f"{name:24s} mean R@1 {100 * mean['1']:5.1f} R@5 {100 * mean['5']:5.1f} R@10 {100 * mean['10']:5.1f}"
+            f"   ({cells})",
+            flush=True,
+        )
     log = a.run / "log.jsonl"
     epochs = [json.loads(l) for l in log.read_text().splitlines() if '"epoch_end"' in l] if log.exists() else []
     stopped = [json.loads(l) for l in log.read_text().splitlines() if '"time_limit"' in l] if log.exists() else []
-    write_json_atomic(a.out, {"pairs": {p: {"database": db, "queries": q} for p, db, q in a.pair},
-                              "frame_tolerance": a.frame_tolerance, "model": a.model, "image_size": size,
-                              "results": results, "training_epochs": epochs, "stopped_by_time_limit": bool(stopped)})
+    write_json_atomic(
+        a.out,
+        {
+            "pairs": {p: {"database": db, "queries": q} for p, db, q in a.pair},
+            "frame_tolerance": a.frame_tolerance,
+            "model": a.model,
+            "image_size": size,
+            "results": results,
+            "training_epochs": epochs,
+            "stopped_by_time_limit": bool(stopped),
+        },
+    )
     print(f"wrote {a.out}")
 
 

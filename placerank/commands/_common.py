@@ -7,9 +7,17 @@ import argparse
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="effnet-lite0-gem", help="registered model name (see `placerank models`)")
-    p.add_argument("--weights", default=None, help="weights file (default: resolved from $PLACERANK_WEIGHTS or ../shared/weights)")
-    p.add_argument("--image-size", type=int, nargs="+", default=None, metavar="PX",
-                   help="input size: one value (square) or HEIGHT WIDTH (default: the model's)")
+    p.add_argument(
+        "--weights", default=None, help="weights file (default: resolved from $PLACERANK_WEIGHTS or ../shared/weights)"
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="PX",
+        help="input size: one value (square) or HEIGHT WIDTH (default: the model's)",
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: min(4, CPUs))")

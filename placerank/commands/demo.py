@@ -23,7 +23,9 @@ def find_shared_data(explicit: str | None = None) -> Path:
     for c in cands:
         if (c / "gardenspoint_walking").is_dir():
             return c
-    raise DataError("shared data not found: pass --data DIR (the folder holding gardenspoint_walking/) or set PLACERANK_DATA")
+    raise DataError(
+        "shared data not found: pass --data DIR (the folder holding gardenspoint_walking/) or set PLACERANK_DATA"
+    )
 
 
 def register(sub) -> None:
@@ -49,10 +51,20 @@ def run(args) -> int:
         rerank = "ransac-xfeat" if "ransac-xfeat" in names else None
     elif rerank == "none":
         rerank = None
-    print(f"placerank demo: database {data / 'day_right'} (day), queries {data / 'night_right'} (night), "
-          f"positives |i-j| <= 2, model {args.model}" + (f", re-rank top-{args.top_k} with {rerank}" if rerank else ""))
-    cfg = EvalConfig(database=data / "day_right", queries=data / "night_right", out=args.out, model=args.model,
-                     rerank=rerank, top_k=args.top_k, frame_tolerance=2, device=args.device)
+    print(
+        f"placerank demo: database {data / 'day_right'} (day), queries {data / 'night_right'} (night), "
+        f"positives |i-j| <= 2, model {args.model}" + (f", re-rank top-{args.top_k} with {rerank}" if rerank else "")
+    )
+    cfg = EvalConfig(
+        database=data / "day_right",
+        queries=data / "night_right",
+        out=args.out,
+        model=args.model,
+        rerank=rerank,
+        top_k=args.top_k,
+        frame_tolerance=2,
+        device=args.device,
+    )
     result = evaluate(cfg)
     print_summary(result, args.out)
     return 0

@@ -9,13 +9,20 @@ from placerank.commands._common import add_model_args, image_size_arg, parse_opt
 
 def register(sub) -> None:
     p = sub.add_parser("eval", help="evaluate retrieval (+ re-ranking) on a database and a query set")
-    p.add_argument("--database", required=True, help="database folder (@UTM@ names or a frame-aligned traversal) or CSV")
+    p.add_argument(
+        "--database", required=True, help="database folder (@UTM@ names or a frame-aligned traversal) or CSV"
+    )
     p.add_argument("--queries", required=True, help="query folder or CSV")
     add_model_args(p)
     p.add_argument("--rerank", default=None, help="re-ranker name (see `placerank models`)")
     p.add_argument("--top-k", type=int, default=20, help="candidates re-ranked per query (default 20)")
-    p.add_argument("--rerank-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="re-ranker option, e.g. mode=dense for fol-region (repeatable)")
+    p.add_argument(
+        "--rerank-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="re-ranker option, e.g. mode=dense for fol-region (repeatable)",
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--radius", type=float, default=None, help="positive radius in metres (default 25 for positions)")
     g.add_argument("--frame-tolerance", type=int, default=None, help="positives are frames with |i-j| <= N")
@@ -30,11 +37,23 @@ def run(args) -> int:
     from placerank.eval.evaluate import EvalConfig, evaluate
 
     cfg = EvalConfig(
-        database=args.database, queries=args.queries, out=args.out, model=args.model, weights=args.weights,
-        rerank=args.rerank, top_k=args.top_k, radius=args.radius, frame_tolerance=args.frame_tolerance,
-        layout=args.layout, image_size=image_size_arg(args.image_size), device=args.device,
-        batch_size=args.batch_size, num_workers=args.workers, use_cache=not args.no_cache,
-        num_examples=args.examples, rerank_options=dict(parse_option(o) for o in args.rerank_option),
+        database=args.database,
+        queries=args.queries,
+        out=args.out,
+        model=args.model,
+        weights=args.weights,
+        rerank=args.rerank,
+        top_k=args.top_k,
+        radius=args.radius,
+        frame_tolerance=args.frame_tolerance,
+        layout=args.layout,
+        image_size=image_size_arg(args.image_size),
+        device=args.device,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        use_cache=not args.no_cache,
+        num_examples=args.examples,
+        rerank_options=dict(parse_option(o) for o in args.rerank_option),
     )
     result = evaluate(cfg)
     print_summary(result, args.out)
@@ -43,8 +62,10 @@ def run(args) -> int:
 
 def print_summary(result, out) -> None:
     first = result.recall_first_stage
-    print(f"{result.model.get('name')} on {result.num_queries} queries x {result.num_database} database images"
-          f" ({result.dataset.get('rule')}; {result.num_queries_with_positives} queries have positives)")
+    print(
+        f"{result.model.get('name')} on {result.num_queries} queries x {result.num_database} database images"
+        f" ({result.dataset.get('rule')}; {result.num_queries_with_positives} queries have positives)"
+    )
     header = "  ".join(f"R@{n:>3}" for n in result.recall)
     print(f"{'':18s}{header}")
     print(f"{'global':18s}" + "  ".join(f"{100 * v:5.1f}" for v in first.values()))

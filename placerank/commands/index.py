@@ -11,28 +11,52 @@ from placerank.commands._common import image_size_arg
 def add_db_model_args(p) -> None:
     """Model options whose default is 'what the database was built with' (new: effnet-lite0-gem)."""
     p.add_argument("--model", default=None, help="model name (new database: effnet-lite0-gem; existing: must match)")
-    p.add_argument("--weights", default=None, help="weights file (existing database: must be the one it was built with)")
-    p.add_argument("--image-size", type=int, nargs="+", default=None, metavar="PX",
-                   help="model input: one value (square) or HEIGHT WIDTH (new database only)")
+    p.add_argument(
+        "--weights", default=None, help="weights file (existing database: must be the one it was built with)"
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="PX",
+        help="model input: one value (square) or HEIGHT WIDTH (new database only)",
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
 
 
 def register(sub) -> None:
-    p = sub.add_parser("index", help="index a folder of geotagged photos into a database for `placerank localize`",
-                       description="Read every .jpg/.jpeg/.png under FOLDER (recursive) with its EXIF GPS (or the "
-                                   "positions of --positions CSV), extract descriptors and store them in --db. "
-                                   "Re-running adds only new or changed photos. Photos are only read.")
+    p = sub.add_parser(
+        "index",
+        help="index a folder of geotagged photos into a database for `placerank localize`",
+        description="Read every .jpg/.jpeg/.png under FOLDER (recursive) with its EXIF GPS (or the "
+        "positions of --positions CSV), extract descriptors and store them in --db. "
+        "Re-running adds only new or changed photos. Photos are only read.",
+    )
     p.add_argument("folder", nargs="?", type=Path, help="folder of photos (optional with --positions or --remove)")
     p.add_argument("--db", required=True, type=Path, help="database folder (created if missing)")
-    p.add_argument("--positions", type=Path, default=None,
-                   help="CSV: path,lat,lon or path,easting,northing [+ utm_zone or epsg]; paths relative to the CSV")
-    p.add_argument("--allow-no-gps", action="store_true", help="index photos without a position too (never used for the estimate)")
-    p.add_argument("--remove", nargs="+", default=None, metavar="PATH", help="drop these photos (or folders) from the database")
+    p.add_argument(
+        "--positions",
+        type=Path,
+        default=None,
+        help="CSV: path,lat,lon or path,easting,northing [+ utm_zone or epsg]; paths relative to the CSV",
+    )
+    p.add_argument(
+        "--allow-no-gps", action="store_true", help="index photos without a position too (never used for the estimate)"
+    )
+    p.add_argument(
+        "--remove", nargs="+", default=None, metavar="PATH", help="drop these photos (or folders) from the database"
+    )
     p.add_argument("--prune", action="store_true", help="drop database photos under FOLDER whose files are gone")
-    p.add_argument("--rerank", default=None, help="also store local features for this re-ranker (see `placerank models`)")
-    p.add_argument("--radius", type=float, default=None,
-                   help="default agreement radius in metres for localize (new database: 25)")
-    p.add_argument("--wait", type=float, default=0.0, help="if another process is writing, wait up to this many seconds")
+    p.add_argument(
+        "--rerank", default=None, help="also store local features for this re-ranker (see `placerank models`)"
+    )
+    p.add_argument(
+        "--radius", type=float, default=None, help="default agreement radius in metres for localize (new database: 25)"
+    )
+    p.add_argument(
+        "--wait", type=float, default=0.0, help="if another process is writing, wait up to this many seconds"
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: min(4, CPUs))")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -47,12 +71,15 @@ def run(args) -> int:
     if args.folder is None and args.positions is None and not args.remove:
         raise PlaceRankError("give a FOLDER of photos, --positions CSV, or --remove PATH...")
     size = image_size_arg(args.image_size)
-    db = Database.open_or_create(args.db, model=args.model, weights=args.weights, image_size=size,
-                                 device=args.device, radius=args.radius)
+    db = Database.open_or_create(
+        args.db, model=args.model, weights=args.weights, image_size=size, device=args.device, radius=args.radius
+    )
     with db:
         info = db.info()
-        print(f"database {db.folder}: {info['model']} (weights {info['weights_id']}), {info['images']} photo(s), "
-              f"positions: {info['frame']}")
+        print(
+            f"database {db.folder}: {info['model']} (weights {info['weights_id']}), {info['images']} photo(s), "
+            f"positions: {info['frame']}"
+        )
         if args.remove:
             rep = db.remove(args.remove, wait=args.wait)
             for p in rep.not_found:
@@ -61,9 +88,18 @@ def run(args) -> int:
         if args.folder is None and args.positions is None:
             print(f"{len(db)} photo(s) in the database")
             return 0
-        report = db.add_folder(args.folder, positions=args.positions, allow_no_gps=args.allow_no_gps,
-                               rerank=args.rerank, prune=args.prune, batch_size=args.batch_size,
-                               num_workers=args.workers, wait=args.wait, progress=not args.quiet, log=print)
+        report = db.add_folder(
+            args.folder,
+            positions=args.positions,
+            allow_no_gps=args.allow_no_gps,
+            rerank=args.rerank,
+            prune=args.prune,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            wait=args.wait,
+            progress=not args.quiet,
+            log=print,
+        )
         for _, why in report.no_position:
             print(f"skipped: {why}")
         for _, why in report.failed:
@@ -77,8 +113,10 @@ def run(args) -> int:
         if report.not_in_csv:
             print(f"{report.not_in_csv} photo(s) under the folder are not in the positions CSV (not indexed)")
         if report.missing_on_disk:
-            print(f"{len(report.missing_on_disk)} indexed photo(s) under the folder no longer exist "
-                  f"(drop them with --prune), e.g. {report.missing_on_disk[0]}")
+            print(
+                f"{len(report.missing_on_disk)} indexed photo(s) under the folder no longer exist "
+                f"(drop them with --prune), e.g. {report.missing_on_disk[0]}"
+            )
         if args.rerank:
             print(f"local features ({args.rerank}): {report.local_extracted} extracted")
         print(report.summary())

@@ -10,17 +10,26 @@ from placerank.commands.index import add_db_model_args
 
 
 def register(sub) -> None:
-    p = sub.add_parser("localize", help="estimate where photos were taken, against a `placerank index` database",
-                       description="For each photo: retrieve the most similar database photos (optionally "
-                                   "re-ranked), estimate lat/lon (or metres) from those that agree, and write "
-                                   "OUT/<photo>.json, <photo>_matches.png, <photo>_map.png (+ _inliers.png).")
+    p = sub.add_parser(
+        "localize",
+        help="estimate where photos were taken, against a `placerank index` database",
+        description="For each photo: retrieve the most similar database photos (optionally "
+        "re-ranked), estimate lat/lon (or metres) from those that agree, and write "
+        "OUT/<photo>.json, <photo>_matches.png, <photo>_map.png (+ _inliers.png).",
+    )
     p.add_argument("photos", nargs="+", type=Path, help="photo(s) or folder(s) of photos")
     p.add_argument("--db", required=True, type=Path, help="database folder built by `placerank index`")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--rerank", default=None, help="re-ranker name, e.g. ransac-xfeat (see `placerank models`)")
-    p.add_argument("--top-k", type=int, default=10, help="database photos retrieved (and re-ranked) per photo (default 10)")
-    p.add_argument("--radius", type=float, default=None,
-                   help="metres: matches this close to the best one agree with it (default: the database's, 25 for GPS)")
+    p.add_argument(
+        "--top-k", type=int, default=10, help="database photos retrieved (and re-ranked) per photo (default 10)"
+    )
+    p.add_argument(
+        "--radius",
+        type=float,
+        default=None,
+        help="metres: matches this close to the best one agree with it (default: the database's, 25 for GPS)",
+    )
     p.add_argument("--no-pictures", action="store_true", help="write only the JSON files")
     p.add_argument("--show", type=int, default=5, help="top matches printed per photo (default 5)")
     add_db_model_args(p)
@@ -55,16 +64,23 @@ def print_result(r, show: int = 5) -> None:
     if not r.found:
         print(f"{name}: no estimate ({'; '.join(r.notes) or 'no match has a position'})")
         return
-    where = f"{r.lat:.6f}, {r.lon:.6f} (UTM {r.utm_zone} E {r.easting:.1f} N {r.northing:.1f})" if r.lat is not None \
+    where = (
+        f"{r.lat:.6f}, {r.lon:.6f} (UTM {r.utm_zone} E {r.easting:.1f} N {r.northing:.1f})"
+        if r.lat is not None
         else f"E {r.easting:.3f} m, N {r.northing:.3f} m (local frame)"
+    )
     print(f"{name}: {where}  confidence {r.confidence:.2f}")
     for m in r.matches[:show]:
         score = f"sim {m.similarity:.3f}" + (f"  {r.rerank} {m.rerank_score:g}" if m.rerank_score is not None else "")
-        print(f"  #{m.rank:<2d} {_short(m.path):40s} {score}  {format_distance(m.distance_m):>10s}  "
-              f"{'agrees' if m.agrees else 'other place'}")
+        print(
+            f"  #{m.rank:<2d} {_short(m.path):40s} {score}  {format_distance(m.distance_m):>10s}  "
+            f"{'agrees' if m.agrees else 'other place'}"
+        )
     if r.query_gps is not None and r.query_gps.error_m is not None:
-        print(f"  the photo's own EXIF GPS ({r.query_gps.lat:.6f}, {r.query_gps.lon:.6f}) is "
-              f"{format_distance(r.query_gps.error_m)} from the estimate")
+        print(
+            f"  the photo's own EXIF GPS ({r.query_gps.lat:.6f}, {r.query_gps.lon:.6f}) is "
+            f"{format_distance(r.query_gps.error_m)} from the estimate"
+        )
     for note in r.notes:
         print(f"  note: {note}")
 
@@ -77,8 +93,9 @@ def run(args) -> int:
     from placerank.utils import atomic_path
 
     photos = _photos(args.photos)
-    db = Database.open(args.db, model=args.model, weights=args.weights, image_size=image_size_arg(args.image_size),
-                       device=args.device)
+    db = Database.open(
+        args.db, model=args.model, weights=args.weights, image_size=image_size_arg(args.image_size), device=args.device
+    )
     failures = 0
     rows = []
     taken: set[str] = set()
@@ -95,13 +112,37 @@ def run(args) -> int:
             print_result(r, args.show)
             print(f"  wrote {written[0]}" + "".join(f", {w.name}" for w in written[1:]))
             best = r.matches[0] if r.matches else None
-            rows.append([str(photo), r.lat, r.lon, r.easting, r.northing, r.utm_zone, r.confidence,
-                         best.path if best else "", best.similarity if best else "", written[0].name])
+            rows.append(
+                [
+                    str(photo),
+                    r.lat,
+                    r.lon,
+                    r.easting,
+                    r.northing,
+                    r.utm_zone,
+                    r.confidence,
+                    best.path if best else "",
+                    best.similarity if best else "",
+                    written[0].name,
+                ]
+            )
     if rows:
         with atomic_path(args.out / "summary.csv") as tmp, open(tmp, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["photo", "lat", "lon", "easting", "northing", "utm_zone", "confidence", "best_match",
-                        "best_similarity", "json"])
+            w.writerow(
+                [
+                    "photo",
+                    "lat",
+                    "lon",
+                    "easting",
+                    "northing",
+                    "utm_zone",
+                    "confidence",
+                    "best_match",
+                    "best_similarity",
+                    "json",
+                ]
+            )
             w.writerows(rows)
     if failures:
         print(f"{failures} of {len(photos)} photo(s) could not be localized", file=sys.stderr)

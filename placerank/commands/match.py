@@ -9,10 +9,15 @@ def register(sub) -> None:
     p = sub.add_parser("match", help="match two images with local features + RANSAC and draw the inliers")
     p.add_argument("image1")
     p.add_argument("image2")
-    p.add_argument("--features", default="xfeat", choices=["xfeat", "aliked", "disk"],
-                   help="local features (default: xfeat)")
-    p.add_argument("--matcher", default="mnn", choices=["mnn", "lighterglue"],
-                   help="putative matches: mutual nearest neighbours, or LighterGlue (XFeat only)")
+    p.add_argument(
+        "--features", default="xfeat", choices=["xfeat", "aliked", "disk"], help="local features (default: xfeat)"
+    )
+    p.add_argument(
+        "--matcher",
+        default="mnn",
+        choices=["mnn", "lighterglue"],
+        help="putative matches: mutual nearest neighbours, or LighterGlue (XFeat only)",
+    )
     p.add_argument("--out", default=None, help="picture to write (.png or .jpg); none when omitted")
     p.add_argument("--max-keypoints", type=int, default=2048)
     p.add_argument("--longest-side", type=int, default=640, help="network input: longest side in px (aspect kept)")
@@ -36,18 +41,28 @@ def run(args) -> int:
     name = f"ransac-{args.features}" + ("-lighterglue" if args.matcher == "lighterglue" else "")
     if args.matcher == "lighterglue" and args.features != "xfeat":
         raise PlaceRankError("LighterGlue matches XFeat features only (use --features xfeat)")
-    rr = create_reranker(name, image_size=(args.longest_side, args.longest_side), max_keypoints=args.max_keypoints,
-                         geometry=args.geometry, threshold_px=args.threshold, weights=args.weights,
-                         device=resolve_device(args.device))
+    rr = create_reranker(
+        name,
+        image_size=(args.longest_side, args.longest_side),
+        max_keypoints=args.max_keypoints,
+        geometry=args.geometry,
+        threshold_px=args.threshold,
+        weights=args.weights,
+        device=resolve_device(args.device),
+    )
     f1 = rr.extract_path(args.image1, keep_aspect=True)
     f2 = rr.extract_path(args.image2, keep_aspect=True)
     putative = rr.putative(f1, f2)
     inliers = rr.matches(f1, f2)
-    print(f"{len(inliers)} inliers of {len(putative)} putative matches "
-          f"({args.features}, {len(f1)} + {len(f2)} keypoints, {args.geometry} MAGSAC)")
+    print(
+        f"{len(inliers)} inliers of {len(putative)} putative matches "
+        f"({args.features}, {len(f1)} + {len(f2)} keypoints, {args.geometry} MAGSAC)"
+    )
     if args.out:
-        title = (f"{args.features} {args.matcher}: {len(inliers)} inliers / {len(putative)} matches | "
-                 f"{Path(args.image1).name} - {Path(args.image2).name}")
+        title = (
+            f"{args.features} {args.matcher}: {len(inliers)} inliers / {len(putative)} matches | "
+            f"{Path(args.image1).name} - {Path(args.image2).name}"
+        )
         out = draw_matches(args.image1, args.image2, f1.keypoints, f2.keypoints, inliers, args.out, title=title)
         print(f"wrote {out}")
     return 0

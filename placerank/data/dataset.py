@@ -47,7 +47,7 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def subset(self, indices) -> "ImageSet":
+    def subset(self, indices) -> ImageSet:
         idx = np.asarray(indices, dtype=np.int64)
         return ImageSet(
             paths=[self.paths[i] for i in idx],
@@ -101,9 +101,7 @@ class Dataset:
                 f"'{self.queries.kind}': both sides need the same kind of position"
             )
         if self.rule.kind != self.database.kind:
-            raise DataError(
-                f"positive rule '{self.rule.kind}' does not fit '{self.database.kind}' positions"
-            )
+            raise DataError(f"positive rule '{self.rule.kind}' does not fit '{self.database.kind}' positions")
 
     @property
     def positives(self) -> list[np.ndarray]:

@@ -15,8 +15,8 @@ returns), so every training method can use it.
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -34,15 +34,23 @@ def is_gsv_cities_root(path: str | Path) -> bool:
 def image_stem(row: dict) -> str:
     """File name without extension for one dataframe row."""
     place = int(float(row["place_id"])) % 10**5
-    return "_".join([
-        row["city_id"], str(place).zfill(7), str(int(float(row["year"]))).zfill(4),
-        str(int(float(row["month"]))).zfill(2), str(int(float(row["northdeg"]))).zfill(3),
-        str(float(row["lat"])), str(float(row["lon"])), row["panoid"],
-    ])
+    return "_".join(
+        [
+            row["city_id"],
+            str(place).zfill(7),
+            str(int(float(row["year"]))).zfill(4),
+            str(int(float(row["month"]))).zfill(2),
+            str(int(float(row["northdeg"]))).zfill(3),
+            str(float(row["lat"])),
+            str(float(row["lon"])),
+            row["panoid"],
+        ]
+    )
 
 
-def read_gsv_cities(root: str | Path, cities: Sequence[str] | None = None, min_images: int = 4,
-                    images_per_place: int | None = None) -> ImageSet:
+def read_gsv_cities(
+    root: str | Path, cities: Sequence[str] | None = None, min_images: int = 4, images_per_place: int | None = None
+) -> ImageSet:
     """Images of GSV-Cities labelled by place.
 
     ``cities``: dataframe names to use (default: every ``Dataframes/*.csv``). Places with fewer
@@ -90,7 +98,8 @@ def read_gsv_cities(root: str | Path, cities: Sequence[str] | None = None, min_i
                     continue
                 key = (int(float(r["year"])), int(float(r["month"])), float(r["lat"]))
                 by_place.setdefault(f"{city}/{int(float(r['place_id']))}", []).append(
-                    (key, p, (float(r["lat"]), float(r["lon"]))))
+                    (key, p, (float(r["lat"]), float(r["lon"])))
+                )
         except (ValueError, KeyError) as e:
             raise DataError(f"{csv_path}: bad value in a dataframe row ({type(e).__name__}: {e})") from None
         if missing_files:
@@ -108,5 +117,6 @@ def read_gsv_cities(root: str | Path, cities: Sequence[str] | None = None, min_i
                 latlon.append(ll)
     if not paths:
         raise DataError(f"{root}: no GSV-Cities place has {min_images} or more images")
-    return ImageSet(paths, "place", np.array(labels, dtype=object), source=str(root),
-                    latlon=np.array(latlon, dtype=np.float64))
+    return ImageSet(
+        paths, "place", np.array(labels, dtype=object), source=str(root), latlon=np.array(latlon, dtype=np.float64)
+    )

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ class Preprocess:
     def signature(self) -> str:
         return f"{self.size[0]}x{self.size[1]}-m{','.join(f'{v:.4g}' for v in self.mean)}-s{','.join(f'{v:.4g}' for v in self.std)}{'-gray' if self.grayscale else ''}"
 
-    def with_size(self, size: tuple[int, int] | int | None) -> "Preprocess":
+    def with_size(self, size: tuple[int, int] | int | None) -> Preprocess:
         if size is None:
             return self
         if isinstance(size, int):
@@ -118,8 +118,13 @@ def check_batch_errors(errors: Sequence[str]) -> None:
             raise DataError(err)
 
 
-def make_loader(paths: Sequence[str | Path], pre: Preprocess, batch_size: int = 16,
-                num_workers: int | None = None, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+def make_loader(
+    paths: Sequence[str | Path],
+    pre: Preprocess,
+    batch_size: int = 16,
+    num_workers: int | None = None,
+    pin_memory: bool = False,
+) -> torch.utils.data.DataLoader:
     import os
 
     if num_workers is None:
@@ -127,7 +132,11 @@ def make_loader(paths: Sequence[str | Path], pre: Preprocess, batch_size: int = 
     if len(paths) < 2 * batch_size:
         num_workers = 0  # worker start-up costs more than it saves on tiny sets
     return torch.utils.data.DataLoader(
-        ImageFolderDataset(paths, pre), batch_size=batch_size, shuffle=False,
-        num_workers=num_workers, pin_memory=pin_memory,
-        persistent_workers=False, prefetch_factor=4 if num_workers else None,
+        ImageFolderDataset(paths, pre),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers else None,
     )

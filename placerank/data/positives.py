@@ -8,8 +8,7 @@ from scipy.spatial import cKDTree
 from placerank.data.dataset import ImageSet, PositiveRule
 
 
-def compute_positives(database: ImageSet, queries: ImageSet, rule: PositiveRule,
-                      chunk: int = 4096) -> list[np.ndarray]:
+def compute_positives(database: ImageSet, queries: ImageSet, rule: PositiveRule, chunk: int = 4096) -> list[np.ndarray]:
     """Return, for each query, the sorted int64 array of positive database indices."""
     if rule.kind == "utm":
         return _radius_positives(database, queries, rule.radius, chunk)
@@ -24,7 +23,7 @@ def _radius_positives(database: ImageSet, queries: ImageSet, radius: float, chun
     out: list[np.ndarray] = []
     qpos = np.asarray(queries.positions, dtype=np.float64)
     for start in range(0, len(qpos), chunk):
-        hits = tree.query_ball_point(qpos[start:start + chunk], r=radius)
+        hits = tree.query_ball_point(qpos[start : start + chunk], r=radius)
         out.extend(np.array(sorted(h), dtype=np.int64) for h in hits)
     if database.utm_zone is not None and queries.utm_zone is not None:
         dz, qz = database.utm_zone, queries.utm_zone

@@ -32,8 +32,9 @@ def list_images(folder: str | Path, recursive: bool = True) -> list[Path]:
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder")
     pattern = folder.rglob("*") if recursive else folder.glob("*")
-    files = sorted(p for p in pattern if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                   and not p.name.startswith("."))
+    files = sorted(
+        p for p in pattern if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+    )
     return files
 
 
@@ -143,8 +144,14 @@ def make_rule(kind: str, radius: float | None = None, frame_tolerance: int | Non
     return PositiveRule("place")
 
 
-def load_dataset(database: str | Path, queries: str | Path, radius: float | None = None,
-                 frame_tolerance: int | None = None, layout: str = "auto", name: str | None = None) -> Dataset:
+def load_dataset(
+    database: str | Path,
+    queries: str | Path,
+    radius: float | None = None,
+    frame_tolerance: int | None = None,
+    layout: str = "auto",
+    name: str | None = None,
+) -> Dataset:
     """Read both sides and build the positive rule that fits their positions."""
     if radius is not None and frame_tolerance is not None:
         raise DataError("give either --radius (metres) or --frame-tolerance (frames), not both")

@@ -8,15 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 import placerank
 from placerank.data.readers import load_dataset
+from placerank.descriptors.extract import extract_global, extract_local, local_store_for
 from placerank.eval.recall import DEFAULT_NS, hits_matrix, ns_for, recall_at_n
-from placerank.eval.report import EvalResult, draw_example, pick_example_queries, plot_recall_curve
-from placerank.extract import extract_global, extract_local, local_store_for
+from placerank.eval.results import EvalResult
 from placerank.index.flat import FlatIndex
 from placerank.utils import Timer, atomic_path, peak_memory_mb, resolve_device
+from placerank.viz.examples import draw_example, pick_example_queries, plot_recall_curve
 
 
 @dataclass
@@ -27,9 +27,9 @@ class EvalConfig:
     model: str = "effnet-lite0-gem"
     weights: str | Path | None = None
     rerank: str | None = None
-    top_k: int = 20                      # candidates re-ranked per query
-    radius: float | None = None          # metres, for positions in metres
-    frame_tolerance: int | None = None   # frames, for frame-aligned traversals
+    top_k: int = 20  # candidates re-ranked per query
+    radius: float | None = None  # metres, for positions in metres
+    frame_tolerance: int | None = None  # frames, for frame-aligned traversals
     layout: str = "auto"
     image_size: tuple[int, int] | None = None
     device: str = "auto"
@@ -56,8 +56,13 @@ def evaluate(config: EvalConfig, model=None) -> EvalResult:
     t_start = time.perf_counter()
     out = Path(config.out)
     device = resolve_device(config.device)
-    ds = load_dataset(config.database, config.queries, radius=config.radius,
-                      frame_tolerance=config.frame_tolerance, layout=config.layout)
+    ds = load_dataset(
+        config.database,
+        config.queries,
+        radius=config.radius,
+        frame_tolerance=config.frame_tolerance,
+        layout=config.layout,
+    )
     positives = ds.positives
     if model is None:
         model = load_model(config.model, config.weights, config.image_size, device)
@@ -67,10 +72,12 @@ def evaluate(config: EvalConfig, model=None) -> EvalResult:
     with timer("extract"):
         if model.needs_data_init:
             model.init_from_images(ds.database.paths)
-        db_desc = extract_global(model, ds.database.paths, device, config.batch_size, config.num_workers,
-                                 config.use_cache, desc="database")
-        q_desc = extract_global(model, ds.queries.paths, device, config.batch_size, config.num_workers,
-                                config.use_cache, desc="queries")
+        db_desc = extract_global(
+            model, ds.database.paths, device, config.batch_size, config.num_workers, config.use_cache, desc="database"
+        )
+        q_desc = extract_global(
+            model, ds.queries.paths, device, config.batch_size, config.num_workers, config.use_cache, desc="queries"
+        )
     depth = min(len(ds.database), max(DEFAULT_NS[-1], config.top_k))
     with timer("search"):
         index = FlatIndex.build(db_desc, model.name, model.weights_id)
@@ -85,32 +92,30 @@ def evaluate(config: EvalConfig, model=None) -> EvalResult:
     keys_q: list[str] = []
     store = None
     if config.rerank:
-        from placerank.rerank.base import create_reranker, rerank_order
+        from placerank.rerank.base import create_reranker
+        from placerank.rerank.topk import rerank_topk
 
         k = min(config.top_k, depth)
         reranker = create_reranker(config.rerank, model=model, **(config.rerank_options or {})).to(device)
         store = local_store_for(reranker)
         needed = np.unique(ids[:, :k])
         with timer("extract_local"):
-            cand_keys = extract_local(reranker, [ds.database.paths[j] for j in needed], store, device,
-                                      desc="database local")
+            cand_keys = extract_local(
+                reranker, [ds.database.paths[j] for j in needed], store, device, desc="database local"
+            )
             keys_db = [""] * len(ds.database)
             for j, key in zip(needed, cand_keys):
                 keys_db[int(j)] = key
             keys_q = extract_local(reranker, ds.queries.paths, store, device, desc="query local")
-        per_query_ms = []
         with timer("rerank"):
-            for q in tqdm(range(len(ids)), desc=f"re-rank ({reranker.name})", unit="query", leave=False):
-                t0 = time.perf_counter()
-                cands = ids[q, :k]
-                scores = reranker.score(store.get(keys_q[q]), [store.get(keys_db[int(j)]) for j in cands])
-                ids[q, :k] = cands[rerank_order(scores)]
-                per_query_ms.append(1000 * (time.perf_counter() - t0))
+            reranked = rerank_topk(reranker, ids, k, lambda q: store.get(keys_q[q]), lambda j: store.get(keys_db[j]))
+        ids = reranked.ids
         rerank_info = {
-            "name": reranker.name, "top_k": int(k), "signature": reranker.signature(),
+            "name": reranker.name,
+            "top_k": int(k),
+            "signature": reranker.signature(),
             "bytes_per_image": round(store.bytes_per_image(), 1),
-            "ms_per_query_median": round(float(np.median(per_query_ms)), 3),
-            "ms_per_query_p90": round(float(np.percentile(per_query_ms, 90)), 3),
+            **reranked.timing_summary(),
             "ties": "broken by first-stage rank (stable sort)",
         }
     recall = recall_at_n(ids, positives, ns)
@@ -119,11 +124,18 @@ def evaluate(config: EvalConfig, model=None) -> EvalResult:
     timing.setdefault("rerank", 0.0)
     timing["total"] = round(time.perf_counter() - t_start, 3)
     result = EvalResult(
-        recall=recall, recall_first_stage=recall_first, num_queries=len(ds.queries), num_database=len(ds.database),
+        recall=recall,
+        recall_first_stage=recall_first,
+        num_queries=len(ds.queries),
+        num_database=len(ds.database),
         num_queries_with_positives=int(sum(len(p) > 0 for p in positives)),
-        timing_s=timing, peak_memory_mb=round(peak_memory_mb(), 1),
+        timing_s=timing,
+        peak_memory_mb=round(peak_memory_mb(), 1),
         dataset={"database": str(config.database), "queries": str(config.queries), "rule": ds.rule.describe()},
-        model=model.describe(), rerank=rerank_info, device=str(device), placerank_version=placerank.__version__,
+        model=model.describe(),
+        rerank=rerank_info,
+        device=str(device),
+        placerank_version=placerank.__version__,
     )
     out.mkdir(parents=True, exist_ok=True)
     result.save(out / "results.json")
@@ -131,10 +143,14 @@ def evaluate(config: EvalConfig, model=None) -> EvalResult:
     curves = {"global retrieval": recall_first}
     if config.rerank:
         curves[f"+ re-rank {config.rerank} (top-{rerank_info['top_k']})"] = recall
-    plot_recall_curve(curves, out / "recall_curve.png",
-                      title=f"{model.name} | {Path(config.database).name} -> {Path(config.queries).name} | {ds.rule.describe()}")
-    _write_examples(out / "examples", ds, first_stage_ids, ids, positives, config.num_examples,
-                    reranker, store, keys_q, keys_db)
+    plot_recall_curve(
+        curves,
+        out / "recall_curve.png",
+        title=f"{model.name} | {Path(config.database).name} -> {Path(config.queries).name} | {ds.rule.describe()}",
+    )
+    _write_examples(
+        out / "examples", ds, first_stage_ids, ids, positives, config.num_examples, reranker, store, keys_q, keys_db
+    )
     if store is not None:
         store.close()
     return result
@@ -148,12 +164,14 @@ def _write_predictions(path: Path, ds, ids: np.ndarray, positives) -> None:
         full = hits_matrix(ids, positives)
         for q in range(len(ids)):
             rank = int(np.argmax(full[q])) + 1 if full[q].any() else -1
-            w.writerow([ds.queries.paths[q], int(hits[q, 0]), rank,
-                        " ".join(str(ds.database.paths[j]) for j in ids[q, :5])])
+            w.writerow(
+                [ds.queries.paths[q], int(hits[q, 0]), rank, " ".join(str(ds.database.paths[j]) for j in ids[q, :5])]
+            )
 
 
-def _write_examples(folder: Path, ds, before: np.ndarray, after: np.ndarray, positives, n: int,
-                    reranker, store, keys_q, keys_db) -> None:
+def _write_examples(
+    folder: Path, ds, before: np.ndarray, after: np.ndarray, positives, n: int, reranker, store, keys_q, keys_db
+) -> None:
     if n <= 0:
         return
     hb = hits_matrix(before[:, :1], positives)[:, 0]
@@ -165,11 +183,15 @@ def _write_examples(folder: Path, ds, before: np.ndarray, after: np.ndarray, pos
         cands = after[q, :top]
         correct = np.isin(cands, positives[q])
         name = Path(ds.queries.paths[q]).stem
-        draw_example(ds.queries.paths[q], [ds.database.paths[j] for j in cands], correct,
-                     folder / f"query_{q:05d}_{name}.png",
-                     labels=[Path(ds.database.paths[j]).name for j in cands],
-                     title=f"query {q}: {Path(ds.queries.paths[q]).name} — top-{top}"
-                           f"{' after re-ranking' if reranker is not None else ''}")
+        draw_example(
+            ds.queries.paths[q],
+            [ds.database.paths[j] for j in cands],
+            correct,
+            folder / f"query_{q:05d}_{name}.png",
+            labels=[Path(ds.database.paths[j]).name for j in cands],
+            title=f"query {q}: {Path(ds.queries.paths[q]).name} — top-{top}"
+            f"{' after re-ranking' if reranker is not None else ''}",
+        )
     if reranker is not None and hasattr(reranker, "matches"):
         try:
             from placerank.viz.matches import draw_matches
@@ -179,6 +201,12 @@ def _write_examples(folder: Path, ds, before: np.ndarray, after: np.ndarray, pos
             j = int(after[q, 0])
             qlf, clf = store.get(keys_q[q]), store.get(keys_db[j])
             pairs = reranker.matches(qlf, clf)
-            draw_matches(ds.queries.paths[q], ds.database.paths[j], qlf.keypoints, clf.keypoints, pairs,
-                         folder / f"matches_{q:05d}.png",
-                         title=f"{reranker.name}: {len(pairs)} matches, query {q} vs top-1 {Path(ds.database.paths[j]).name}")
+            draw_matches(
+                ds.queries.paths[q],
+                ds.database.paths[j],
+                qlf.keypoints,
+                clf.keypoints,
+                pairs,
+                folder / f"matches_{q:05d}.png",
+                title=f"{reranker.name}: {len(pairs)} matches, query {q} vs top-1 {Path(ds.database.paths[j]).name}",
+            )

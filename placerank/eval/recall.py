@@ -7,7 +7,7 @@ counted separately, as in the VPR literature (e.g. TUM fr1_desk: 148 of 283 quer
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -24,8 +24,9 @@ def hits_matrix(predictions: np.ndarray, positives: Sequence[np.ndarray]) -> np.
     return out
 
 
-def recall_at_n(predictions: np.ndarray, positives: Sequence[np.ndarray],
-                ns: Sequence[int] = DEFAULT_NS) -> dict[str, float]:
+def recall_at_n(
+    predictions: np.ndarray, positives: Sequence[np.ndarray], ns: Sequence[int] = DEFAULT_NS
+) -> dict[str, float]:
     """{"N": recall} for every N <= K (the number of predictions per query)."""
     predictions = np.asarray(predictions)
     if predictions.ndim != 2 or len(predictions) != len(positives):

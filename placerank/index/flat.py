@@ -37,7 +37,7 @@ class FlatIndex:
         self.index = faiss.IndexFlatIP(int(dimension))
 
     @classmethod
-    def build(cls, descriptors: np.ndarray, model: str = "", weights_id: str = "") -> "FlatIndex":
+    def build(cls, descriptors: np.ndarray, model: str = "", weights_id: str = "") -> FlatIndex:
         idx = cls(descriptors.shape[1], model, weights_id)
         idx.add(descriptors)
         return idx
@@ -61,7 +61,7 @@ class FlatIndex:
         sims = np.empty((len(q), k), dtype=np.float32)
         ids = np.empty((len(q), k), dtype=np.int64)
         for s in range(0, len(q), chunk):
-            sims[s:s + chunk], ids[s:s + chunk] = self.index.search(q[s:s + chunk], k)
+            sims[s : s + chunk], ids[s : s + chunk] = self.index.search(q[s : s + chunk], k)
         return sims, ids
 
     def save(self, folder: str | Path) -> None:
@@ -72,8 +72,9 @@ class FlatIndex:
         write_json_atomic(folder / "index.json", asdict(self.schema))
 
     @classmethod
-    def load(cls, folder: str | Path, model: str | None = None, weights_id: str | None = None,
-             dimension: int | None = None) -> "FlatIndex":
+    def load(
+        cls, folder: str | Path, model: str | None = None, weights_id: str | None = None, dimension: int | None = None
+    ) -> FlatIndex:
         folder = Path(folder)
         meta_path, data_path = folder / "index.json", folder / "index.faiss"
         if not meta_path.exists() or not data_path.exists():
@@ -88,9 +89,12 @@ class FlatIndex:
             raise IndexMismatchError(f"{folder}: index was built with model '{schema.model}', not '{model}'")
         if weights_id is not None and schema.weights_id != weights_id:
             raise IndexMismatchError(
-                f"{folder}: index was built with other weights ({schema.weights_id}) than the model's ({weights_id})")
+                f"{folder}: index was built with other weights ({schema.weights_id}) than the model's ({weights_id})"
+            )
         if dimension is not None and schema.dimension != dimension:
-            raise IndexMismatchError(f"{folder}: index is {schema.dimension}-d but the model gives {dimension}-d descriptors")
+            raise IndexMismatchError(
+                f"{folder}: index is {schema.dimension}-d but the model gives {dimension}-d descriptors"
+            )
         index = faiss.read_index(str(data_path))
         if index.ntotal != schema.count or index.d != schema.dimension:
             raise IndexMismatchError(f"{folder}: index.faiss ({index.ntotal} x {index.d}) does not match index.json")

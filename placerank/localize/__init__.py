@@ -11,6 +11,8 @@ See :mod:`placerank.localize.database` (storage and safety), :mod:`placerank.loc
 (position and confidence) and docs/localize.md.
 """
 
+from placerank.data.exif import GpsReading, NoGps, read_gps  # noqa: F401
+from placerank.data.positions import Position, read_positions_csv  # noqa: F401
 from placerank.localize.database import (  # noqa: F401
     Database,
     DatabaseBusyError,
@@ -21,6 +23,4 @@ from placerank.localize.database import (  # noqa: F401
     RemoveReport,
 )
 from placerank.localize.estimate import Estimate, EstimateConfig, estimate_position  # noqa: F401
-from placerank.localize.exif import GpsReading, NoGps, read_gps  # noqa: F401
 from placerank.localize.outputs import write_outputs  # noqa: F401
-from placerank.localize.positions import Position, read_positions_csv  # noqa: F401

@@ -37,17 +37,15 @@ import json
 import os
 import sqlite3
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
-from placerank.errors import DataError, IndexMismatchError, PlaceRankError
-from placerank.localize.estimate import EstimateConfig, estimate_position
-from placerank.localize.exif import GpsReading, read_gps
-from placerank.localize.positions import (
+from placerank.data.exif import GpsReading, read_gps
+from placerank.data.positions import (
     LOCAL,
     WGS84,
     Position,
@@ -56,6 +54,8 @@ from placerank.localize.positions import (
     unproject,
     utm_label,
 )
+from placerank.errors import DataError, IndexMismatchError, PlaceRankError
+from placerank.localize.estimate import EstimateConfig, estimate_position
 from placerank.utils import atomic_path
 
 FORMAT = 1
@@ -77,19 +77,19 @@ class IndexReport:
     """What one ``index`` run did; every skipped or failed photo is listed with its reason."""
 
     added: list[str] = field(default_factory=list)
-    updated: list[str] = field(default_factory=list)          # content changed: re-extracted
+    updated: list[str] = field(default_factory=list)  # content changed: re-extracted
     unchanged: int = 0
-    touched: list[str] = field(default_factory=list)          # mtime changed, same sha256: nothing extracted
+    touched: list[str] = field(default_factory=list)  # mtime changed, same sha256: nothing extracted
     position_updated: list[str] = field(default_factory=list)
-    reused: int = 0                                           # same content already indexed under another path
-    extracted: int = 0                                        # global descriptors computed this run
+    reused: int = 0  # same content already indexed under another path
+    extracted: int = 0  # global descriptors computed this run
     local_extracted: int = 0
     no_position: list[tuple[str, str]] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     missing_on_disk: list[str] = field(default_factory=list)
     not_in_csv: int = 0
-    total: int = 0                                            # images in the database afterwards
+    total: int = 0  # images in the database afterwards
 
     def summary(self) -> str:
         parts = [f"{len(self.added)} added", f"{len(self.updated)} updated", f"{self.unchanged} unchanged"]
@@ -114,11 +114,11 @@ class Match:
 
     rank: int
     path: str
-    similarity: float                 # cosine similarity of the global descriptors
-    rerank_score: float | None        # re-ranker score (e.g. RANSAC inliers); None without --rerank
-    weight: float                     # weight in the position estimate (0 = no position)
-    agrees: bool                      # within radius of the place-defining best match
-    distance_m: float | None          # metres from the estimate
+    similarity: float  # cosine similarity of the global descriptors
+    rerank_score: float | None  # re-ranker score (e.g. RANSAC inliers); None without --rerank
+    weight: float  # weight in the position estimate (0 = no position)
+    agrees: bool  # within radius of the place-defining best match
+    distance_m: float | None  # metres from the estimate
     lat: float | None
     lon: float | None
     easting: float | None
@@ -132,7 +132,7 @@ class QueryGps:
 
     lat: float
     lon: float
-    error_m: float | None             # metres between the estimate and this GPS
+    error_m: float | None  # metres between the estimate and this GPS
 
 
 @dataclass
@@ -140,12 +140,12 @@ class LocalizeResult:
     """Where a photo was taken, as estimated from the database (see :mod:`.estimate`)."""
 
     query: str
-    frame: str                        # 'wgs84' (lat/lon + UTM) or 'local' (metres only)
+    frame: str  # 'wgs84' (lat/lon + UTM) or 'local' (metres only)
     lat: float | None
     lon: float | None
     easting: float | None
     northing: float | None
-    utm_zone: str                     # e.g. '33N'; '' in a local frame
+    utm_zone: str  # e.g. '33N'; '' in a local frame
     confidence: float
     share: float
     margin: float | None
@@ -189,7 +189,7 @@ class WriteLock:
         self.wait = float(wait)
         self._fd: int | None = None
 
-    def __enter__(self) -> "WriteLock":
+    def __enter__(self) -> WriteLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         deadline = time.monotonic() + max(0.0, self.wait)
         while True:
@@ -203,7 +203,8 @@ class WriteLock:
                     how = f"after waiting {self.wait:g} s" if self.wait > 0 else "now"
                     raise DatabaseBusyError(
                         f"{self.path.parent}: another placerank process (pid {holder}) is writing to this "
-                        f"database {how}; wait for it to finish or pass --wait SECONDS") from None
+                        f"database {how}; wait for it to finish or pass --wait SECONDS"
+                    ) from None
                 time.sleep(0.1)
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
@@ -242,7 +243,7 @@ _ROW_COLS = "id, path, sha256, lat, lon, easting, northing, epsg"
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _sha256(path: Path) -> str:
@@ -266,9 +267,12 @@ def list_photos(folder: Path) -> list[Path]:
     from placerank.data.readers import list_images
 
     folder = Path(folder).resolve()
-    return [p for p in list_images(folder, recursive=True)
-            if p.suffix.lower() in PHOTO_EXTENSIONS
-            and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    return [
+        p
+        for p in list_images(folder, recursive=True)
+        if p.suffix.lower() in PHOTO_EXTENSIONS
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    ]
 
 
 class Database:
@@ -279,8 +283,9 @@ class Database:
     loaded on first use (``remove`` and ``info`` never load it).
     """
 
-    def __init__(self, folder: Path, conn: sqlite3.Connection, device: str = "auto", model=None,
-                 weights=None, image_size=None):
+    def __init__(
+        self, folder: Path, conn: sqlite3.Connection, device: str = "auto", model=None, weights=None, image_size=None
+    ):
         self.folder = folder
         self._conn = conn
         self._device_arg = device
@@ -305,8 +310,16 @@ class Database:
         return conn
 
     @classmethod
-    def create(cls, path: str | Path, model=DEFAULT_MODEL, weights=None, image_size=None,
-               device: str = "auto", radius: float = 25.0, wait: float = 0.0) -> "Database":
+    def create(
+        cls,
+        path: str | Path,
+        model=DEFAULT_MODEL,
+        weights=None,
+        image_size=None,
+        device: str = "auto",
+        radius: float = 25.0,
+        wait: float = 0.0,
+    ) -> Database:
         """Make a new, empty database for ``model`` (a registry name or a built VPRModel)."""
         folder = Path(path).resolve()
         if _is_initialised(folder):
@@ -322,7 +335,8 @@ class Database:
             # database built with it could never be reopened with the same model.
             raise PlaceRankError(
                 f"model '{m.name}' needs data-driven initialisation (NetVLAD k-means) before a database can store "
-                f"its descriptors; train or initialise it, save a placerank checkpoint and pass it with --weights")
+                f"its descriptors; train or initialise it, save a placerank checkpoint and pass it with --weights"
+            )
         folder.mkdir(parents=True, exist_ok=True)
         with WriteLock(folder, wait):
             if _is_initialised(folder):
@@ -330,11 +344,19 @@ class Database:
             conn = cls._connect(folder)
             weights_path = str(Path(weights).resolve()) if isinstance(weights, (str, Path)) else ""
             meta = {
-                "format": str(FORMAT), "created": _now(), "model": m.name, "weights_id": m.weights_id,
-                "weights_source": m.weights_source, "weights_path": weights_path,
-                "descriptor_dim": str(m.descriptor_dim), "preprocess": m.preprocess.signature(),
-                "image_size": f"{m.preprocess.size[0]},{m.preprocess.size[1]}", "frame": "",
-                "radius": repr(float(radius)), "generation": "0", "rerankers": "{}",
+                "format": str(FORMAT),
+                "created": _now(),
+                "model": m.name,
+                "weights_id": m.weights_id,
+                "weights_source": m.weights_source,
+                "weights_path": weights_path,
+                "descriptor_dim": str(m.descriptor_dim),
+                "preprocess": m.preprocess.signature(),
+                "image_size": f"{m.preprocess.size[0]},{m.preprocess.size[1]}",
+                "frame": "",
+                "radius": repr(float(radius)),
+                "generation": "0",
+                "rerankers": "{}",
             }
             # Schema and metadata in one transaction: a crash here leaves no half-made database.
             conn.execute("BEGIN IMMEDIATE")
@@ -348,12 +370,14 @@ class Database:
         return db
 
     @classmethod
-    def open(cls, path: str | Path, model=None, weights=None, image_size=None, device: str = "auto") -> "Database":
+    def open(cls, path: str | Path, model=None, weights=None, image_size=None, device: str = "auto") -> Database:
         """Open an existing database. ``model``/``weights``/``image_size``, when given, must be the
         ones it was built with (refused otherwise); left out, the stored ones are used."""
         folder = Path(path).resolve()
         if not _is_initialised(folder):
-            raise PlaceRankError(f"{folder}: no placerank database here (build one with `placerank index FOLDER --db {path}`)")
+            raise PlaceRankError(
+                f"{folder}: no placerank database here (build one with `placerank index FOLDER --db {path}`)"
+            )
         conn = cls._connect(folder)
         db = cls(folder, conn, device, model, weights, image_size)
         try:
@@ -361,38 +385,55 @@ class Database:
         except sqlite3.DatabaseError as e:
             raise PlaceRankError(f"{folder / DB_FILE}: not a readable placerank database ({e})") from None
         if meta.get("format") != str(FORMAT):
-            raise IndexMismatchError(f"{folder}: database format {meta.get('format')} is not supported (expected {FORMAT})")
+            raise IndexMismatchError(
+                f"{folder}: database format {meta.get('format')} is not supported (expected {FORMAT})"
+            )
         name = model if isinstance(model, str) else getattr(model, "name", None)
         if name is not None and name != meta["model"]:
             raise IndexMismatchError(
-                f"{folder}: database was built with model '{meta['model']}', not '{name}'; use a new --db for another model")
+                f"{folder}: database was built with model '{meta['model']}', not '{name}'; use a new --db for another model"
+            )
         if image_size is not None and (model is None or isinstance(model, str)):
             size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(v) for v in image_size)
             stored = tuple(int(v) for v in meta["image_size"].split(","))
             if size != stored:
                 raise IndexMismatchError(
-                    f"{folder}: database was built at image size {stored[0]}x{stored[1]}, not {size[0]}x{size[1]}")
+                    f"{folder}: database was built at image size {stored[0]}x{stored[1]}, not {size[0]}x{size[1]}"
+                )
         if (model is not None and not isinstance(model, str)) or weights is not None:
             db.model  # load now so a weights mismatch is reported at open
         return db
 
     @classmethod
-    def open_or_create(cls, path: str | Path, model=None, weights=None, image_size=None, device: str = "auto",
-                       radius: float | None = None) -> "Database":
+    def open_or_create(
+        cls,
+        path: str | Path,
+        model=None,
+        weights=None,
+        image_size=None,
+        device: str = "auto",
+        radius: float | None = None,
+    ) -> Database:
         if _is_initialised(Path(path).resolve()):
             db = cls.open(path, model, weights, image_size, device)
             if radius is not None and float(radius) != db.radius:
                 db.set_radius(radius)
             return db
-        return cls.create(path, model if model is not None else DEFAULT_MODEL, weights, image_size, device,
-                          radius=25.0 if radius is None else radius)
+        return cls.create(
+            path,
+            model if model is not None else DEFAULT_MODEL,
+            weights,
+            image_size,
+            device,
+            radius=25.0 if radius is None else radius,
+        )
 
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
 
-    def __enter__(self) -> "Database":
+    def __enter__(self) -> Database:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -423,11 +464,20 @@ class Database:
     def info(self) -> dict:
         meta = self.meta()
         with_pos = self._conn.execute("SELECT COUNT(*) FROM images WHERE easting IS NOT NULL").fetchone()[0]
-        return {"path": str(self.folder), "images": len(self), "with_position": int(with_pos),
-                "model": meta["model"], "weights_id": meta["weights_id"], "weights": meta["weights_source"],
-                "image_size": meta["image_size"], "frame": meta["frame"] or "(none yet)",
-                "radius_m": float(meta["radius"]), "rerankers": json.loads(meta["rerankers"]),
-                "generation": int(meta["generation"]), "created": meta["created"]}
+        return {
+            "path": str(self.folder),
+            "images": len(self),
+            "with_position": int(with_pos),
+            "model": meta["model"],
+            "weights_id": meta["weights_id"],
+            "weights": meta["weights_source"],
+            "image_size": meta["image_size"],
+            "frame": meta["frame"] or "(none yet)",
+            "radius_m": float(meta["radius"]),
+            "rerankers": json.loads(meta["rerankers"]),
+            "generation": int(meta["generation"]),
+            "created": meta["created"],
+        }
 
     def set_radius(self, radius: float, wait: float = 0.0) -> None:
         if radius <= 0:
@@ -449,8 +499,11 @@ class Database:
             return model.to(self.device).eval()
         from placerank.models import create
 
-        kwargs = {"image_size": tuple(image_size) if not isinstance(image_size, int) else (image_size, image_size)} \
-            if image_size is not None else {}
+        kwargs = (
+            {"image_size": tuple(image_size) if not isinstance(image_size, int) else (image_size, image_size)}
+            if image_size is not None
+            else {}
+        )
         return create(model, weights=weights, **kwargs).to(self.device).eval()
 
     @property
@@ -466,19 +519,23 @@ class Database:
                 weights = req_weights if req_weights is not None else (meta["weights_path"] or None)
                 if weights is not None and not Path(weights).exists():
                     raise PlaceRankError(
-                        f"{self.folder}: the weights file it was built with is gone ({weights}); pass --weights with a copy of it")
+                        f"{self.folder}: the weights file it was built with is gone ({weights}); pass --weights with a copy of it"
+                    )
                 m = self._build_model(meta["model"], weights, size)
             if m.name != meta["model"]:
                 raise IndexMismatchError(
-                    f"{self.folder}: database was built with model '{meta['model']}', not '{m.name}'; use a new --db for another model")
+                    f"{self.folder}: database was built with model '{meta['model']}', not '{m.name}'; use a new --db for another model"
+                )
             if m.weights_id != meta["weights_id"]:
                 raise IndexMismatchError(
                     f"{self.folder}: database was built with other weights (id {meta['weights_id']}) than the ones "
-                    f"given ({m.weights_id}, {m.weights_source}); use the original weights or a new --db")
+                    f"given ({m.weights_id}, {m.weights_source}); use the original weights or a new --db"
+                )
             if m.preprocess.signature() != meta["preprocess"]:
                 raise IndexMismatchError(
                     f"{self.folder}: database was built with preprocessing {meta['preprocess']}, "
-                    f"not {m.preprocess.signature()}")
+                    f"not {m.preprocess.signature()}"
+                )
             self._model = m
         return self._model
 
@@ -583,10 +640,20 @@ class Database:
         """Alias of :meth:`add_folder`."""
         return self.add_folder(*args, **kwargs)
 
-    def add_folder(self, folder: str | Path | None = None, positions: str | Path | None = None,
-                   allow_no_gps: bool = False, rerank: str | None = None, rerank_options: dict | None = None,
-                   prune: bool = False, batch_size: int = 16, num_workers: int | None = None,
-                   wait: float = 0.0, progress: bool = True, log=None) -> IndexReport:
+    def add_folder(
+        self,
+        folder: str | Path | None = None,
+        positions: str | Path | None = None,
+        allow_no_gps: bool = False,
+        rerank: str | None = None,
+        rerank_options: dict | None = None,
+        prune: bool = False,
+        batch_size: int = 16,
+        num_workers: int | None = None,
+        wait: float = 0.0,
+        progress: bool = True,
+        log=None,
+    ) -> IndexReport:
         """Index every photo under ``folder`` (jpg/jpeg/png, recursive) with its EXIF GPS, or the
         photos of a ``positions`` CSV (those under ``folder`` when both are given). Only new or
         changed photos are read; with ``rerank`` their local features are stored too.
@@ -612,7 +679,9 @@ class Database:
             files = [p for p in listed if p.exists()]
             frames = {pos.frame for pos in csv_pos.values()}
             if len(frames) > 1:
-                raise DataError(f"{positions}: some rows have a UTM zone and some do not; give every row the same kind of position")
+                raise DataError(
+                    f"{positions}: some rows have a UTM zone and some do not; give every row the same kind of position"
+                )
         files = [p for p in files if not _is_under(p, self.folder)]
         if not files and not prune:
             where = folder if folder is not None else positions
@@ -620,14 +689,18 @@ class Database:
 
         with self._writing(wait):
             index = self._ensure_index()
-            rows = {r[0]: r for r in self._conn.execute(
-                "SELECT path, id, sha256, mtime_ns, size, lat, lon, easting, northing, epsg FROM images")}
+            rows = {
+                r[0]: r
+                for r in self._conn.execute(
+                    "SELECT path, id, sha256, mtime_ns, size, lat, lon, easting, northing, epsg FROM images"
+                )
+            }
             # The frame is fixed by the first photo with a position (an emptied database is free again).
             has_pos = self._conn.execute("SELECT 1 FROM images WHERE easting IS NOT NULL LIMIT 1").fetchone()
             db_frame = self.frame if has_pos else ""
-            todo: list[dict] = []          # photos needing a descriptor (new or changed content)
+            todo: list[dict] = []  # photos needing a descriptor (new or changed content)
             plain_updates: list[tuple] = []  # (sql, params) for rows whose content is unchanged
-            stale: list[str] = []            # indexed photos whose new content cannot be indexed
+            stale: list[str] = []  # indexed photos whose new content cannot be indexed
 
             def check_frame(pos: Position, p: Path) -> None:
                 nonlocal db_frame
@@ -683,7 +756,9 @@ class Database:
                             stale.append(key)
                         continue
                     elif not allow_no_gps:
-                        report.no_position.append((key, f"{p}: {gps.reason}; skipped (give --positions CSV or --allow-no-gps)"))
+                        report.no_position.append(
+                            (key, f"{p}: {gps.reason}; skipped (give --positions CSV or --allow-no-gps)")
+                        )
                         if old is not None:
                             stale.append(key)
                         continue
@@ -691,8 +766,16 @@ class Database:
                         source = f"none ({gps.reason})"
                 if pos is not None:
                     check_frame(pos, p)
-                todo.append({"path": p, "sha": sha, "st": st, "pos": pos, "source": source,
-                             "old_id": old[1] if old is not None else None})
+                todo.append(
+                    {
+                        "path": p,
+                        "sha": sha,
+                        "st": st,
+                        "pos": pos,
+                        "source": source,
+                        "old_id": old[1] if old is not None else None,
+                    }
+                )
 
             if plain_updates or (db_frame and db_frame != self.frame):
                 self._conn.execute("BEGIN IMMEDIATE")
@@ -706,8 +789,9 @@ class Database:
                 # Content already in the database under another path: reuse its descriptor.
                 fresh = []
                 for item in todo:
-                    hit = self._conn.execute("SELECT descriptor, height, width FROM images WHERE sha256=? LIMIT 1",
-                                             (item["sha"],)).fetchone()
+                    hit = self._conn.execute(
+                        "SELECT descriptor, height, width FROM images WHERE sha256=? LIMIT 1", (item["sha"],)
+                    ).fetchone()
                     if hit is not None:
                         item["desc"] = np.frombuffer(hit[0], dtype=np.float32)
                         item["hw"] = (hit[1], hit[2])
@@ -728,12 +812,16 @@ class Database:
                         report.removed.extend(self._remove_rows(gone))
                         dirty = True
                 elif root is not None:
-                    report.missing_on_disk = sorted(p for p in rows if _is_under(Path(p), root) and not Path(p).exists())
+                    report.missing_on_disk = sorted(
+                        p for p in rows if _is_under(Path(p), root) and not Path(p).exists()
+                    )
             finally:
                 if dirty:
                     self._save_index()
             if rerank:
-                report.local_extracted = self._store_local_features(rerank, rerank_options, report, num_workers, progress, say)
+                report.local_extracted = self._store_local_features(
+                    rerank, rerank_options, report, num_workers, progress, say
+                )
         report.total = len(self)
         return report
 
@@ -752,8 +840,19 @@ class Database:
                 cur = self._conn.execute(
                     "INSERT INTO images (path, sha256, mtime_ns, size, lat, lon, easting, northing, epsg, "
                     "position_source, height, width, descriptor, added_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (str(it["path"]), it["sha"], it["st"].st_mtime_ns, it["st"].st_size, *values, it["source"],
-                     it["hw"][0], it["hw"][1], np.ascontiguousarray(it["desc"], dtype=np.float32).tobytes(), now))
+                    (
+                        str(it["path"]),
+                        it["sha"],
+                        it["st"].st_mtime_ns,
+                        it["st"].st_size,
+                        *values,
+                        it["source"],
+                        it["hw"][0],
+                        it["hw"][1],
+                        np.ascontiguousarray(it["desc"], dtype=np.float32).tobytes(),
+                        now,
+                    ),
+                )
                 new_ids.append(cur.lastrowid)
                 vecs.append(it["desc"])
             gen = self._bump_generation()
@@ -768,16 +867,24 @@ class Database:
         for it in items:
             (report.updated if it["old_id"] is not None else report.added).append(str(it["path"]))
 
-    def _extract_and_commit(self, items: list[dict], report: IndexReport, batch_size: int,
-                            num_workers: int | None, progress: bool, stale: list[str]) -> bool:
+    def _extract_and_commit(
+        self,
+        items: list[dict],
+        report: IndexReport,
+        batch_size: int,
+        num_workers: int | None,
+        progress: bool,
+        stale: list[str],
+    ) -> bool:
         import torch
         from tqdm.auto import tqdm
 
         from placerank.data.images import make_loader
 
         model, device = self.model, self.device
-        loader = make_loader([it["path"] for it in items], model.preprocess, batch_size, num_workers,
-                             pin_memory=device.type == "cuda")
+        loader = make_loader(
+            [it["path"] for it in items], model.preprocess, batch_size, num_workers, pin_memory=device.type == "cuda"
+        )
         bar = tqdm(total=len(items), desc=f"index ({model.name})", unit="img", leave=False, disable=not progress)
         committed = False
         with torch.inference_mode():
@@ -814,12 +921,12 @@ class Database:
         return self._rerankers[key]
 
     def _store_folder(self, reranker) -> Path:
-        from placerank.cache import namespace
+        from placerank.descriptors.cache import namespace
 
         return self.folder / "local" / namespace(reranker.name, reranker.signature())
 
     def _local_store(self, reranker, create: bool):
-        from placerank.rerank.store import LocalFeatureStore
+        from placerank.descriptors.local_store import LocalFeatureStore
 
         folder = self._store_folder(reranker)
         if not create and not (folder / "meta.json").exists():
@@ -844,7 +951,9 @@ class Database:
                 say(f"extracting local features ({reranker.name}) for {len(need)} photo(s)")
                 shas, paths = list(need), list(need.values())
                 loader = make_loader(paths, reranker.preprocess, 8, num_workers, pin_memory=self.device.type == "cuda")
-                bar = tqdm(total=len(paths), desc=f"local ({reranker.name})", unit="img", leave=False, disable=not progress)
+                bar = tqdm(
+                    total=len(paths), desc=f"local ({reranker.name})", unit="img", leave=False, disable=not progress
+                )
                 with torch.inference_mode():
                     for idx, images, sizes, errors in loader:
                         ok = [j for j, err in enumerate(errors) if not err]
@@ -852,8 +961,9 @@ class Database:
                             if err:
                                 report.failed.append((paths[int(idx[j])], err))
                         if ok:
-                            feats = reranker.extract(images[ok].to(self.device),
-                                                     [tuple(int(v) for v in sizes[j]) for j in ok])
+                            feats = reranker.extract(
+                                images[ok].to(self.device), [tuple(int(v) for v in sizes[j]) for j in ok]
+                            )
                             store.add_many([(shas[int(idx[j])], f) for j, f in zip(ok, feats)])
                             done += len(ok)
                         bar.update(len(idx))
@@ -890,8 +1000,10 @@ class Database:
                 finally:
                     self._save_index()
         if report.not_found and not report.removed:
-            raise DataError(f"{report.not_found[0]}: not in the database {self.folder}"
-                            + (f" (nor {len(report.not_found) - 1} other path(s))" if len(report.not_found) > 1 else ""))
+            raise DataError(
+                f"{report.not_found[0]}: not in the database {self.folder}"
+                + (f" (nor {len(report.not_found) - 1} other path(s))" if len(report.not_found) > 1 else "")
+            )
         return report
 
     def _remove_rows(self, paths: list[str]) -> list[str]:
@@ -914,9 +1026,15 @@ class Database:
         return paths
 
     # -- localizing ------------------------------------------------------------------------------
-    def localize(self, image: str | Path, top_k: int = 10, rerank: str | None = None,
-                 radius: float | None = None, rerank_options: dict | None = None,
-                 estimate: EstimateConfig | None = None) -> LocalizeResult:
+    def localize(
+        self,
+        image: str | Path,
+        top_k: int = 10,
+        rerank: str | None = None,
+        radius: float | None = None,
+        rerank_options: dict | None = None,
+        estimate: EstimateConfig | None = None,
+    ) -> LocalizeResult:
         """Estimate where ``image`` was taken: retrieve the ``top_k`` most similar database photos
         (optionally re-ranked), then a score-weighted position of those that agree with the best
         one (see :mod:`placerank.localize.estimate`)."""
@@ -943,8 +1061,11 @@ class Database:
         cand_ids = [int(i) for i in ids[0] if i >= 0]
         cand_sims = [float(s) for s, i in zip(sims[0], ids[0]) if i >= 0]
         marks = ",".join("?" * len(cand_ids))
-        rows = {r[0]: r for r in self._conn.execute(f"SELECT {_ROW_COLS} FROM images WHERE id IN ({marks})", cand_ids)} \
-            if cand_ids else {}
+        rows = (
+            {r[0]: r for r in self._conn.execute(f"SELECT {_ROW_COLS} FROM images WHERE id IN ({marks})", cand_ids)}
+            if cand_ids
+            else {}
+        )
         keep = [j for j, i in enumerate(cand_ids) if i in rows]  # a concurrent writer may just have removed one
         cand_ids = [cand_ids[j] for j in keep]
         cand_sims = np.array([cand_sims[j] for j in keep], dtype=np.float64)
@@ -954,7 +1075,9 @@ class Database:
         extras: dict = {}
         if rerank:
             t2 = time.perf_counter()
-            order, rerank_scores, extras = self._rerank(path, [rows[i] for i in cand_ids], rerank, rerank_options, notes)
+            order, rerank_scores, extras = self._rerank(
+                path, [rows[i] for i in cand_ids], rerank, rerank_options, notes
+            )
             cand_ids = [cand_ids[j] for j in order]
             cand_sims = cand_sims[order]
             rerank_scores = rerank_scores[order]
@@ -979,13 +1102,27 @@ class Database:
                 lat, lon = (float(v) for v in unproject(est.position[None], ref_epsg)[0])
         matches = []
         for k, r in enumerate(cand):
-            dist = float(np.linalg.norm(pos[k] - est.position)) if est.position is not None and np.isfinite(pos[k]).all() else None
-            matches.append(Match(
-                rank=k + 1, path=r[1], similarity=round(float(cand_sims[k]), 6),
-                rerank_score=None if rerank_scores is None else float(rerank_scores[k]),
-                weight=round(float(est.weights[k]), 6), agrees=bool(est.agrees[k]),
-                distance_m=None if dist is None else round(dist, 3),
-                lat=r[3], lon=r[4], easting=r[5], northing=r[6], utm_zone=utm_label(r[7])))
+            dist = (
+                float(np.linalg.norm(pos[k] - est.position))
+                if est.position is not None and np.isfinite(pos[k]).all()
+                else None
+            )
+            matches.append(
+                Match(
+                    rank=k + 1,
+                    path=r[1],
+                    similarity=round(float(cand_sims[k]), 6),
+                    rerank_score=None if rerank_scores is None else float(rerank_scores[k]),
+                    weight=round(float(est.weights[k]), 6),
+                    agrees=bool(est.agrees[k]),
+                    distance_m=None if dist is None else round(dist, 3),
+                    lat=r[3],
+                    lon=r[4],
+                    easting=r[5],
+                    northing=r[6],
+                    utm_zone=utm_label(r[7]),
+                )
+            )
         query_gps = None
         if frame == WGS84:
             try:
@@ -1005,13 +1142,29 @@ class Database:
         timing["total"] = time.perf_counter() - t0
         extras.update({"positions": pos, "ref_epsg": ref_epsg})
         return LocalizeResult(
-            query=str(path.resolve()), frame=frame, lat=lat, lon=lon, easting=east, northing=north,
+            query=str(path.resolve()),
+            frame=frame,
+            lat=lat,
+            lon=lon,
+            easting=east,
+            northing=north,
             utm_zone=utm_label(ref_epsg) if est.position is not None else "",
-            confidence=round(est.confidence, 4), share=round(est.share, 4),
-            margin=None if est.margin is None else round(est.margin, 4), margin_factor=round(est.margin_factor, 4),
-            radius_m=cfg.radius, matches=matches, model=model.name, weights_id=model.weights_id,
-            rerank=rerank, database=str(self.folder), database_size=int(index.ntotal), query_gps=query_gps,
-            timing_s={k: round(v, 4) for k, v in timing.items()}, notes=notes, extras=extras)
+            confidence=round(est.confidence, 4),
+            share=round(est.share, 4),
+            margin=None if est.margin is None else round(est.margin, 4),
+            margin_factor=round(est.margin_factor, 4),
+            radius_m=cfg.radius,
+            matches=matches,
+            model=model.name,
+            weights_id=model.weights_id,
+            rerank=rerank,
+            database=str(self.folder),
+            database_size=int(index.ntotal),
+            query_gps=query_gps,
+            timing_s={k: round(v, 4) for k, v in timing.items()},
+            notes=notes,
+            extras=extras,
+        )
 
     def localize_many(self, images: Sequence[str | Path], **kwargs) -> list[LocalizeResult]:
         return [self.localize(p, **kwargs) for p in images]
@@ -1038,8 +1191,10 @@ class Database:
             if store is not None:
                 store.close()
         if on_the_fly:
-            notes.append(f"{on_the_fly} candidate(s) had no stored {reranker.name} features and were extracted now "
-                         f"(index with --rerank {name} to store them)")
+            notes.append(
+                f"{on_the_fly} candidate(s) had no stored {reranker.name} features and were extracted now "
+                f"(index with --rerank {name} to store them)"
+            )
         scores = np.asarray(reranker.score(qlf, feats), dtype=np.float64)
         order = rerank_order(scores)
         extras = {"reranker": reranker, "query_lf": qlf, "cand_lf": [feats[j] for j in order]}
@@ -1105,8 +1260,10 @@ def _same_position(row, pos: Position) -> bool:
 
 def _frame_error(folder: Path, db_frame: str, new_frame: str, path: Path) -> str:
     names = {WGS84: "GPS (lat/lon, UTM)", LOCAL: "a local metric frame (easting/northing without a UTM zone)"}
-    return (f"{folder}: the database holds positions in {names[db_frame]}, but {path} has a position in "
-            f"{names[new_frame]}; use a separate --db")
+    return (
+        f"{folder}: the database holds positions in {names[db_frame]}, but {path} has a position in "
+        f"{names[new_frame]}; use a separate --db"
+    )
 
 
 def _common_frame(rows: list, ref_epsg: int | None) -> np.ndarray:

@@ -33,27 +33,28 @@ import numpy as np
 
 @dataclass(frozen=True)
 class EstimateConfig:
-    radius: float = 25.0             # metres: candidates this close to the best one agree with it
+    radius: float = 25.0  # metres: candidates this close to the best one agree with it
     tau_similarity: float = 0.02
     tau_rerank: float = 0.1
     margin_similarity: float = 0.05  # m0 for cosine similarities
-    margin_rerank: float = 0.5       # m0 for re-rank scores normalised by the best
+    margin_rerank: float = 0.5  # m0 for re-rank scores normalised by the best
 
 
 @dataclass
 class Estimate:
-    position: np.ndarray | None      # (2,) metres in the candidates' frame; None: no candidate has a position
-    best: int                        # index (into the candidate list) of the place-defining candidate; -1 if none
-    agrees: np.ndarray               # (K,) bool
-    weights: np.ndarray              # (K,) float, 0 for candidates without a position
+    position: np.ndarray | None  # (2,) metres in the candidates' frame; None: no candidate has a position
+    best: int  # index (into the candidate list) of the place-defining candidate; -1 if none
+    agrees: np.ndarray  # (K,) bool
+    weights: np.ndarray  # (K,) float, 0 for candidates without a position
     share: float
-    margin: float | None             # s_best - best score outside the agreeing set; None if all agree
+    margin: float | None  # s_best - best score outside the agreeing set; None if all agree
     margin_factor: float
     confidence: float
 
 
-def estimate_position(positions: np.ndarray, scores: np.ndarray, mode: str = "similarity",
-                      config: EstimateConfig = EstimateConfig()) -> Estimate:
+def estimate_position(
+    positions: np.ndarray, scores: np.ndarray, mode: str = "similarity", config: EstimateConfig = EstimateConfig()
+) -> Estimate:
     """``positions`` (K,2) metres (NaN rows = no position), ``scores`` (K,) in ranked order
     (index 0 = rank 1); ``mode``: 'similarity' (cosine) or 'rerank' (non-negative scores)."""
     positions = np.asarray(positions, dtype=np.float64).reshape(-1, 2)

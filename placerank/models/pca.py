@@ -44,7 +44,7 @@ class PCAParams:
     def out_dim(self) -> int:
         return int(self.U.shape[1])
 
-    def truncate(self, k: int) -> "PCAParams":
+    def truncate(self, k: int) -> PCAParams:
         if k > self.out_dim:
             raise WeightsError(f"PCA has only {self.out_dim} components, {k} requested")
         return PCAParams(self.U[:, :k], self.lams[:k], self.mu)
@@ -72,14 +72,16 @@ def learn_pca(features, out_dim: int, eps: float = 1e-9, block: int = 4096) -> P
     n, D = X.shape
     rank = min(n - 1, D)
     if out_dim < 1 or out_dim > rank:
-        raise WeightsError(f"PCA to {out_dim} dims needs at least {out_dim + 1} samples of >= {out_dim} dims "
-                           f"(got {n} samples of {D} dims: at most {max(rank, 0)} components)")
+        raise WeightsError(
+            f"PCA to {out_dim} dims needs at least {out_dim + 1} samples of >= {out_dim} dims "
+            f"(got {n} samples of {D} dims: at most {max(rank, 0)} components)"
+        )
     mu = X.double().mean(dim=0)
 
     def centred(lo: int, hi: int) -> torch.Tensor:  # columns lo:hi of the centred data, float64
         return X[:, lo:hi].double() - mu[lo:hi]
 
-    if D > n:
+    if n < D:
         # Dual form: G = Xc Xc^T / (n - 1) is n x n; its eigenvectors V give primal directions
         # U = Xc^T V diag(lam^-1/2) / sqrt(n - 1) (unit columns).
         G = torch.zeros(n, n, dtype=torch.float64)
@@ -121,7 +123,7 @@ class PCAWhitening(nn.Module):
         self.register_buffer("bias", torch.zeros(self.out_dim))
 
     @classmethod
-    def from_params(cls, params: PCAParams, whiten: bool = True) -> "PCAWhitening":
+    def from_params(cls, params: PCAParams, whiten: bool = True) -> PCAWhitening:
         W, b = params.affine(whiten)
         layer = cls(params.in_dim, params.out_dim)
         layer.set_affine(W, b)
@@ -132,8 +134,9 @@ class PCAWhitening(nn.Module):
         W = torch.as_tensor(np.asarray(W), dtype=torch.float32)
         b = torch.as_tensor(np.asarray(b), dtype=torch.float32).reshape(-1)
         if tuple(W.shape) != (self.out_dim, self.in_dim) or tuple(b.shape) != (self.out_dim,):
-            raise WeightsError(f"PCA shapes W {tuple(W.shape)}, b {tuple(b.shape)} do not fit a "
-                               f"{self.in_dim} -> {self.out_dim} layer")
+            raise WeightsError(
+                f"PCA shapes W {tuple(W.shape)}, b {tuple(b.shape)} do not fit a {self.in_dim} -> {self.out_dim} layer"
+            )
         self.weight.copy_(W)
         self.bias.copy_(b)
 
@@ -162,8 +165,10 @@ def read_openibl_pca_h5(path: str | Path) -> PCAParams:
         with h5py.File(path, "r") as f:
             missing = [k for k in ("U", "lams", "mu") if k not in f]
             if missing:
-                raise WeightsError(f"{path}: not an OpenIBL PCA file (missing {', '.join(missing)}; "
-                                   f"found {', '.join(sorted(f.keys())) or 'nothing'})")
+                raise WeightsError(
+                    f"{path}: not an OpenIBL PCA file (missing {', '.join(missing)}; "
+                    f"found {', '.join(sorted(f.keys())) or 'nothing'})"
+                )
             U = np.asarray(f["U"], dtype=np.float64)
             lams = np.asarray(f["lams"], dtype=np.float64).reshape(-1)
             mu = np.asarray(f["mu"], dtype=np.float64).reshape(-1)
@@ -179,9 +184,8 @@ def write_openibl_pca_h5(params: PCAParams, path: str | Path) -> None:
     h5py = _h5py()
     from placerank.utils import atomic_path
 
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("U", data=params.U.astype(np.float32))
-            f.create_dataset("lams", data=params.lams.astype(np.float32))
-            f.create_dataset("mu", data=params.mu.astype(np.float32).reshape(-1, 1))
-            f.create_dataset("Utmu", data=(params.U.T @ params.mu).astype(np.float32).reshape(-1, 1))
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("U", data=params.U.astype(np.float32))
+        f.create_dataset("lams", data=params.lams.astype(np.float32))
+        f.create_dataset("mu", data=params.mu.astype(np.float32).reshape(-1, 1))
+        f.create_dataset("Utmu", data=(params.U.T @ params.mu).astype(np.float32).reshape(-1, 1))

@@ -24,16 +24,15 @@ from __future__ import annotations
 
 import os
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from placerank.data.images import normalize_image_size
-from placerank.data.images import Preprocess
+from placerank.data.images import Preprocess, normalize_image_size
 from placerank.errors import WeightsError
 from placerank.models.backbones import DINOV2_CONFIGS, DinoV2Backbone, EfficientNetBackbone
 from placerank.models.base import BackboneOutput, LocalFeatures, VPRModel
@@ -43,7 +42,7 @@ from placerank.models.registry import register_model
 from placerank.models.weights import resolve_weights
 from placerank.utils import file_sha256
 
-ADAPTER_RATIO = 0.5   # bottleneck width / block width (every official instantiation passes 0.5)
+ADAPTER_RATIO = 0.5  # bottleneck width / block width (every official instantiation passes 0.5)
 PARALLEL_SCALE = 0.2  # constant factor on the parallel adapter's output
 EFFNET_VARIANT = "tf_efficientnet_lite0"
 # timm's tf_ EfficientNets expect inputs in [-1, 1]; 360x640 keeps the 16:9 street-view aspect
@@ -61,6 +60,7 @@ def is_trainable_name(name: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Adapters
 # ---------------------------------------------------------------------------------------------
+
 
 class Adapter(nn.Module):
     """Bottleneck MLP ``D_fc2(ReLU(D_fc1(h)))``, plus ``h`` when ``skip`` (the serial adapter).
@@ -104,7 +104,9 @@ class SelaViTBlock(nn.Module):
 _ADAPTED_CLASSES: dict[type, type] = {}
 
 
-def adapt_vit_block(block: nn.Module, dim: int, ratio: float = ADAPTER_RATIO, scale: float = PARALLEL_SCALE) -> nn.Module:
+def adapt_vit_block(
+    block: nn.Module, dim: int, ratio: float = ADAPTER_RATIO, scale: float = PARALLEL_SCALE
+) -> nn.Module:
     """Add ``adapter1``/``adapter2`` to an already-built timm ``Block`` in place.
 
     The block keeps its own class and parameter names (``norm1``, ``attn.qkv``, ``ls1.gamma``...,
@@ -118,7 +120,9 @@ def adapt_vit_block(block: nn.Module, dim: int, ratio: float = ADAPTER_RATIO, sc
     cls = type(block)
     if not issubclass(cls, SelaViTBlock):
         if cls not in _ADAPTED_CLASSES:
-            _ADAPTED_CLASSES[cls] = type(f"SelaVPR{cls.__name__}", (cls, SelaViTBlock), {"forward": _adapted_block_forward})
+            _ADAPTED_CLASSES[cls] = type(
+                f"SelaVPR{cls.__name__}", (cls, SelaViTBlock), {"forward": _adapted_block_forward}
+            )
         block.__class__ = _ADAPTED_CLASSES[cls]
     return block
 
@@ -126,8 +130,13 @@ def adapt_vit_block(block: nn.Module, dim: int, ratio: float = ADAPTER_RATIO, sc
 class SelaViTBackbone(DinoV2Backbone):
     """DINOv2 ViT (Meta's parameter names) with SelaVPR adapters in every block."""
 
-    def __init__(self, arch: str = "vitl14", num_register_tokens: int = 0,
-                 ratio: float = ADAPTER_RATIO, scale: float = PARALLEL_SCALE):
+    def __init__(
+        self,
+        arch: str = "vitl14",
+        num_register_tokens: int = 0,
+        ratio: float = ADAPTER_RATIO,
+        scale: float = PARALLEL_SCALE,
+    ):
         super().__init__(arch, num_register_tokens=num_register_tokens, interpolate_offset=0.1)
         for blk in self.blocks:
             adapt_vit_block(blk, self.embed_dim, ratio, scale)
@@ -152,8 +161,9 @@ class SelaViTBackbone(DinoV2Backbone):
         missing, unexpected = sorted(frozen - set(sd)), sorted(set(sd) - frozen)
         bad_shape = sorted(k for k in frozen & set(sd) if tuple(sd[k].shape) != tuple(own[k].shape))
         if missing or unexpected or bad_shape:
-            raise WeightsError(f"{_name(path)}: not a DINOv2 {self.arch} checkpoint "
-                               f"({_diff_text(missing, unexpected, bad_shape)})")
+            raise WeightsError(
+                f"{_name(path)}: not a DINOv2 {self.arch} checkpoint ({_diff_text(missing, unexpected, bad_shape)})"
+            )
         full = {k: (sd[k] if k in sd else v) for k, v in own.items()}
         self.load_state_dict(full, strict=True)
 
@@ -203,9 +213,15 @@ class SelaEffNetBackbone(nn.Module):
     part of the frozen backbone; batches of 16 street images would corrupt them).
     """
 
-    def __init__(self, variant: str = EFFNET_VARIANT, adapt_stages: Sequence[int] = (5, 6),
-                 adapt_head: bool = True, ratio: float = ADAPTER_RATIO, scale: float = PARALLEL_SCALE,
-                 base: EfficientNetBackbone | None = None):
+    def __init__(
+        self,
+        variant: str = EFFNET_VARIANT,
+        adapt_stages: Sequence[int] = (5, 6),
+        adapt_head: bool = True,
+        ratio: float = ADAPTER_RATIO,
+        scale: float = PARALLEL_SCALE,
+        base: EfficientNetBackbone | None = None,
+    ):
         super().__init__()
         self.net = (base or EfficientNetBackbone(variant)).net
         self.variant = variant
@@ -265,6 +281,7 @@ class SelaEffNetBackbone(nn.Module):
 # The model
 # ---------------------------------------------------------------------------------------------
 
+
 class SelaVPRModel(VPRModel):
     """Adapted backbone + GeM (L2 before pool) + ``LocalAdapt`` up-convolution head.
 
@@ -276,8 +293,7 @@ class SelaVPRModel(VPRModel):
     local_dim = 128
 
     def __init__(self, name: str, backbone: nn.Module, preprocess: Preprocess):
-        super().__init__(name, backbone, GeM(p=3.0, eps=1e-6, normalize_input=True), preprocess,
-                         backbone.out_channels)
+        super().__init__(name, backbone, GeM(p=3.0, eps=1e-6, normalize_input=True), preprocess, backbone.out_channels)
         self.LocalAdapt = UpConvLocalHead(backbone.out_channels, 256, self.local_dim, names=("upconv1", "upconv2"))
         self.freeze_backbone()
 
@@ -334,14 +350,18 @@ class SelaVPRModel(VPRModel):
     def describe(self) -> dict:
         d = super().describe()
         gh, gw = self.grid_size()
-        d.update(local_dim=self.local_dim, local_grid=[gh, gw],
-                 trainable_params=sum(p.numel() for p in self.trainable_parameters()))
+        d.update(
+            local_dim=self.local_dim,
+            local_grid=[gh, gw],
+            trainable_params=sum(p.numel() for p in self.trainable_parameters()),
+        )
         return d
 
 
 # ---------------------------------------------------------------------------------------------
 # Official checkpoint (SelaVPR_msls.pth, SelaVPR_pitts30k.pth, SelaVPR_reg4_msls.pth)
 # ---------------------------------------------------------------------------------------------
+
 
 def _numpy_safe_globals() -> list:
     """The numpy objects inside the official container (``recalls`` array, ``best_r5`` scalar).
@@ -400,11 +420,14 @@ def read_torch_file(path: str | Path, allow_pickle: bool | None = None):
             try:
                 return _load(False, False)
             except Exception as e2:
-                raise WeightsError(f"{path}: cannot read weights ({type(e2).__name__}: {str(e2).splitlines()[0][:120]})") from None
+                raise WeightsError(
+                    f"{path}: cannot read weights ({type(e2).__name__}: {str(e2).splitlines()[0][:120]})"
+                ) from None
         try:
             names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-            allowed = {f"{o.__module__}.{o.__qualname__}" if not isinstance(o, tuple) else o[1]
-                       for o in _numpy_safe_globals()}
+            allowed = {
+                f"{o.__module__}.{o.__qualname__}" if not isinstance(o, tuple) else o[1] for o in _numpy_safe_globals()
+            }
             names = [n for n in names if n not in allowed]
         except Exception:
             names = []
@@ -416,7 +439,9 @@ def read_torch_file(path: str | Path, allow_pickle: bool | None = None):
     except WeightsError:
         raise
     except Exception as e:
-        raise WeightsError(f"{path}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        raise WeightsError(
+            f"{path}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        ) from None
 
 
 def _name(path) -> str:
@@ -442,7 +467,7 @@ def official_state_dict(obj, path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"{path}: not a SelaVPR checkpoint (expected a dict with 'model_state_dict')")
     if obj and all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
     return dict(obj)
 
 
@@ -481,8 +506,9 @@ def map_official_keys(sd: dict[str, torch.Tensor], arch: str, path) -> dict[str,
     return {("aggregator.p" if k == "aggregation.1.p" else k): v for k, v in sd.items()}
 
 
-def load_official_selavpr(path: str | Path, arch: str = "vitl14", image_size=None,
-                          allow_pickle: bool | None = None, obj=None) -> SelaVPRModel:
+def load_official_selavpr(
+    path: str | Path, arch: str = "vitl14", image_size=None, allow_pickle: bool | None = None, obj=None
+) -> SelaVPRModel:
     """Build ``selavpr-<arch>`` from a released SelaVPR ``.pth`` and load it strictly.
 
     The model is built on the ``meta`` device and the checkpoint's (memory-mapped) tensors are
@@ -503,7 +529,9 @@ def load_official_selavpr(path: str | Path, arch: str = "vitl14", image_size=Non
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     bad_shape = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
     if missing or unexpected or bad_shape:
-        raise WeightsError(f"{path}: checkpoint does not match selavpr-{arch} ({_diff_text(missing, unexpected, bad_shape)})")
+        raise WeightsError(
+            f"{path}: checkpoint does not match selavpr-{arch} ({_diff_text(missing, unexpected, bad_shape)})"
+        )
     sd = {k: (v if v.dtype == own[k].dtype else v.to(own[k].dtype)) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
@@ -513,7 +541,9 @@ def load_official_selavpr(path: str | Path, arch: str = "vitl14", image_size=Non
     model.weights_source = f"{Path(path).name} sha256:{file_sha256(path)[:12]} (official SelaVPR)"
     model.official_sanity = {
         "gem_p": float(model.aggregator.p.detach().float().item()),
-        "adapters_nonzero": bool(any(float(b.adapter1.D_fc2.weight.detach().abs().max()) > 0 for b in model.backbone.blocks)),
+        "adapters_nonzero": bool(
+            any(float(b.adapter1.D_fc2.weight.detach().abs().max()) > 0 for b in model.backbone.blocks)
+        ),
     }
     model.invalidate_weights_id()
     return model
@@ -522,7 +552,6 @@ def load_official_selavpr(path: str | Path, arch: str = "vitl14", image_size=Non
 # ---------------------------------------------------------------------------------------------
 # Factories
 # ---------------------------------------------------------------------------------------------
-
 
 
 def _build_vit(name: str, arch: str, image_size, num_register_tokens: int = 0) -> SelaVPRModel:
@@ -553,8 +582,15 @@ def _load_trained(weights, name: str, image_size) -> SelaVPRModel:
     return model
 
 
-def _vit_factory(name: str, arch: str, weights=None, image_size=None, pretrained: bool = True,
-                 num_register_tokens: int = 0, allow_pickle: bool | None = None) -> SelaVPRModel:
+def _vit_factory(
+    name: str,
+    arch: str,
+    weights=None,
+    image_size=None,
+    pretrained: bool = True,
+    num_register_tokens: int = 0,
+    allow_pickle: bool | None = None,
+) -> SelaVPRModel:
     """``weights``: a placerank checkpoint, an official SelaVPR ``.pth`` or Meta's DINOv2
     ``.pth`` (adapters then start at zero). Default: ``SelaVPR_msls.pth`` for ViT-L, else Meta's
     ``dinov2_<arch>_pretrain.pth``, from the weights folder."""
@@ -583,13 +619,21 @@ def _vit_factory(name: str, arch: str, weights=None, image_size=None, pretrained
     regs = int(obj["register_tokens"].shape[1]) if "register_tokens" in obj else num_register_tokens
     model = _build_vit(name, arch, image_size, regs)
     model.backbone.load_meta_checkpoint(obj)
-    model.weights_source = f"{Path(weights).name} sha256:{file_sha256(weights)[:12]} (DINOv2 backbone; adapters and heads untrained)"
+    model.weights_source = (
+        f"{Path(weights).name} sha256:{file_sha256(weights)[:12]} (DINOv2 backbone; adapters and heads untrained)"
+    )
     model.invalidate_weights_id()
     return model
 
 
-def _effnet_factory(name: str, weights=None, image_size=None, pretrained: bool = True,
-                    adapt_stages: Sequence[int] = (5, 6), adapt_head: bool = True) -> SelaVPRModel:
+def _effnet_factory(
+    name: str,
+    weights=None,
+    image_size=None,
+    pretrained: bool = True,
+    adapt_stages: Sequence[int] = (5, 6),
+    adapt_head: bool = True,
+) -> SelaVPRModel:
     """``weights``: a placerank checkpoint (a trained run's ``model.pt``) or ImageNet
     EfficientNet-Lite0 weights in timm layout (default: from the weights folder)."""
     from placerank.models.zoo import effnet_backbone
@@ -604,9 +648,11 @@ def _effnet_factory(name: str, weights=None, image_size=None, pretrained: bool =
 
 
 for _arch in ("vits14", "vitb14", "vitl14"):
-    def _f(weights=None, image_size=None, pretrained=True, num_register_tokens=0, allow_pickle=None,
-           _arch=_arch):
-        return _vit_factory(f"selavpr-{_arch}", _arch, weights, image_size, pretrained, num_register_tokens, allow_pickle)
+
+    def _f(weights=None, image_size=None, pretrained=True, num_register_tokens=0, allow_pickle=None, _arch=_arch):
+        return _vit_factory(
+            f"selavpr-{_arch}", _arch, weights, image_size, pretrained, num_register_tokens, allow_pickle
+        )
 
     register_model(
         f"selavpr-{_arch}",
@@ -617,7 +663,9 @@ for _arch in ("vits14", "vitb14", "vitl14"):
     )(_f)
 
 
-@register_model("selavpr-effnet-lite0",
-                "SelaVPR on EfficientNet-Lite0 (ImageNet, frozen) + parallel conv adapters, GeM 1280-d + dense 128-d local features")
+@register_model(
+    "selavpr-effnet-lite0",
+    "SelaVPR on EfficientNet-Lite0 (ImageNet, frozen) + parallel conv adapters, GeM 1280-d + dense 128-d local features",
+)
 def _selavpr_effnet(weights=None, image_size=None, pretrained=True, adapt_stages=(5, 6), adapt_head=True):
     return _effnet_factory("selavpr-effnet-lite0", weights, image_size, pretrained, adapt_stages, adapt_head)

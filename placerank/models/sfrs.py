@@ -33,8 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from placerank.data.images import normalize_image_size
-from placerank.data.images import Preprocess
+from placerank.data.images import Preprocess, normalize_image_size
 from placerank.errors import WeightsError
 from placerank.models.base import BackboneOutput, VPRModel
 from placerank.models.netvlad import NetVLAD
@@ -42,8 +41,9 @@ from placerank.models.pca import PCAParams, PCAWhitening, read_openibl_pca_h5
 from placerank.models.registry import register_model
 from placerank.utils import file_sha256
 
-SFRS_VGG16_PREPROCESS = Preprocess(size=(480, 640), mean=(0.48501961, 0.45795686, 0.40760392),
-                                   std=(1 / 255, 1 / 255, 1 / 255))
+SFRS_VGG16_PREPROCESS = Preprocess(
+    size=(480, 640), mean=(0.48501961, 0.45795686, 0.40760392), std=(1 / 255, 1 / 255, 1 / 255)
+)
 # timm's tf_ EfficientNets expect [-1, 1] inputs; 352 x 640 -> a 22 x 40 stride-16 map.
 SFRS_EFFNET_PREPROCESS = Preprocess(size=(352, 640), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
@@ -56,6 +56,7 @@ PCA_DIM_VGG16 = 4096
 # ---------------------------------------------------------------------------------------------
 # Backbones split into a frozen stem and a trainable last stage
 # ---------------------------------------------------------------------------------------------
+
 
 class SFRSBackbone(nn.Module):
     """A CNN cut at a stride-16 map, split so training can run (and cache) the frozen part
@@ -158,6 +159,7 @@ class EffNetStride16(SFRSBackbone):
 # The model
 # ---------------------------------------------------------------------------------------------
 
+
 class SFRSModel(VPRModel):
     """Backbone + NetVLAD + optional PCA-whitening; also gives the 9 SFRS region descriptors.
 
@@ -165,8 +167,15 @@ class SFRSModel(VPRModel):
     placerank checkpoints: ``pca_dim`` decides whether a PCA layer exists and its size).
     """
 
-    def __init__(self, name: str, backbone: SFRSBackbone, vlad: NetVLAD, preprocess: Preprocess,
-                 pca_dim: int | None = None, model_kwargs: dict | None = None):
+    def __init__(
+        self,
+        name: str,
+        backbone: SFRSBackbone,
+        vlad: NetVLAD,
+        preprocess: Preprocess,
+        pca_dim: int | None = None,
+        model_kwargs: dict | None = None,
+    ):
         super().__init__(name, backbone, vlad, preprocess, pca_dim or vlad.output_dim)
         self.pca = PCAWhitening(vlad.output_dim, pca_dim) if pca_dim else None
         self.model_kwargs = dict(model_kwargs or {})
@@ -243,8 +252,10 @@ class SFRSModel(VPRModel):
 # OpenIBL checkpoints (strict)
 # ---------------------------------------------------------------------------------------------
 
-def openibl_vgg16_key_table(prefix: str = "", with_pca: bool = True, num_clusters: int = 64,
-                            pca_dim: int = PCA_DIM_VGG16) -> dict[str, tuple[int, ...]]:
+
+def openibl_vgg16_key_table(
+    prefix: str = "", with_pca: bool = True, num_clusters: int = 64, pca_dim: int = PCA_DIM_VGG16
+) -> dict[str, tuple[int, ...]]:
     """The exact key -> shape table of OpenIBL's VGG16-NetVLAD state_dicts (hub layout with
     ``with_pca``; training checkpoints use ``prefix='module.'`` and no PCA)."""
     table: dict[str, tuple[int, ...]] = {}
@@ -275,15 +286,19 @@ def _safe_torch_load(path: Path):
         with torch.serialization.safe_globals(safe):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise WeightsError(f"{path}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        raise WeightsError(
+            f"{path}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        ) from None
 
 
 def _check_exact(path: Path, sd: dict, table: dict, what: str) -> None:
     missing = [k for k in table if k not in sd]
     extra = [k for k in sd if k not in table]
     if missing or extra:
-        raise WeightsError(f"{path}: not {what} ({len(missing)} missing keys e.g. {missing[:1]}, "
-                           f"{len(extra)} unexpected e.g. {extra[:1]})")
+        raise WeightsError(
+            f"{path}: not {what} ({len(missing)} missing keys e.g. {missing[:1]}, "
+            f"{len(extra)} unexpected e.g. {extra[:1]})"
+        )
     for k, shape in table.items():
         if tuple(sd[k].shape) != shape:
             raise WeightsError(f"{path}: {k} has shape {tuple(sd[k].shape)}, expected {shape}")
@@ -329,8 +344,9 @@ def _load_strict(model: nn.Module, state: dict, path: Path) -> None:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise WeightsError(f"{path}: does not match {getattr(model, 'name', 'the model')} "
-                           f"({str(e).splitlines()[0][:160]})") from None
+        raise WeightsError(
+            f"{path}: does not match {getattr(model, 'name', 'the model')} ({str(e).splitlines()[0][:160]})"
+        ) from None
 
 
 def load_openibl_hub(path: str | Path, image_size=None) -> SFRSModel:
@@ -340,7 +356,9 @@ def load_openibl_hub(path: str | Path, image_size=None) -> SFRSModel:
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     pca_dim = int(sd["pca_layer.weight"].shape[0]) if "pca_layer.weight" in sd else PCA_DIM_VGG16
-    _check_exact(path, sd, openibl_vgg16_key_table(with_pca=True, pca_dim=pca_dim), "OpenIBL's vgg16_netvlad.pth (hub layout)")
+    _check_exact(
+        path, sd, openibl_vgg16_key_table(with_pca=True, pca_dim=pca_dim), "OpenIBL's vgg16_netvlad.pth (hub layout)"
+    )
     model = build_sfrs_vgg16(pca_dim=pca_dim, image_size=image_size)
     state = _vgg16_state(sd, "")
     state["pca.weight"] = sd["pca_layer.weight"].reshape(pca_dim, VLAD_DIM_VGG16)
@@ -350,8 +368,9 @@ def load_openibl_hub(path: str | Path, image_size=None) -> SFRSModel:
     return model
 
 
-def load_openibl_training_checkpoint(path: str | Path, pca: str | Path | None = None, whiten: bool = True,
-                                     pca_dim: int = PCA_DIM_VGG16, image_size=None) -> SFRSModel:
+def load_openibl_training_checkpoint(
+    path: str | Path, pca: str | Path | None = None, whiten: bool = True, pca_dim: int = PCA_DIM_VGG16, image_size=None
+) -> SFRSModel:
     """An OpenIBL training checkpoint (``state_dict`` wrapper optional, ``module.`` prefix
     optional, no PCA) plus an optional PCA ``.h5`` (``pca`` or ``pca_params_<name>.h5`` beside
     it): W = diag(lams^-1/2) U^T (U^T with ``whiten=False``), b = -W mu over the first
@@ -362,8 +381,9 @@ def load_openibl_training_checkpoint(path: str | Path, pca: str | Path | None = 
     if not isinstance(sd, dict):
         raise WeightsError(f"{path}: expected a state_dict, found {type(sd).__name__}")
     prefix = "module." if any(k.startswith("module.") for k in sd) else ""
-    _check_exact(path, sd, openibl_vgg16_key_table(prefix=prefix, with_pca=False),
-                 "an OpenIBL VGG16-NetVLAD training checkpoint")
+    _check_exact(
+        path, sd, openibl_vgg16_key_table(prefix=prefix, with_pca=False), "an OpenIBL VGG16-NetVLAD training checkpoint"
+    )
     pca_path = Path(pca) if pca is not None else _pca_h5_beside(path)
     params = None
     if pca_path is not None:
@@ -410,12 +430,13 @@ def export_openibl_hub(model: SFRSModel, path: str | Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-
 def check_even_map(size: tuple[int, int], stride: int = 16) -> None:
     h, w = size
     if h % (2 * stride) or w % (2 * stride):
-        raise WeightsError(f"SFRS input {h}x{w} gives a {h // stride}x{w // stride}-ish feature map; the region "
-                           f"quarters need an even map: use multiples of {2 * stride} px (e.g. 352 640)")
+        raise WeightsError(
+            f"SFRS input {h}x{w} gives a {h // stride}x{w // stride}-ish feature map; the region "
+            f"quarters need an even map: use multiples of {2 * stride} px (e.g. 352 640)"
+        )
 
 
 def build_sfrs_vgg16(pca_dim: int | None = None, image_size=None, num_clusters: int = 64) -> SFRSModel:
@@ -425,8 +446,14 @@ def build_sfrs_vgg16(pca_dim: int | None = None, image_size=None, num_clusters: 
     kwargs = {"num_clusters": num_clusters}
     if normalize_image_size(image_size):
         kwargs["image_size"] = list(size)
-    return SFRSModel("sfrs-vgg16", VGG16Conv5(), NetVLAD(num_clusters, 512), SFRS_VGG16_PREPROCESS.with_size(size),
-                     pca_dim=pca_dim, model_kwargs=kwargs)
+    return SFRSModel(
+        "sfrs-vgg16",
+        VGG16Conv5(),
+        NetVLAD(num_clusters, 512),
+        SFRS_VGG16_PREPROCESS.with_size(size),
+        pca_dim=pca_dim,
+        model_kwargs=kwargs,
+    )
 
 
 def _load_placerank(weights, name, image_size):
@@ -439,15 +466,27 @@ def _load_placerank(weights, name, image_size):
     return model
 
 
-VGG16_WEIGHTS_HELP = ("sfrs-vgg16 needs --weights: OpenIBL's vgg16_netvlad.pth, an OpenIBL training checkpoint "
-                      "(+ pca_params_*.h5 beside it), the MatConvNet VGG16 state_dict vd16_offtheshelf_conv5_3_max.pth "
-                      "('0.weight'..'28.bias') or a placerank sfrs checkpoint")
+VGG16_WEIGHTS_HELP = (
+    "sfrs-vgg16 needs --weights: OpenIBL's vgg16_netvlad.pth, an OpenIBL training checkpoint "
+    "(+ pca_params_*.h5 beside it), the MatConvNet VGG16 state_dict vd16_offtheshelf_conv5_3_max.pth "
+    "('0.weight'..'28.bias') or a placerank sfrs checkpoint"
+)
 
 
-@register_model("sfrs-vgg16", "SFRS: VGG16 conv5_3 + NetVLAD(64) + PCA-whitening 4096-d, MatConvNet input 480x640 "
-                              "(weights: OpenIBL vgg16_netvlad.pth / training checkpoint + PCA h5 / MatConvNet VGG16 via --weights)")
-def sfrs_vgg16(weights=None, image_size=None, pretrained: bool = True, pca_dim: int | None = None,
-               num_clusters: int = 64, pca: str | None = None, whiten: bool = True) -> SFRSModel:
+@register_model(
+    "sfrs-vgg16",
+    "SFRS: VGG16 conv5_3 + NetVLAD(64) + PCA-whitening 4096-d, MatConvNet input 480x640 "
+    "(weights: OpenIBL vgg16_netvlad.pth / training checkpoint + PCA h5 / MatConvNet VGG16 via --weights)",
+)
+def sfrs_vgg16(
+    weights=None,
+    image_size=None,
+    pretrained: bool = True,
+    pca_dim: int | None = None,
+    num_clusters: int = 64,
+    pca: str | None = None,
+    whiten: bool = True,
+) -> SFRSModel:
     from placerank.models.checkpoints import is_placerank_checkpoint
 
     if not pretrained:  # architecture only (placerank checkpoint reload)
@@ -468,8 +507,11 @@ def sfrs_vgg16(weights=None, image_size=None, pretrained: bool = True, pca_dim: 
         return load_openibl_training_checkpoint(path, pca=pca, whiten=whiten, image_size=image_size)
     if layout == "matconvnet":
         model = build_sfrs_vgg16(image_size=image_size, num_clusters=num_clusters)
-        table = {f"{i}.{p}": tuple(model.backbone.base[i].state_dict()[p].shape)
-                 for i in VGG16_CONV_INDICES for p in ("weight", "bias")}
+        table = {
+            f"{i}.{p}": tuple(model.backbone.base[i].state_dict()[p].shape)
+            for i in VGG16_CONV_INDICES
+            for p in ("weight", "bias")
+        }
         _check_exact(path, inner, table, "a MatConvNet VGG16 state_dict ('0.weight'..'28.bias')")
         try:
             model.backbone.base.load_state_dict(inner, strict=True)
@@ -480,28 +522,49 @@ def sfrs_vgg16(weights=None, image_size=None, pretrained: bool = True, pca_dim: 
     raise WeightsError(f"{path}: unrecognised weights for sfrs-vgg16 ({VGG16_WEIGHTS_HELP.split(': ', 1)[1]})")
 
 
-def build_sfrs_effnet(variant: str = "tf_efficientnet_lite0", name: str = "sfrs-effnet-lite0", weights=None,
-                      pretrained: bool = True, pca_dim: int | None = None, image_size=None,
-                      num_clusters: int = 64) -> SFRSModel:
+def build_sfrs_effnet(
+    variant: str = "tf_efficientnet_lite0",
+    name: str = "sfrs-effnet-lite0",
+    weights=None,
+    pretrained: bool = True,
+    pca_dim: int | None = None,
+    image_size=None,
+    num_clusters: int = 64,
+) -> SFRSModel:
     size = normalize_image_size(image_size) or SFRS_EFFNET_PREPROCESS.size
     check_even_map(size)
     bb = EffNetStride16(variant, weights, pretrained)
     kwargs = {"num_clusters": num_clusters}
     if normalize_image_size(image_size):
         kwargs["image_size"] = list(size)
-    model = SFRSModel(name, bb, NetVLAD(num_clusters, bb.out_channels), SFRS_EFFNET_PREPROCESS.with_size(size),
-                      pca_dim=pca_dim, model_kwargs=kwargs)
+    model = SFRSModel(
+        name,
+        bb,
+        NetVLAD(num_clusters, bb.out_channels),
+        SFRS_EFFNET_PREPROCESS.with_size(size),
+        pca_dim=pca_dim,
+        model_kwargs=kwargs,
+    )
     model.weights_source = bb.source
     return model
 
 
-@register_model("sfrs-effnet-lite0", "SFRS on EfficientNet-Lite0 (ImageNet): stride-16 stage (112 ch) + NetVLAD(64) "
-                                     "7168-d (+ PCA after training), input 352x640; trains here")
-def sfrs_effnet_lite0(weights=None, image_size=None, pretrained: bool = True, pca_dim: int | None = None,
-                      num_clusters: int = 64) -> SFRSModel:
+@register_model(
+    "sfrs-effnet-lite0",
+    "SFRS on EfficientNet-Lite0 (ImageNet): stride-16 stage (112 ch) + NetVLAD(64) "
+    "7168-d (+ PCA after training), input 352x640; trains here",
+)
+def sfrs_effnet_lite0(
+    weights=None, image_size=None, pretrained: bool = True, pca_dim: int | None = None, num_clusters: int = 64
+) -> SFRSModel:
     from placerank.models.checkpoints import is_placerank_checkpoint
 
     if weights is not None and is_placerank_checkpoint(weights):
         return _load_placerank(weights, "sfrs-effnet-lite0", image_size)
-    return build_sfrs_effnet(weights=weights, pretrained=pretrained, pca_dim=pca_dim or None,
-                             image_size=image_size, num_clusters=num_clusters)
+    return build_sfrs_effnet(
+        weights=weights,
+        pretrained=pretrained,
+        pca_dim=pca_dim or None,
+        image_size=image_size,
+        num_clusters=num_clusters,
+    )

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from placerank.data.images import normalize_image_size
-from placerank.data.images import Preprocess
+from placerank.data.images import Preprocess, normalize_image_size
 from placerank.errors import WeightsError
 from placerank.models.backbones import (
     EFFNET_WEIGHT_FILES,
@@ -33,9 +32,9 @@ EFFNET_PREPROCESS = Preprocess(size=(360, 640), mean=(0.5, 0.5, 0.5), std=(0.5, 
 DINOV2_PREPROCESS = Preprocess(size=(224, 224))
 
 
-
-
-def effnet_backbone(variant: str, weights=None, pretrained: bool = True, out_index: int = -1) -> tuple[EfficientNetBackbone, str]:
+def effnet_backbone(
+    variant: str, weights=None, pretrained: bool = True, out_index: int = -1
+) -> tuple[EfficientNetBackbone, str]:
     """Build an EfficientNet-Lite backbone with ImageNet weights; returns (backbone, source)."""
     bb = EfficientNetBackbone(variant, out_index=out_index)
     if not pretrained:
@@ -45,7 +44,9 @@ def effnet_backbone(variant: str, weights=None, pretrained: bool = True, out_ind
 
         path = packaged_effnet_weights(variant)
     else:
-        path = resolve_weights(EFFNET_WEIGHT_FILES[variant], weights, f"EfficientNet-{variant[-5:].capitalize()} ImageNet")
+        path = resolve_weights(
+            EFFNET_WEIGHT_FILES[variant], weights, f"EfficientNet-{variant[-5:].capitalize()} ImageNet"
+        )
     bb.load_imagenet(path)
     return bb, f"{Path(path).name} sha256:{file_sha256(path)[:12]}"
 
@@ -73,12 +74,16 @@ for _v in ("lite0", "lite1", "lite2"):
     def _gem(weights=None, image_size=None, pretrained=True, _variant=_variant, _n=f"effnet-{_v}-gem"):
         return _effnet_model(_n, _variant, "gem", weights, image_size, pretrained)
 
-    def _vlad(weights=None, image_size=None, pretrained=True, num_clusters=64, _variant=_variant, _n=f"effnet-{_v}-netvlad"):
+    def _vlad(
+        weights=None, image_size=None, pretrained=True, num_clusters=64, _variant=_variant, _n=f"effnet-{_v}-netvlad"
+    ):
         return _effnet_model(_n, _variant, "netvlad", weights, image_size, pretrained, num_clusters)
 
     register_model(f"effnet-{_v}-gem", f"EfficientNet-{_v.capitalize()} (ImageNet) + GeM, 1280-d")(_gem)
-    register_model(f"effnet-{_v}-netvlad",
-                   f"EfficientNet-{_v.capitalize()} last stage (320 ch) + NetVLAD(64), 20480-d, k-means init from data")(_vlad)
+    register_model(
+        f"effnet-{_v}-netvlad",
+        f"EfficientNet-{_v.capitalize()} last stage (320 ch) + NetVLAD(64), 20480-d, k-means init from data",
+    )(_vlad)
 
 
 def _dinov2_model(name, arch, aggregator_kind, weights, image_size, pretrained, num_clusters=64):
@@ -108,11 +113,21 @@ def _dinov2_model(name, arch, aggregator_kind, weights, image_size, pretrained, 
 
 for _arch in ("vits14", "vitb14", "vitl14"):
     for _agg in ("gem", "netvlad"):
-        def _factory(weights=None, image_size=None, pretrained=True, num_clusters=64, _arch=_arch, _agg=_agg,
-                     _n=f"dinov2-{_arch}-{_agg}"):
+
+        def _factory(
+            weights=None,
+            image_size=None,
+            pretrained=True,
+            num_clusters=64,
+            _arch=_arch,
+            _agg=_agg,
+            _n=f"dinov2-{_arch}-{_agg}",
+        ):
             return _dinov2_model(_n, _arch, _agg, weights, image_size, pretrained, num_clusters)
 
-        register_model(f"dinov2-{_arch}-{_agg}",
-                       f"DINOv2 {_arch} + {'GeM on L2-normalised patch tokens' if _agg == 'gem' else 'NetVLAD(64)'}"
-                       f" (weights: Meta dinov2_{_arch}_pretrain.pth via --weights)",
-                       trainable_here=False)(_factory)
+        register_model(
+            f"dinov2-{_arch}-{_agg}",
+            f"DINOv2 {_arch} + {'GeM on L2-normalised patch tokens' if _agg == 'gem' else 'NetVLAD(64)'}"
+            f" (weights: Meta dinov2_{_arch}_pretrain.pth via --weights)",
+            trainable_here=False,
+        )(_factory)

@@ -10,16 +10,15 @@ and appear in ``placerank eval --rerank NAME`` and ``benchmarks/rerank.py`` auto
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
 from placerank.data.images import Preprocess
-from placerank.errors import PlaceRankError
 from placerank.models.base import LocalFeatures
+from placerank.registry import Entry, Registry
+from placerank.rerank.topk import rerank_order  # noqa: F401  (re-exported)
 
 
 class Reranker:
@@ -34,7 +33,7 @@ class Reranker:
         """Identity of the stored local features (method, weights, input size)."""
         return f"{self.name}:{self.preprocess.signature()}"
 
-    def to(self, device: torch.device) -> "Reranker":
+    def to(self, device: torch.device) -> Reranker:
         return self
 
     def extract(self, images: torch.Tensor, original_sizes: Sequence[tuple[int, int]]) -> list[LocalFeatures]:
@@ -46,62 +45,21 @@ class Reranker:
         raise NotImplementedError
 
 
-def rerank_order(scores: np.ndarray) -> np.ndarray:
-    """Indices that sort candidates by descending score, ties kept in first-stage order."""
-    return np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+RERANKERS: Registry = Registry("re-ranker", "placerank.rerank", skip=("base",))
+RerankerEntry = Entry
 
 
-@dataclass(frozen=True)
-class RerankerEntry:
-    name: str
-    factory: Callable
-    description: str
-    needs_model: bool = False
-
-
-_RERANKERS: dict[str, RerankerEntry] = {}
-_PLUGIN_MODULES = (
-    "placerank.rerank.ransac",
-    "placerank.rerank.selavpr_mnn",
-    "placerank.rerank.fol_region",
-)
-_loaded = False
-
-
-def register_reranker(name: str, description: str, needs_model: bool = False):
+def register_reranker(name: str, description: str, needs_model: bool = False) -> Callable:
     """``needs_model``: the factory takes ``model=`` (a VPRModel whose local head it uses)."""
-
-    def deco(factory: Callable) -> Callable:
-        _RERANKERS[name] = RerankerEntry(name, factory, description, needs_model)
-        return factory
-
-    return deco
+    return RERANKERS.register(name, description, needs_model=needs_model)
 
 
-def _load_plugins() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    for mod in _PLUGIN_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
-
-
-def list_rerankers() -> list[RerankerEntry]:
-    _load_plugins()
-    return [_RERANKERS[k] for k in sorted(_RERANKERS)]
+def list_rerankers() -> list[Entry]:
+    return RERANKERS.entries()
 
 
 def create_reranker(name: str, model=None, **kwargs) -> Reranker:
-    _load_plugins()
-    if name not in _RERANKERS:
-        known = ", ".join(sorted(_RERANKERS)) or "none"
-        raise PlaceRankError(f"unknown re-ranker '{name}'; known re-rankers: {known}")
-    entry = _RERANKERS[name]
+    entry = RERANKERS.get(name)
     if entry.needs_model:
         return entry.factory(model=model, **kwargs)
     return entry.factory(**kwargs)

@@ -20,7 +20,7 @@ candidates: on GPU :func:`placerank.rerank.mnn.mnn_counts` (``bmm``), on CPU
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -31,8 +31,13 @@ from placerank.rerank.base import Reranker, register_reranker
 from placerank.rerank.mnn import mnn_counts
 
 
-def mnn_counts_cpu(query: np.ndarray, candidates: Sequence[np.ndarray], threshold: float | None = 0.7,
-                   min_matches: int = 0, max_chunk_mb: float = 256.0) -> np.ndarray:
+def mnn_counts_cpu(
+    query: np.ndarray,
+    candidates: Sequence[np.ndarray],
+    threshold: float | None = 0.7,
+    min_matches: int = 0,
+    max_chunk_mb: float = 256.0,
+) -> np.ndarray:
     """CPU scorer: mutual-NN counts (cosine > ``threshold``) of ``query`` (n_q, D) against each
     candidate set, equal to :func:`placerank.rerank.mnn.mnn_counts` (tested).
 
@@ -51,8 +56,8 @@ def mnn_counts_cpu(query: np.ndarray, candidates: Sequence[np.ndarray], threshol
     chunk = max(1, int(max_chunk_mb * 2**20 // (n_max * n_q * 4)))
     cols = np.arange(n_q)
     for start in range(0, len(candidates), chunk):
-        block = candidates[start:start + chunk]
-        bl = lens[start:start + len(block)]
+        block = candidates[start : start + chunk]
+        bl = lens[start : start + len(block)]
         m = int(bl.max())
         if m == 0:
             continue
@@ -61,19 +66,19 @@ def mnn_counts_cpu(query: np.ndarray, candidates: Sequence[np.ndarray], threshol
         else:
             C = np.zeros((len(block), m, q.shape[1]), np.float32)
             for b, c in enumerate(block):
-                C[b, :len(c)] = c
+                C[b, : len(c)] = c
         S = torch.mm(torch.from_numpy(C.reshape(-1, q.shape[1])), qt_t).numpy().reshape(len(block), m, n_q)
         if not (bl == m).all():
             S[np.arange(m)[None, :] >= bl[:, None]] = -np.inf
-        best_q = S.argmax(axis=2)                       # (k, m): query column per candidate row
-        best_c = S.argmax(axis=1)                       # (k, n_q): candidate row per query column
+        best_q = S.argmax(axis=2)  # (k, m): query column per candidate row
+        best_c = S.argmax(axis=1)  # (k, n_q): candidate row per query column
         mutual = np.take_along_axis(best_q, best_c, axis=1) == cols[None, :]
         if threshold is not None:
             sim = np.take_along_axis(S, best_c[:, None, :], axis=1)[:, 0, :]
             mutual &= sim > threshold
         counts = mutual.sum(axis=1)
         counts[bl == 0] = 0
-        out[start:start + len(block)] = counts
+        out[start : start + len(block)] = counts
     out[out < min_matches] = 0
     return out
 
@@ -81,14 +86,22 @@ def mnn_counts_cpu(query: np.ndarray, candidates: Sequence[np.ndarray], threshol
 class FoLRegionReranker(Reranker):
     name = "fol-region"
 
-    def __init__(self, model, threshold: float = 0.7, mode: str | None = None, num_regions: int | None = None,
-                 chunk: int = 128, min_matches: int = 0):
+    def __init__(
+        self,
+        model,
+        threshold: float = 0.7,
+        mode: str | None = None,
+        num_regions: int | None = None,
+        chunk: int = 128,
+        min_matches: int = 0,
+    ):
         from placerank.models.fol import LOCAL_MODES, FoLModel
 
         if not isinstance(model, FoLModel):
             got = getattr(model, "name", None) or type(model).__name__
             raise PlaceRankError(
-                f"--rerank fol-region needs a FoL model (fol-effnet-lite0, fol-vitb14, fol-vitl14), got '{got}'")
+                f"--rerank fol-region needs a FoL model (fol-effnet-lite0, fol-vitb14, fol-vitl14), got '{got}'"
+            )
         self.model = model
         self.mode = mode or model.cfg.local_mode
         if self.mode not in LOCAL_MODES:
@@ -102,10 +115,12 @@ class FoLRegionReranker(Reranker):
         self.device = next(model.parameters()).device
 
     def signature(self) -> str:
-        return (f"{self.name}:{self.model.name}:{self.model.weights_id}:{self.mode}:n{self.num_regions}:"
-                f"{self.preprocess.signature()}")
+        return (
+            f"{self.name}:{self.model.name}:{self.model.weights_id}:{self.mode}:n{self.num_regions}:"
+            f"{self.preprocess.signature()}"
+        )
 
-    def to(self, device) -> "FoLRegionReranker":
+    def to(self, device) -> FoLRegionReranker:
         self.device = torch.device(device)
         self.model.to(self.device)
         return self
@@ -116,8 +131,9 @@ class FoLRegionReranker(Reranker):
         self.model.eval()
         try:
             sizes = [tuple(int(v) for v in s) for s in original_sizes]
-            return self.model.local_features(images.to(self.device), sizes, mode=self.mode,
-                                             num_regions=self.num_regions)
+            return self.model.local_features(
+                images.to(self.device), sizes, mode=self.mode, num_regions=self.num_regions
+            )
         finally:
             self.model.train(was_training)
 
@@ -128,8 +144,14 @@ class FoLRegionReranker(Reranker):
         else:  # one batched bmm per chunk on the accelerator, chunk bounded to ~256 MB of similarities
             n_max = max([len(d) for d in descs] + [1])
             chunk = max(1, min(self.chunk, int(256 * 2**20 // (8 * n_max * max(1, len(query))))))
-            counts = mnn_counts(query.descriptors, descs, threshold=self.threshold, chunk=chunk,
-                                device=self.device, min_matches=self.min_matches)
+            counts = mnn_counts(
+                query.descriptors,
+                descs,
+                threshold=self.threshold,
+                chunk=chunk,
+                device=self.device,
+                min_matches=self.min_matches,
+            )
         return counts.astype(np.float64)
 
     def matches(self, query: LocalFeatures, candidate: LocalFeatures) -> np.ndarray:
@@ -144,8 +166,10 @@ class FoLRegionReranker(Reranker):
         return np.stack([i.numpy(), j.numpy()], axis=1).astype(np.int64)
 
 
-@register_reranker("fol-region",
-                   "FoL: count of mutual NNs (cos > 0.7) between top-225 region features (60 KB/image); "
-                   "needs a fol-* model", needs_model=True)
+@register_reranker(
+    "fol-region",
+    "FoL: count of mutual NNs (cos > 0.7) between top-225 region features (60 KB/image); needs a fol-* model",
+    needs_model=True,
+)
 def _fol_region(model=None, **kwargs) -> FoLRegionReranker:
     return FoLRegionReranker(model, **kwargs)

@@ -9,15 +9,20 @@ chunk and padded rows/columns can never be mutual (their similarity is masked to
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 
-def mnn_counts(query: np.ndarray | torch.Tensor, candidates: Sequence[np.ndarray | torch.Tensor],
-               threshold: float | None = None, chunk: int = 8, device: torch.device | str = "cpu",
-               min_matches: int = 0) -> np.ndarray:
+def mnn_counts(
+    query: np.ndarray | torch.Tensor,
+    candidates: Sequence[np.ndarray | torch.Tensor],
+    threshold: float | None = None,
+    chunk: int = 8,
+    device: torch.device | str = "cpu",
+    min_matches: int = 0,
+) -> np.ndarray:
     """Number of mutual nearest neighbours (optionally with cosine > ``threshold``) between the
     query set (n_q, D) and each candidate set (n_c, D). Returns int64 (K,).
 
@@ -30,7 +35,9 @@ def mnn_counts(query: np.ndarray | torch.Tensor, candidates: Sequence[np.ndarray
     if q.shape[0] == 0:
         return out
     for start in range(0, len(candidates), chunk):
-        block = [torch.as_tensor(np.asarray(c) if not torch.is_tensor(c) else c) for c in candidates[start:start + chunk]]
+        block = [
+            torch.as_tensor(np.asarray(c) if not torch.is_tensor(c) else c) for c in candidates[start : start + chunk]
+        ]
         lens = torch.tensor([b.shape[0] for b in block], device=device)
         n_max = int(lens.max().item()) if len(block) else 0
         if n_max == 0:
@@ -52,5 +59,5 @@ def mnn_counts(query: np.ndarray | torch.Tensor, candidates: Sequence[np.ndarray
         counts = mutual.sum(dim=1).cpu().numpy().astype(np.int64)
         counts[counts < min_matches] = 0
         counts[(lens == 0).cpu().numpy()] = 0  # an empty candidate has no matches (argmax of -inf is 0)
-        out[start:start + len(block)] = counts
+        out[start : start + len(block)] = counts
     return out

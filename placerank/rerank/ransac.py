@@ -16,19 +16,19 @@ is 640 px), ``confidence``, ``max_iters``, ``weights`` / ``matcher_weights`` (fi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
 from placerank.data.images import Preprocess, load_tensor
 from placerank.errors import PlaceRankError
-from placerank.localfeat.base import create_features, to_original_pixels
-from placerank.localfeat.matching import LighterGlue, VerifyConfig, mutual_nn_pairs, verify_pairs
 from placerank.models.base import LocalFeatures
+from placerank.models.localfeat.base import create_features, to_original_pixels
 from placerank.rerank.base import Reranker, register_reranker
+from placerank.rerank.matching import LighterGlue, VerifyConfig, mutual_nn_pairs, verify_pairs
 
 # The networks take RGB in [0, 1]: no mean/std normalisation (XFeat instance-normalises inside).
 # Images smaller than 32 px per side have no 8x8-cell / stride-32 structure left to detect on.
@@ -87,10 +87,12 @@ class RansacReranker(Reranker):
     def signature(self) -> str:
         """Stored features depend on the network, its weights, the keypoint budget and the input
         size; the matcher and RANSAC settings only affect scoring, so they are not part of it."""
-        return (f"{self.name}:{self.net.kind}-{self.net.config_id()}:w{self.net.weights_sha256[:12]}:"
-                f"k{self.config.max_keypoints}:{self.preprocess.signature()}")
+        return (
+            f"{self.name}:{self.net.kind}-{self.net.config_id()}:w{self.net.weights_sha256[:12]}:"
+            f"k{self.config.max_keypoints}:{self.preprocess.signature()}"
+        )
 
-    def to(self, device) -> "RansacReranker":
+    def to(self, device) -> RansacReranker:
         self.device = torch.device(device)
         self.net.to(self.device)
         if self.glue is not None:
@@ -107,12 +109,14 @@ class RansacReranker(Reranker):
         for r, orig in zip(raw, original_sizes):
             orig = (int(orig[0]), int(orig[1]))
             kp = r.keypoints.cpu().numpy().astype(np.float32)
-            out.append(LocalFeatures(
-                keypoints=to_original_pixels(kp, hw, orig),
-                descriptors=r.descriptors.cpu().numpy().astype(np.float32),
-                scores=r.scores.cpu().numpy().astype(np.float32),
-                image_size=orig,
-            ))
+            out.append(
+                LocalFeatures(
+                    keypoints=to_original_pixels(kp, hw, orig),
+                    descriptors=r.descriptors.cpu().numpy().astype(np.float32),
+                    scores=r.scores.cpu().numpy().astype(np.float32),
+                    image_size=orig,
+                )
+            )
         return out
 
     def extract_path(self, path: str | Path, keep_aspect: bool = True) -> LocalFeatures:
@@ -134,15 +138,17 @@ class RansacReranker(Reranker):
     # -- scoring ----------------------------------------------------------------------------------
     def putative(self, query: LocalFeatures, cand: LocalFeatures) -> np.ndarray:
         if self.glue is not None:
-            return self.glue.match(query.keypoints, query.descriptors, query.image_size,
-                                   cand.keypoints, cand.descriptors, cand.image_size)
+            return self.glue.match(
+                query.keypoints, query.descriptors, query.image_size, cand.keypoints, cand.descriptors, cand.image_size
+            )
         return mutual_nn_pairs(query.descriptors, cand.descriptors, self.device)
 
     def matches(self, query: LocalFeatures, cand: LocalFeatures) -> np.ndarray:
         """(P, 2) verified (query_idx, cand_idx) inlier pairs."""
         pairs = self.putative(query, cand)
-        inl = verify_pairs(query.keypoints, cand.keypoints, pairs, query.image_size, cand.image_size,
-                           self.config.verify)
+        inl = verify_pairs(
+            query.keypoints, cand.keypoints, pairs, query.image_size, cand.image_size, self.config.verify
+        )
         return pairs[inl]
 
     def score(self, query: LocalFeatures, candidates: Sequence[LocalFeatures]) -> np.ndarray:
@@ -161,11 +167,13 @@ def _make(features: str, matcher: str = "mnn", **kw) -> RansacReranker:
         vkw["min_matches"] = 8 if vkw["geometry"] == "fundamental" else 4
     verify = replace(verify, **vkw)
     cfg = RansacConfig(
-        features=features, matcher=matcher,
+        features=features,
+        matcher=matcher,
         max_keypoints=int(kw.get("max_keypoints", 2048)),
         image_size=_size(kw["image_size"]) if kw.get("image_size") is not None else DEFAULT_SIZE,
         verify=verify,
-        weights=kw.get("weights"), matcher_weights=kw.get("matcher_weights"),
+        weights=kw.get("weights"),
+        matcher_weights=kw.get("matcher_weights"),
     )
     return RansacReranker(cfg, device=device)
 

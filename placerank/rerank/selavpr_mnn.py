@@ -8,7 +8,7 @@ by that count, ties kept in first-stage order. No ratio test, threshold or geome
 Memory: the query-vs-candidate similarity tensor is built for a chunk of candidates at a time,
 with the chunk size derived from ``max_chunk_mb`` (one 3,721 x 3,721 fp32 matrix is 55 MB, a
 whole top-100 would be 5.5 GB), so any K runs in bounded memory on CPU or GPU. Database
-features live in the float16 :class:`~placerank.rerank.store.LocalFeatureStore` and are read
+features live in the float16 :class:`~placerank.descriptors.local_store.LocalFeatureStore` and are read
 only for the candidates; they are upcast to float32 before the matrix product.
 
 Options: ``max_chunk_mb`` (256), ``min_matches`` (2: a single mutual match scores 0, as in the
@@ -17,7 +17,7 @@ official code; 0 to count it).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -31,8 +31,7 @@ from placerank.rerank.mnn import mnn_counts
 class SelaVPRMNNReranker(Reranker):
     name = "selavpr-mnn"
 
-    def __init__(self, model, max_chunk_mb: float = 256.0, min_matches: int = 2,
-                 device: str | torch.device = "cpu"):
+    def __init__(self, model, max_chunk_mb: float = 256.0, min_matches: int = 2, device: str | torch.device = "cpu"):
         from placerank.models.selavpr import SelaVPRModel
 
         if not isinstance(model, SelaVPRModel):
@@ -52,7 +51,7 @@ class SelaVPRMNNReranker(Reranker):
         """Local features depend on the model's weights and input size, so both are in the key."""
         return f"{self.name}:{self.model.name}:{self.model.weights_id}:{self.preprocess.signature()}"
 
-    def to(self, device) -> "SelaVPRMNNReranker":
+    def to(self, device) -> SelaVPRMNNReranker:
         self.device = torch.device(device)
         self.model.to(self.device)
         return self
@@ -72,8 +71,13 @@ class SelaVPRMNNReranker(Reranker):
             return np.zeros(0, dtype=np.int64)
         n_c = max(len(c) for c in candidates)
         chunk = self.chunk_size(len(query), n_c)
-        return mnn_counts(query.descriptors, [c.descriptors for c in candidates], chunk=chunk,
-                          device=self.device, min_matches=self.min_matches)
+        return mnn_counts(
+            query.descriptors,
+            [c.descriptors for c in candidates],
+            chunk=chunk,
+            device=self.device,
+            min_matches=self.min_matches,
+        )
 
     def matches(self, query: LocalFeatures, candidate: LocalFeatures) -> np.ndarray:
         """(P, 2) int64 (query index, candidate index) of the mutual nearest neighbours — the
@@ -89,7 +93,10 @@ class SelaVPRMNNReranker(Reranker):
         return torch.stack([i, j], dim=1).cpu().numpy().astype(np.int64)
 
 
-@register_reranker("selavpr-mnn", "SelaVPR: count of mutual nearest neighbours between dense local features "
-                                  "(needs a selavpr-* model)", needs_model=True)
+@register_reranker(
+    "selavpr-mnn",
+    "SelaVPR: count of mutual nearest neighbours between dense local features (needs a selavpr-* model)",
+    needs_model=True,
+)
 def _selavpr_mnn(model=None, max_chunk_mb: float = 256.0, min_matches: int = 2, device="cpu"):
     return SelaVPRMNNReranker(model, max_chunk_mb=max_chunk_mb, min_matches=min_matches, device=device)

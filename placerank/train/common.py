@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ import torch
 from placerank.data.dataset import Dataset, ImageSet
 from placerank.data.readers import list_images, read_csv_manifest
 from placerank.errors import DataError, PlaceRankError
+from placerank.registry import Registry
 from placerank.utils import atomic_path, write_json_atomic
 
 
@@ -31,14 +32,14 @@ class TrainConfig:
     backbone: str = "effnet-lite0"
     epochs: int = 1
     max_minutes: float | None = None
-    batch_places: int = 8          # P places per batch
-    images_per_place: int = 2      # K images per place
-    lr: float | None = None        # None: the method's default
+    batch_places: int = 8  # P places per batch
+    images_per_place: int = 2  # K images per place
+    lr: float | None = None  # None: the method's default
     seed: int = 0
     image_size: tuple[int, int] | None = None
     frames: tuple[int, int] | None = None  # [start, stop) frame range used when training on traversals
     device: str = "auto"
-    weights: str | None = None     # backbone weights (default: resolved like the models)
+    weights: str | None = None  # backbone weights (default: resolved like the models)
     resume: bool = True
     num_workers: int | None = None
     options: dict = field(default_factory=dict)  # method-specific key=value options
@@ -49,40 +50,25 @@ class TrainConfig:
         return d
 
 
-_METHODS: dict[str, Callable[[TrainConfig], Path]] = {}
-_PLUGINS = ("placerank.train.selavpr", "placerank.train.fol", "placerank.train.sfrs")
+METHODS: Registry = Registry("training method", "placerank.train", skip=("common", "distributed", "losses"))
 
 
-def register_method(name: str):
-    def deco(fn):
-        _METHODS[name] = fn
-        return fn
-
-    return deco
+def register_method(name: str, description: str = "") -> Callable:
+    return METHODS.register(name, description)
 
 
 def list_methods() -> list[str]:
-    import importlib
-
-    for mod in _PLUGINS:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
-    return sorted(_METHODS)
+    return METHODS.names()
 
 
 def run_training(config: TrainConfig) -> Path:
-    methods = list_methods()
-    if config.method not in _METHODS:
-        raise PlaceRankError(f"unknown training method '{config.method}'; known: {', '.join(methods) or 'none'}")
-    return _METHODS[config.method](config)
+    return METHODS.create(config.method, config=config)
 
 
 # ---------------------------------------------------------------------------------------------
 # Place-labelled training data
 # ---------------------------------------------------------------------------------------------
+
 
 def read_training_places(specs: Sequence[str | Path], frames: tuple[int, int] | None = None) -> ImageSet:
     """Images labelled by place.
@@ -98,8 +84,9 @@ def read_training_places(specs: Sequence[str | Path], frames: tuple[int, int] | 
         # Frame k of a GardensPoint traversal and frame k of a Nordland one are different places;
         # numbering them alike would silently make them positives of each other.
         raise DataError(
-            "traversal folders from different routes (" + ", ".join(sorted(str(r) for r in routes)) +
-            ") would share frame numbers as places; train on one route per call or use place_id CSVs"
+            "traversal folders from different routes ("
+            + ", ".join(sorted(str(r) for r in routes))
+            + ") would share frame numbers as places; train on one route per call or use place_id CSVs"
         )
     for spec in specs:
         spec = Path(spec)
@@ -160,7 +147,7 @@ class PlaceBatchSampler(torch.utils.data.Sampler):
         order = rng.permutation(len(self.groups))
         for b in range(len(self)):
             batch: list[int] = []
-            for g in order[b * self.P:(b + 1) * self.P]:
+            for g in order[b * self.P : (b + 1) * self.P]:
                 members = self.groups[g]
                 pick = rng.choice(members, self.K, replace=len(members) < self.K)
                 batch.extend(int(i) for i in pick)
@@ -194,6 +181,7 @@ class PlaceImageDataset(torch.utils.data.Dataset):
 # Validation: a held-aside database/query pair that picks the best epoch
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass
 class ValidationSet:
     """A database/query pair the trainer evaluates after every epoch; the epoch with the best
@@ -204,12 +192,13 @@ class ValidationSet:
     frames) is how the official SelaVPR and SFRS code choose their released models (best R@5).
     """
 
-    dataset: "Dataset"
+    dataset: Dataset
     select_n: int = 5
 
     @classmethod
-    def from_options(cls, database: str, queries: str, frame_tolerance: int = -1,
-                     radius: float = -1.0, select_n: int = 5) -> "ValidationSet | None":
+    def from_options(
+        cls, database: str, queries: str, frame_tolerance: int = -1, radius: float = -1.0, select_n: int = 5
+    ) -> ValidationSet | None:
         """``None`` when no pair is configured; both or neither of database/queries."""
         if not database and not queries:
             return None
@@ -217,8 +206,12 @@ class ValidationSet:
             raise PlaceRankError("validation needs both val_database and val_queries")
         from placerank.data.readers import load_dataset
 
-        ds = load_dataset(database, queries, radius=radius if radius >= 0 else None,
-                          frame_tolerance=frame_tolerance if frame_tolerance >= 0 else None)
+        ds = load_dataset(
+            database,
+            queries,
+            radius=radius if radius >= 0 else None,
+            frame_tolerance=frame_tolerance if frame_tolerance >= 0 else None,
+        )
         if not any(len(p) for p in ds.positives):
             raise DataError(f"validation pair {database} / {queries}: no query has a positive in the database")
         return cls(ds, select_n)
@@ -242,6 +235,7 @@ class ValidationSet:
 # ---------------------------------------------------------------------------------------------
 # Run folder: checkpoints, resume, loss log
 # ---------------------------------------------------------------------------------------------
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)

@@ -17,8 +17,8 @@ on two machines (run on each, ``--node_rank`` 0 and 1, the address of node 0 rea
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -58,8 +58,10 @@ def init_distributed(device: str | None = "auto", backend: str | None = None) ->
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if dev.type == "cuda":
         if torch.cuda.device_count() <= local_rank:
-            raise PlaceRankError(f"process {rank} wants cuda:{local_rank} but this machine has "
-                                 f"{torch.cuda.device_count()} GPU(s): lower --nproc_per_node")
+            raise PlaceRankError(
+                f"process {rank} wants cuda:{local_rank} but this machine has "
+                f"{torch.cuda.device_count()} GPU(s): lower --nproc_per_node"
+            )
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
@@ -67,8 +69,14 @@ def init_distributed(device: str | None = "auto", backend: str | None = None) ->
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, init_method="env://")
         owns = True
-    return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
-                       device=dev, backend=backend, owns_group=owns)
+    return DistContext(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=local_rank,
+        device=dev,
+        backend=backend,
+        owns_group=owns,
+    )
 
 
 def shutdown(ctx: DistContext, wait: bool = True) -> None:
@@ -90,7 +98,7 @@ def strided_batches(n: int, batch_size: int, ctx: DistContext) -> list[list[int]
     b mod world. Every batch holds exactly the images it holds in a 1-process run, so the
     extracted features do not depend on the number of processes."""
     batches = [list(range(s, min(n, s + batch_size))) for s in range(0, n, batch_size)]
-    return batches[ctx.rank::ctx.world_size]
+    return batches[ctx.rank :: ctx.world_size]
 
 
 def sum_across(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
@@ -142,8 +150,9 @@ def mean_across(values: Sequence[float], ctx: DistContext) -> list[float]:
     """Element-wise mean of per-rank floats (for logging the global loss)."""
     if not ctx.distributed:
         return [float(v) for v in values]
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64,
-                     device=ctx.device if ctx.backend == "nccl" else "cpu")
+    t = torch.tensor(
+        [float(v) for v in values], dtype=torch.float64, device=ctx.device if ctx.backend == "nccl" else "cpu"
+    )
     dist.all_reduce(t)
     return (t / ctx.world_size).cpu().tolist()
 

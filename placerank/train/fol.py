@@ -34,8 +34,16 @@ from tqdm.auto import tqdm
 
 from placerank.data.dataset import ImageSet
 from placerank.errors import PlaceRankError
-from placerank.train.common import (PlaceBatchSampler, PlaceImageDataset, RunDir, TrainConfig, place_groups,
-                                    read_training_places, register_method, seed_everything)
+from placerank.train.common import (
+    PlaceBatchSampler,
+    PlaceImageDataset,
+    RunDir,
+    TrainConfig,
+    place_groups,
+    read_training_places,
+    register_method,
+    seed_everything,
+)
 from placerank.train.losses.fol import FoLCriterion, FoLLossConfig
 from placerank.utils import resolve_device
 
@@ -52,15 +60,15 @@ class FoLTrainOptions:
     """Method-specific options (``--option KEY=VALUE``)."""
 
     num_regions: int = 225
-    local_mode: str = "pool3"       # the model's test-time region features (stored in model.pt)
+    local_mode: str = "pool3"  # the model's test-time region features (stored in model.pt)
     train_local_mode: str = "center"  # region features of the local triplet loss during training
     train_blocks: int = 4
     weight_decay: float = 9.5e-9
     lr_decay_iters: int = 10000
     lr_final_factor: float = 0.1
     amp: bool = True
-    max_steps: int = 0            # 0: no limit
-    gsv_cities: str = ""          # comma-separated dataframe names; empty: all
+    max_steps: int = 0  # 0: no limit
+    gsv_cities: str = ""  # comma-separated dataframe names; empty: all
     gsv_min_images: int = 4
 
 
@@ -121,8 +129,9 @@ def lr_factor(step: int, decay_iters: int, final: float) -> float:
     return 1.0 + (final - 1.0) * t
 
 
-def fol_step_loss(model, criterion: FoLCriterion, images: torch.Tensor, labels: torch.Tensor,
-                  train_local_mode: str = "center"):
+def fol_step_loss(
+    model, criterion: FoLCriterion, images: torch.Tensor, labels: torch.Tensor, train_local_mode: str = "center"
+):
     """One batch's FoL loss. With ``train_local_mode="center"`` (default) nothing needs the dense
     local map's gradient (CEL detaches it, the triplet loss's region features are the patch-centre
     cells, and the pseudo-correspondence 3 x 3 cells are recomputed from small windows by
@@ -159,24 +168,39 @@ def train_fol(config: TrainConfig) -> Path:
     device = resolve_device(config.device)
     run = RunDir(config)
 
-    model = create(name, weights=config.weights, image_size=config.image_size, num_regions=opts.num_regions,
-                   local_mode=opts.local_mode, train_blocks=opts.train_blocks)
-    model_kwargs = {"image_size": list(model.preprocess.size), "num_regions": model.cfg.num_regions,
-                    "local_mode": model.cfg.local_mode, "train_blocks": model.cfg.train_blocks}
+    model = create(
+        name,
+        weights=config.weights,
+        image_size=config.image_size,
+        num_regions=opts.num_regions,
+        local_mode=opts.local_mode,
+        train_blocks=opts.train_blocks,
+    )
+    model_kwargs = {
+        "image_size": list(model.preprocess.size),
+        "num_regions": model.cfg.num_regions,
+        "local_mode": model.cfg.local_mode,
+        "train_blocks": model.cfg.train_blocks,
+    }
     model.to(device)
 
     places = read_places(config, opts)
     groups = place_groups(places, min_images=config.images_per_place)
     sampler = PlaceBatchSampler(groups, config.batch_places, config.images_per_place, seed=config.seed)
     workers = config.num_workers if config.num_workers is not None else min(2, os.cpu_count() or 1)
-    loader = torch.utils.data.DataLoader(PlaceImageDataset(places, model.preprocess), batch_sampler=sampler,
-                                         num_workers=workers, persistent_workers=False)
+    loader = torch.utils.data.DataLoader(
+        PlaceImageDataset(places, model.preprocess),
+        batch_sampler=sampler,
+        num_workers=workers,
+        persistent_workers=False,
+    )
 
     lr = config.lr if config.lr is not None else (1e-4 if name == "fol-effnet-lite0" else 6e-5)
     params = model.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=opts.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, opts.lr_decay_iters, opts.lr_final_factor))
+        optimizer, lambda s: lr_factor(s, opts.lr_decay_iters, opts.lr_final_factor)
+    )
     use_amp = bool(opts.amp) and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     criterion = FoLCriterion(loss_cfg)
@@ -193,10 +217,20 @@ def train_fol(config: TrainConfig) -> Path:
         start_epoch, step = int(state["epoch"]), int(state["step"])
         run.log({"event": "resume", "epoch": start_epoch, "step": step})
     else:
-        run.log({"event": "start", "model": name, "images": len(places), "places": len(groups),
-                 "batches_per_epoch": len(sampler), "lr": lr, "device": str(device),
-                 "trainable_params": int(sum(p.numel() for p in params)),
-                 "options": asdict(opts), "loss": asdict(loss_cfg)})
+        run.log(
+            {
+                "event": "start",
+                "model": name,
+                "images": len(places),
+                "places": len(groups),
+                "batches_per_epoch": len(sampler),
+                "lr": lr,
+                "device": str(device),
+                "trainable_params": int(sum(p.numel() for p in params)),
+                "options": asdict(opts),
+                "loss": asdict(loss_cfg),
+            }
+        )
 
     stop_reason = None
     for epoch in range(start_epoch, config.epochs):
@@ -229,17 +263,33 @@ def train_fol(config: TrainConfig) -> Path:
             if stop_reason:
                 break
         bar.close()
-        run.save_checkpoint({"epoch": epoch + 1, "step": step, "model": model.state_dict(),
-                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                             "scaler": scaler.state_dict(), "criterion_rng": criterion.rng.getstate()})
-        run.log({"event": "epoch_end", "epoch": epoch, "step": step,
-                 "mean_loss": float(np.mean(totals)) if totals else None, "stopped": stop_reason})
+        run.save_checkpoint(
+            {
+                "epoch": epoch + 1,
+                "step": step,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "criterion_rng": criterion.rng.getstate(),
+            }
+        )
+        run.log(
+            {
+                "event": "epoch_end",
+                "epoch": epoch,
+                "step": step,
+                "mean_loss": float(np.mean(totals)) if totals else None,
+                "stopped": stop_reason,
+            }
+        )
         if stop_reason:
             break
 
     model.eval()
     model.invalidate_weights_id()
-    save_placerank_checkpoint(model, run.model_path, model_kwargs,
-                              extra={"method": "fol", "steps": step, "stopped": stop_reason})
+    save_placerank_checkpoint(
+        model, run.model_path, model_kwargs, extra={"method": "fol", "steps": step, "stopped": stop_reason}
+    )
     run.log({"event": "done", "step": step, "model": str(run.model_path)})
     return run.model_path

@@ -41,8 +41,14 @@ from placerank.data.readers import read_csv_manifest
 from placerank.errors import DataError, PlaceRankError
 from placerank.models.checkpoints import save_placerank_checkpoint
 from placerank.models.selavpr import SelaVPRModel, is_trainable_name
-from placerank.train.common import (RunDir, TrainConfig, ValidationSet, read_training_places, register_method,
-                                    seed_everything)
+from placerank.train.common import (
+    RunDir,
+    TrainConfig,
+    ValidationSet,
+    read_training_places,
+    register_method,
+    seed_everything,
+)
 from placerank.train.losses.selavpr import SelaVPRLossConfig, selavpr_loss
 from placerank.utils import resolve_device
 
@@ -60,24 +66,24 @@ OFFICIAL_LR = 1e-5
 
 @dataclass
 class SelaVPROptions:
-    queries_per_loop: int = 1000   # official: 1000 queries per cache refresh
-    negative_pool: int = 1000      # official: 1000 random database images per refresh
-    num_negatives: int = 2         # official: 2 hardest negatives per query
-    batch_tuples: int = 4          # official: 4 tuples (16 images) per step
-    loops_per_epoch: int = 1       # official: queries_per_epoch / 1000 (30 for MSLS)
-    margin: float = 0.1            # global triplet margin
-    local_weight: float = 1.0      # weight of the MNN local loss
+    queries_per_loop: int = 1000  # official: 1000 queries per cache refresh
+    negative_pool: int = 1000  # official: 1000 random database images per refresh
+    num_negatives: int = 2  # official: 2 hardest negatives per query
+    batch_tuples: int = 4  # official: 4 tuples (16 images) per step
+    loops_per_epoch: int = 1  # official: queries_per_epoch / 1000 (30 for MSLS)
+    margin: float = 0.1  # global triplet margin
+    local_weight: float = 1.0  # weight of the MNN local loss
     neighbour_exclusion: int = -1  # frames; -1: 2 on frame-labelled routes, 0 for place ids
-    cache_batch: int = 16          # batch size of the mining descriptor pass
+    cache_batch: int = 16  # batch size of the mining descriptor pass
     prefix_cache_mb: float = 2048.0  # RAM for cached frozen-prefix features (CNN backbones)
-    val_database: str = ""         # validation pair evaluated after every epoch: the best epoch
-    val_queries: str = ""          # (R@5, ties R@1) becomes model.pt; empty: the last epoch
+    val_database: str = ""  # validation pair evaluated after every epoch: the best epoch
+    val_queries: str = ""  # (R@5, ties R@1) becomes model.pt; empty: the last epoch
     val_frame_tolerance: int = -1  # -1: the eval default for the data's positions
     val_radius: float = -1.0
-    val_select_n: int = 5          # the Recall@N that picks the epoch (official: 5; 1 when R@5 saturates)
+    val_select_n: int = 5  # the Recall@N that picks the epoch (official: 5; 1 when R@5 saturates)
 
     @classmethod
-    def from_dict(cls, options: dict) -> "SelaVPROptions":
+    def from_dict(cls, options: dict) -> SelaVPROptions:
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(options) - set(known))
         if unknown:
@@ -89,7 +95,14 @@ class SelaVPROptions:
                 setattr(out, k, typ(v))
             except (TypeError, ValueError):
                 raise PlaceRankError(f"selavpr option {k} expects a {typ.__name__}, got '{v}'") from None
-        for k in ("queries_per_loop", "negative_pool", "num_negatives", "batch_tuples", "loops_per_epoch", "cache_batch"):
+        for k in (
+            "queries_per_loop",
+            "negative_pool",
+            "num_negatives",
+            "batch_tuples",
+            "loops_per_epoch",
+            "cache_batch",
+        ):
             if getattr(out, k) < 1:
                 raise PlaceRankError(f"selavpr option {k} must be >= 1, got {getattr(out, k)}")
         return out
@@ -99,12 +112,13 @@ class SelaVPROptions:
 # Data: place labels with route and frame (for neighbour exclusion)
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass
 class TrainingPlaces:
     images: ImageSet
-    labels: np.ndarray   # int64 place id per image
-    routes: np.ndarray   # int64 route id per image (-1 for place-id CSVs)
-    frames: np.ndarray   # int64 frame index per image (-1 for place-id CSVs)
+    labels: np.ndarray  # int64 place id per image
+    routes: np.ndarray  # int64 route id per image (-1 for place-id CSVs)
+    frames: np.ndarray  # int64 frame index per image (-1 for place-id CSVs)
 
 
 def read_places(specs, frames: tuple[int, int] | None = None) -> TrainingPlaces:
@@ -142,13 +156,18 @@ def read_places(specs, frames: tuple[int, int] | None = None) -> TrainingPlaces:
             frame_idx += [-1] * len(s)
     uniq = {n: i for i, n in enumerate(sorted(set(names)))}
     images = ImageSet(paths, "place", np.array(names, dtype=object), source=",".join(map(str, specs)))
-    return TrainingPlaces(images, np.array([uniq[n] for n in names], dtype=np.int64),
-                          np.array(routes, dtype=np.int64), np.array(frame_idx, dtype=np.int64))
+    return TrainingPlaces(
+        images,
+        np.array([uniq[n] for n in names], dtype=np.int64),
+        np.array(routes, dtype=np.int64),
+        np.array(frame_idx, dtype=np.int64),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Mining (spec §4.2) on cached global descriptors
 # ---------------------------------------------------------------------------------------------
+
 
 class FeatureSource:
     """Inputs of the trainable part of the model, per training image.
@@ -160,8 +179,15 @@ class FeatureSource:
     For ViTs (adapters in every block) this is just the preprocessed image, not cached.
     """
 
-    def __init__(self, model: SelaVPRModel, paths, device, limit_mb: float = 2048.0, batch_size: int = 16,
-                 num_workers: int | None = None):
+    def __init__(
+        self,
+        model: SelaVPRModel,
+        paths,
+        device,
+        limit_mb: float = 2048.0,
+        batch_size: int = 16,
+        num_workers: int | None = None,
+    ):
         self.model = model
         self.paths = paths
         self.device = device
@@ -175,8 +201,12 @@ class FeatureSource:
     @torch.no_grad()
     def _compute(self, indices: list[int]) -> dict[int, torch.Tensor]:
         out = {}
-        loader = make_loader([self.paths[i] for i in indices], self.model.preprocess,
-                             batch_size=self.batch_size, num_workers=self.num_workers)
+        loader = make_loader(
+            [self.paths[i] for i in indices],
+            self.model.preprocess,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+        )
         for idx, images, _, errors in loader:
             check_batch_errors(errors)
             prefix = self.model.backbone.forward_prefix(images.to(self.device))
@@ -198,20 +228,28 @@ class FeatureSource:
 
 
 @torch.no_grad()
-def compute_descriptors(model: SelaVPRModel, source: FeatureSource, indices: np.ndarray, batch_size: int = 16) -> np.ndarray:
+def compute_descriptors(
+    model: SelaVPRModel, source: FeatureSource, indices: np.ndarray, batch_size: int = 16
+) -> np.ndarray:
     """Global descriptors of training images with the current model (eval mode, no grad)."""
     was_training = model.training
     model.eval()
     out = np.zeros((len(indices), model.descriptor_dim), dtype=np.float32)
     for start in range(0, len(indices), batch_size):
-        chunk = indices[start:start + batch_size]
-        out[start:start + len(chunk)] = model.global_from_prefix(source.get(chunk)).cpu().numpy()
+        chunk = indices[start : start + batch_size]
+        out[start : start + len(chunk)] = model.global_from_prefix(source.get(chunk)).cpu().numpy()
     model.train(was_training)
     return out
 
 
-def mine_tuples(places: TrainingPlaces, descriptors: dict[int, np.ndarray], queries: np.ndarray,
-                pool: np.ndarray, num_negatives: int, exclusion: int) -> np.ndarray:
+def mine_tuples(
+    places: TrainingPlaces,
+    descriptors: dict[int, np.ndarray],
+    queries: np.ndarray,
+    pool: np.ndarray,
+    num_negatives: int,
+    exclusion: int,
+) -> np.ndarray:
     """(T, 2 + num_negatives) image indices: query, nearest positive, nearest negatives.
 
     ``descriptors`` maps image index -> L2-normalised global descriptor for every query, every
@@ -250,6 +288,7 @@ def mine_tuples(places: TrainingPlaces, descriptors: dict[int, np.ndarray], quer
 # The loop
 # ---------------------------------------------------------------------------------------------
 
+
 def build_model(config: TrainConfig) -> tuple[SelaVPRModel, dict]:
     """The model to train and the constructor options saved in ``model.pt``."""
     from placerank.models import create
@@ -264,7 +303,9 @@ def build_model(config: TrainConfig) -> tuple[SelaVPRModel, dict]:
     weights = config.weights
     if weights is None and config.backbone.startswith("dinov2-"):
         arch = config.backbone.split("-")[1]
-        weights = resolve_weights(f"dinov2_{arch}_pretrain.pth", None, f"DINOv2 {arch} (training starts from Meta's weights)")
+        weights = resolve_weights(
+            f"dinov2_{arch}_pretrain.pth", None, f"DINOv2 {arch} (training starts from Meta's weights)"
+        )
     model = create(name, weights=weights, **kwargs)
     if not isinstance(model, SelaVPRModel):
         raise PlaceRankError(f"{name} did not build a SelaVPR model")
@@ -277,8 +318,14 @@ def trainable_state(model: SelaVPRModel) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if is_trainable_name(k)}
 
 
-def train_step(model: SelaVPRModel, inputs: torch.Tensor, optimizer: torch.optim.Optimizer,
-               num_negatives: int, loss_config: SelaVPRLossConfig, from_prefix: bool = False) -> dict[str, float]:
+def train_step(
+    model: SelaVPRModel,
+    inputs: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    num_negatives: int,
+    loss_config: SelaVPRLossConfig,
+    from_prefix: bool = False,
+) -> dict[str, float]:
     """One optimisation step on a tuple-ordered batch of B*(2+k) images (or their cached
     frozen-prefix features when ``from_prefix``)."""
     model.train()
@@ -318,14 +365,17 @@ def train_selavpr(config: TrainConfig) -> Path:
     optimizer = torch.optim.Adam(params, lr=lr)
     loss_config = SelaVPRLossConfig(margin=opts.margin, local_weight=opts.local_weight)
 
-    val = ValidationSet.from_options(opts.val_database, opts.val_queries, opts.val_frame_tolerance, opts.val_radius,
-                                     select_n=opts.val_select_n)
+    val = ValidationSet.from_options(
+        opts.val_database, opts.val_queries, opts.val_frame_tolerance, opts.val_radius, select_n=opts.val_select_n
+    )
     start_epoch, step, best = 0, 0, None
     state = run.load_checkpoint()
     if state is not None:
         own = trainable_state(model)
         if set(state["trainable"]) != set(own) or any(state["trainable"][k].shape != own[k].shape for k in own):
-            raise PlaceRankError(f"{run.checkpoint_path}: checkpoint does not match this model; use another --out or --no-resume")
+            raise PlaceRankError(
+                f"{run.checkpoint_path}: checkpoint does not match this model; use another --out or --no-resume"
+            )
         model.load_state_dict({**model.state_dict(), **state["trainable"]}, strict=True)
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, step = int(state["epoch_done"]), int(state["step"])
@@ -333,10 +383,19 @@ def train_selavpr(config: TrainConfig) -> Path:
         model.invalidate_weights_id()
         print(f"resuming {run.path} after epoch {start_epoch} (step {step})", file=sys.stderr)
 
-    info = {"event": "start", "images": n_images, "places": int(len(counts)), "queryable": int(len(queryable)),
-            "lr": lr, "device": str(device), "neighbour_exclusion": exclusion, "options": asdict(opts),
-            "trainable_params": int(sum(p.numel() for p in params)), "model": model.name,
-            "input_size": list(model.preprocess.size)}
+    info = {
+        "event": "start",
+        "images": n_images,
+        "places": len(counts),
+        "queryable": len(queryable),
+        "lr": lr,
+        "device": str(device),
+        "neighbour_exclusion": exclusion,
+        "options": asdict(opts),
+        "trainable_params": int(sum(p.numel() for p in params)),
+        "model": model.name,
+        "input_size": list(model.preprocess.size),
+    }
     run.log(info)
     paths = places.images.paths
     source = FeatureSource(model, paths, device, opts.prefix_cache_mb, opts.cache_batch, config.num_workers)
@@ -356,19 +415,34 @@ def train_selavpr(config: TrainConfig) -> Path:
 
     def save(epoch_done: int, partial: bool, recall: dict | None = None) -> None:
         nonlocal best
-        extra = {"method": "selavpr", "epochs_done": epoch_done, "steps": step,
-                 "partial_epoch": partial, "train": [str(s) for s in config.train]}
+        extra = {
+            "method": "selavpr",
+            "epochs_done": epoch_done,
+            "steps": step,
+            "partial_epoch": partial,
+            "train": [str(s) for s in config.train],
+        }
         if val is None:
             save_placerank_checkpoint(model, run.model_path, model_kwargs=model_kwargs, extra=extra)
         else:
             save_placerank_checkpoint(model, run.path / "last.pt", model_kwargs=model_kwargs, extra=extra)
             if recall is not None and val.improves(recall, None if best is None else best["recall"]):
                 best = {"epoch": epoch_done, "step": step, "recall": recall}
-                save_placerank_checkpoint(model, run.model_path, model_kwargs=model_kwargs,
-                                          extra={**extra, "validation": best})
-        run.save_checkpoint({"epoch_done": epoch_done, "step": step, "partial": partial,
-                             "trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
-                             "options": asdict(opts), "model_kwargs": model_kwargs, "best": best})
+                save_placerank_checkpoint(
+                    model, run.model_path, model_kwargs=model_kwargs, extra={**extra, "validation": best}
+                )
+        run.save_checkpoint(
+            {
+                "epoch_done": epoch_done,
+                "step": step,
+                "partial": partial,
+                "trainable": trainable_state(model),
+                "optimizer": optimizer.state_dict(),
+                "options": asdict(opts),
+                "model_kwargs": model_kwargs,
+                "best": best,
+            }
+        )
 
     if val is not None and state is None:
         # The starting point (zero-initialised adapters == the frozen backbone) is a candidate
@@ -386,23 +460,46 @@ def train_selavpr(config: TrainConfig) -> Path:
             desc = compute_descriptors(model, source, need, opts.cache_batch)
             descriptors = {int(i): desc[k] for k, i in enumerate(need)}
             tuples = mine_tuples(places, descriptors, queries, pool, opts.num_negatives, exclusion)
-            run.log({"event": "mined", "epoch": epoch, "loop": loop, "tuples": int(len(tuples)),
-                     "cached_images": int(len(need)), "mining_s": round(time.monotonic() - t0, 2),
-                     "prefix_cache_mb": round(source.bytes / 2**20, 1)})
+            run.log(
+                {
+                    "event": "mined",
+                    "epoch": epoch,
+                    "loop": loop,
+                    "tuples": len(tuples),
+                    "cached_images": len(need),
+                    "mining_s": round(time.monotonic() - t0, 2),
+                    "prefix_cache_mb": round(source.bytes / 2**20, 1),
+                }
+            )
             n_steps = len(tuples) // opts.batch_tuples
             if n_steps == 0:
-                raise DataError(f"mining produced {len(tuples)} tuples, fewer than one batch of {opts.batch_tuples}; "
-                                f"add places or lower --option batch_tuples")
-            bar = tqdm(range(n_steps), desc=f"selavpr epoch {epoch + 1}/{config.epochs} loop {loop + 1}",
-                       unit="step", mininterval=2.0, file=sys.stderr)
+                raise DataError(
+                    f"mining produced {len(tuples)} tuples, fewer than one batch of {opts.batch_tuples}; "
+                    f"add places or lower --option batch_tuples"
+                )
+            bar = tqdm(
+                range(n_steps),
+                desc=f"selavpr epoch {epoch + 1}/{config.epochs} loop {loop + 1}",
+                unit="step",
+                mininterval=2.0,
+                file=sys.stderr,
+            )
             for b in bar:
-                batch = tuples[b * opts.batch_tuples:(b + 1) * opts.batch_tuples].reshape(-1)
+                batch = tuples[b * opts.batch_tuples : (b + 1) * opts.batch_tuples].reshape(-1)
                 inputs = source.get(batch)
                 parts = train_step(model, inputs, optimizer, opts.num_negatives, loss_config, from_prefix=True)
                 step += 1
                 epoch_losses.append(parts["loss"])
-                run.log({"event": "step", "epoch": epoch, "loop": loop, "step": step, **parts,
-                         "gem_p": round(float(model.aggregator.p.detach().item()), 5)})
+                run.log(
+                    {
+                        "event": "step",
+                        "epoch": epoch,
+                        "loop": loop,
+                        "step": step,
+                        **parts,
+                        "gem_p": round(float(model.aggregator.p.detach().item()), 5),
+                    }
+                )
                 bar.set_postfix(loss=f"{parts['loss']:.4f}")
                 if run.out_of_time():
                     stopped = True
@@ -411,12 +508,20 @@ def train_selavpr(config: TrainConfig) -> Path:
             if stopped:
                 break
         if stopped:
-            save(epoch, partial=True, recall=validate(epoch) if val is not None else None)  # partial: step tells it apart
+            save(
+                epoch, partial=True, recall=validate(epoch) if val is not None else None
+            )  # partial: step tells it apart
             run.log({"event": "stopped", "reason": "max-minutes", "epoch": epoch, "step": step})
             break
         save(epoch + 1, partial=False, recall=validate(epoch + 1) if val is not None else None)
-        run.log({"event": "epoch", "epoch": epoch, "step": step,
-                 "mean_loss": float(np.mean(epoch_losses)) if epoch_losses else math.nan})
+        run.log(
+            {
+                "event": "epoch",
+                "epoch": epoch,
+                "step": step,
+                "mean_loss": float(np.mean(epoch_losses)) if epoch_losses else math.nan,
+            }
+        )
     if not run.model_path.exists():  # e.g. resumed a finished run: still hand back a model
         done = max(start_epoch, config.epochs)
         save(done, partial=False, recall=validate(done) if val is not None else None)

@@ -41,64 +41,90 @@ from tqdm.auto import tqdm
 
 from placerank.data.images import check_batch_errors, open_image, to_tensor
 from placerank.errors import DataError, PlaceRankError
-from placerank.train.common import RunDir, TrainConfig, ValidationSet, read_training_places, register_method, seed_everything
+from placerank.train.common import (
+    RunDir,
+    TrainConfig,
+    ValidationSet,
+    read_training_places,
+    register_method,
+    seed_everything,
+)
 from placerank.train.distributed import (
-    DistContext, all_true, barrier, broadcast_object, broadcast_state, init_distributed, mean_across, shutdown,
-    strided_batches, sum_across, wrap_ddp,
+    DistContext,
+    all_true,
+    barrier,
+    broadcast_object,
+    broadcast_state,
+    init_distributed,
+    mean_across,
+    shutdown,
+    strided_batches,
+    sum_across,
+    wrap_ddp,
 )
 from placerank.train.losses.sfrs import (
-    hardest_region_negatives, image_to_region_similarities, k_reciprocal_rerank, sare_ind_loss,
-    select_difficult_positives, soft_region_loss, teacher_temperature,
+    hardest_region_negatives,
+    image_to_region_similarities,
+    k_reciprocal_rerank,
+    sare_ind_loss,
+    select_difficult_positives,
+    soft_region_loss,
+    teacher_temperature,
 )
 
-BACKBONE_MODELS = {"effnet-lite0": "sfrs-effnet-lite0", "sfrs-effnet-lite0": "sfrs-effnet-lite0",
-                   "vgg16": "sfrs-vgg16", "sfrs-vgg16": "sfrs-vgg16"}
+BACKBONE_MODELS = {
+    "effnet-lite0": "sfrs-effnet-lite0",
+    "sfrs-effnet-lite0": "sfrs-effnet-lite0",
+    "vgg16": "sfrs-vgg16",
+    "sfrs-vgg16": "sfrs-vgg16",
+}
 
 
 # ---------------------------------------------------------------------------------------------
 # Options
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass
 class SFRSOptions:
     """``--option key=value`` settings of ``--method sfrs`` (defaults: the paper's run)."""
 
-    generations: int = 4            # generation 0 (hard loss only) + 3 self-supervised ones
-    gen0_epochs: int = 1            # generation 0 trains one epoch; later ones use --epochs
-    batch_tuples: int = 4           # tuples per optimizer step, over all processes (4 GPUs x 1)
+    generations: int = 4  # generation 0 (hard loss only) + 3 self-supervised ones
+    gen0_epochs: int = 1  # generation 0 trains one epoch; later ones use --epochs
+    batch_tuples: int = 4  # tuples per optimizer step, over all processes (4 GPUs x 1)
     neg_num: int = 10
     neg_pool: int = 1000
     pos_pool: int = 20
     pos_num: int = 10
-    cache_size: int = 1000          # anchors per feature-cache refresh
-    queries_per_epoch: int = 0      # 0: every anchor each epoch; N: a random N (CPU budgets)
+    cache_size: int = 1000  # anchors per feature-cache refresh
+    queries_per_epoch: int = 0  # 0: every anchor each epoch; N: a random N (CPU budgets)
     temperatures: str = "0.07,0.07,0.06,0.05"  # [0]: student/SARE tau; [g]: teacher tau of gen g
     soft_weight: float = 0.5
-    similarity: str = "dot"         # dot (SFRS) | euclidean (NetVLAD/SARE baselines)
+    similarity: str = "dot"  # dot (SFRS) | euclidean (NetVLAD/SARE baselines)
     k1: int = 20
     k2: int = 1
     rerank_lambda: float = 0.1
-    rerank_gallery: int = 2000      # re-rank against every image up to this many, else candidates
+    rerank_gallery: int = 2000  # re-rank against every image up to this many, else candidates
     momentum: float = 0.9
     weight_decay: float = 0.001
-    pos_tolerance: int = 0          # frame labels: positives within this many frames
-    neg_exclusion: int = 5          # frame labels: negatives more than this many frames away
-    augment: bool = True            # ColorJitter(0.7, 0.7, 0.7, 0.5) before the resize
-    cache_frozen: bool = False      # run the frozen stem once per image (CPU speed-up; no augmentation)
-    pca_dim: int = 4096             # 0: no PCA (descriptor = VLAD)
+    pos_tolerance: int = 0  # frame labels: positives within this many frames
+    neg_exclusion: int = 5  # frame labels: negatives more than this many frames away
+    augment: bool = True  # ColorJitter(0.7, 0.7, 0.7, 0.5) before the resize
+    cache_frozen: bool = False  # run the frozen stem once per image (CPU speed-up; no augmentation)
+    pca_dim: int = 4096  # 0: no PCA (descriptor = VLAD)
     pca_samples: int = 10000
     whiten: bool = True
     kmeans_images: int = 500
     kmeans_per_image: int = 100
     extract_batch: int = 16
-    save_untrained: bool = True     # RUN_DIR/untrained.pt: the initial model with PCA (a baseline)
+    save_untrained: bool = True  # RUN_DIR/untrained.pt: the initial model with PCA (a baseline)
     val_database: str = ""
     val_queries: str = ""
-    val_frame_tolerance: int = -1   # -1: the eval default for the data's positions
+    val_frame_tolerance: int = -1  # -1: the eval default for the data's positions
     val_radius: float = -1.0
 
     @classmethod
-    def from_dict(cls, options: dict) -> "SFRSOptions":
+    def from_dict(cls, options: dict) -> SFRSOptions:
         known = {f.name: f for f in fields(cls)}
         kwargs = {}
         for key, value in options.items():
@@ -130,34 +156,49 @@ class SFRSOptions:
         try:
             temps = self.temperature_list
         except ValueError:
-            raise PlaceRankError(f"sfrs option temperatures={self.temperatures!r}: give comma-separated numbers") from None
+            raise PlaceRankError(
+                f"sfrs option temperatures={self.temperatures!r}: give comma-separated numbers"
+            ) from None
         if not temps or min(temps) <= 0:
             raise PlaceRankError("sfrs option temperatures: need at least one positive temperature")
         if self.generations < 1:
             raise PlaceRankError("sfrs option generations must be >= 1")
         if self.similarity not in ("dot", "euclidean"):
             raise PlaceRankError(f"sfrs option similarity must be dot or euclidean, got '{self.similarity}'")
-        for name in ("batch_tuples", "neg_num", "neg_pool", "pos_pool", "pos_num", "cache_size", "k1", "k2", "extract_batch"):
+        for name in (
+            "batch_tuples",
+            "neg_num",
+            "neg_pool",
+            "pos_pool",
+            "pos_num",
+            "cache_size",
+            "k1",
+            "k2",
+            "extract_batch",
+        ):
             if getattr(self, name) < 1:
                 raise PlaceRankError(f"sfrs option {name} must be >= 1")
         if self.neg_exclusion < self.pos_tolerance:
-            raise PlaceRankError(f"sfrs option neg_exclusion ({self.neg_exclusion}) must be >= pos_tolerance "
-                                 f"({self.pos_tolerance}): a positive cannot also be a negative")
+            raise PlaceRankError(
+                f"sfrs option neg_exclusion ({self.neg_exclusion}) must be >= pos_tolerance "
+                f"({self.pos_tolerance}): a positive cannot also be a negative"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
 # Place-labelled data: positives and allowed negatives
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass
 class SFRSData:
     paths: list[Path]
-    kind: str                         # 'frame' or 'place'
-    labels: np.ndarray                # frame index (int) or place id (int code)
-    sequence: np.ndarray              # which --train spec each image came from
-    positives: list[np.ndarray]       # per image
-    negative_ok: np.ndarray           # (N, N) bool: j may be a negative of i
-    queries: np.ndarray               # anchors: images with a positive and negatives
+    kind: str  # 'frame' or 'place'
+    labels: np.ndarray  # frame index (int) or place id (int code)
+    sequence: np.ndarray  # which --train spec each image came from
+    positives: list[np.ndarray]  # per image
+    negative_ok: np.ndarray  # (N, N) bool: j may be a negative of i
+    queries: np.ndarray  # anchors: images with a positive and negatives
 
 
 def _spec_kind(spec: Path) -> str:
@@ -195,8 +236,10 @@ def build_sfrs_data(specs, frames, opts: SFRSOptions) -> SFRSData:
     positives = [np.flatnonzero(pos[i]) for i in range(n)]
     queries = np.array([i for i in range(n) if len(positives[i]) and neg_ok[i].any()], dtype=np.int64)
     if len(queries) == 0:
-        raise DataError("no training image has both a positive (another view of its place) and a negative: "
-                        "give two or more traversals / images per place")
+        raise DataError(
+            "no training image has both a positive (another view of its place) and a negative: "
+            "give two or more traversals / images per place"
+        )
     return SFRSData(paths, kind, lab, seq, positives, neg_ok, queries)
 
 
@@ -204,15 +247,18 @@ def build_sfrs_data(specs, frames, opts: SFRSOptions) -> SFRSData:
 # Images
 # ---------------------------------------------------------------------------------------------
 
+
 def color_jitter(im, rng: np.random.Generator):
     """ColorJitter(brightness=0.7, contrast=0.7, saturation=0.7, hue=0.5) with factors drawn
     from ``rng`` (so the same tuple gets the same jitter on every rank / in every run)."""
     import torchvision.transforms.functional as TF
 
-    ops = [lambda x, f=rng.uniform(0.3, 1.7): TF.adjust_brightness(x, f),
-           lambda x, f=rng.uniform(0.3, 1.7): TF.adjust_contrast(x, f),
-           lambda x, f=rng.uniform(0.3, 1.7): TF.adjust_saturation(x, f),
-           lambda x, f=rng.uniform(-0.5, 0.5): TF.adjust_hue(x, f)]
+    ops = [
+        lambda x, f=rng.uniform(0.3, 1.7): TF.adjust_brightness(x, f),
+        lambda x, f=rng.uniform(0.3, 1.7): TF.adjust_contrast(x, f),
+        lambda x, f=rng.uniform(0.3, 1.7): TF.adjust_saturation(x, f),
+        lambda x, f=rng.uniform(-0.5, 0.5): TF.adjust_hue(x, f),
+    ]
     for k in rng.permutation(4):
         im = ops[k](im)
     return im
@@ -259,13 +305,15 @@ class _Indexed(torch.utils.data.Dataset):
 
 
 def _loader(dataset, num_workers: int, **kw):
-    return torch.utils.data.DataLoader(dataset, num_workers=num_workers, persistent_workers=False,
-                                       prefetch_factor=2 if num_workers else None, **kw)
+    return torch.utils.data.DataLoader(
+        dataset, num_workers=num_workers, persistent_workers=False, prefetch_factor=2 if num_workers else None, **kw
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # The trainer
 # ---------------------------------------------------------------------------------------------
+
 
 class SFRSTrainer:
     def __init__(self, config: TrainConfig, ctx: DistContext):
@@ -277,8 +325,9 @@ class SFRSTrainer:
         self.device = ctx.device
         name = BACKBONE_MODELS.get(config.backbone)
         if name is None:
-            raise PlaceRankError(f"sfrs trains on backbones {', '.join(sorted(set(BACKBONE_MODELS)))}; "
-                                 f"got '{config.backbone}'")
+            raise PlaceRankError(
+                f"sfrs trains on backbones {', '.join(sorted(set(BACKBONE_MODELS)))}; got '{config.backbone}'"
+            )
         self.run = RunDir(config)
         self.data = build_sfrs_data(config.train, config.frames, self.opts)
         self.temps = self.opts.temperature_list
@@ -331,15 +380,16 @@ class SFRSTrainer:
         decoded again."""
         o = self.opts
         if self.frozen_cache is None:
-            self.model.init_from_images(self.data.paths, max_images=o.kmeans_images, per_image=o.kmeans_per_image,
-                                        seed=self.config.seed + 43)
+            self.model.init_from_images(
+                self.data.paths, max_images=o.kmeans_images, per_image=o.kmeans_per_image, seed=self.config.seed + 43
+            )
             return
         rng = np.random.default_rng(self.config.seed + 43)
         n = len(self.data.paths)
         idx = np.arange(n) if n <= o.kmeans_images else np.sort(rng.choice(n, o.kmeans_images, replace=False))
         chunks = []
         for s in range(0, len(idx), o.extract_batch):
-            y = self.frozen_cache[torch.as_tensor(idx[s: s + o.extract_batch])].to(self.device)
+            y = self.frozen_cache[torch.as_tensor(idx[s : s + o.extract_batch])].to(self.device)
             fmap = F.normalize(self.model.backbone.trainable_features(y).float(), dim=1)
             for f in fmap.flatten(2).transpose(1, 2).cpu().numpy():
                 chunks.append(f[rng.choice(f.shape[0], min(o.kmeans_per_image, f.shape[0]), replace=False)])
@@ -354,9 +404,14 @@ class SFRSTrainer:
         bb = self.model.backbone
         n = len(self.data.paths)
         out = None
-        loader = _loader(_Indexed(self.data.paths, self.pre), self.num_workers,
-                         batch_sampler=strided_batches(n, self.opts.extract_batch, self.ctx))
-        for idx, images, errors in tqdm(loader, desc="frozen stem", unit="batch", leave=False, disable=not self.ctx.is_main):
+        loader = _loader(
+            _Indexed(self.data.paths, self.pre),
+            self.num_workers,
+            batch_sampler=strided_batches(n, self.opts.extract_batch, self.ctx),
+        )
+        for idx, images, errors in tqdm(
+            loader, desc="frozen stem", unit="batch", leave=False, disable=not self.ctx.is_main
+        ):
             check_batch_errors(errors)
             y = bb.frozen_features(images.to(self.device)).cpu()
             if out is None:
@@ -448,7 +503,7 @@ class SFRSTrainer:
             return hard, float(hard.detach()), 0.0
         r = student(x, output="regions", frozen_input=frozen)
         anchor = r[0, 0]
-        negs = hardest_region_negatives(anchor, r[2: 2 + nn_])
+        negs = hardest_region_negatives(anchor, r[2 : 2 + nn_])
         hard = sare_ind_loss(anchor, r[1, 0], negs, tau0, o.similarity)
         nd = len(t["diffs"])
         if nd == 0 or o.soft_weight == 0:
@@ -457,7 +512,7 @@ class SFRSTrainer:
             sel = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(2 + nn_, 2 + nn_ + nd)]).to(x.device)
             tr = self.teacher(x[sel], output="regions", frozen_input=frozen)
             s_t = image_to_region_similarities(tr[0, 0], tr[1:])
-        s_s = image_to_region_similarities(anchor, r[2 + nn_:])
+        s_s = image_to_region_similarities(anchor, r[2 + nn_ :])
         soft = soft_region_loss(s_s, s_t, tau0, teacher_temperature(gen, self.temps))
         return hard + o.soft_weight * soft, float(hard.detach()), float(soft.detach())
 
@@ -482,14 +537,25 @@ class SFRSTrainer:
         return m.to(self.device).eval()
 
     def make_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD([p for p in self.model.trainable_parameters()], lr=self.lr,
-                               momentum=self.opts.momentum, weight_decay=self.opts.weight_decay)
+        return torch.optim.SGD(
+            [p for p in self.model.trainable_parameters()],
+            lr=self.lr,
+            momentum=self.opts.momentum,
+            weight_decay=self.opts.weight_decay,
+        )
 
     def checkpoint_state(self, gen, epoch, optimizer) -> dict:
-        return {"gen": gen, "epoch": epoch, "student": self.model.state_dict(),
-                "teacher": None if self.teacher is None else self.teacher.state_dict(),
-                "optimizer": optimizer.state_dict(), "neg_cache": {k: v.tolist() for k, v in self.neg_cache.items()},
-                "best": self.best, "best_state": self.best_state, "history": self.history}
+        return {
+            "gen": gen,
+            "epoch": epoch,
+            "student": self.model.state_dict(),
+            "teacher": None if self.teacher is None else self.teacher.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "neg_cache": {k: v.tolist() for k, v in self.neg_cache.items()},
+            "best": self.best,
+            "best_state": self.best_state,
+            "history": self.history,
+        }
 
     def train(self) -> Path:
         ctx, o = self.ctx, self.opts
@@ -520,8 +586,14 @@ class SFRSTrainer:
             if optimizer is None:
                 optimizer = self.start_generation(gen)
                 if ctx.is_main:
-                    self.run.log({"event": "generation_start", "gen": gen, "epochs": self.epochs_of(gen),
-                                  "teacher_temperature": teacher_temperature(gen, self.temps) if gen else None})
+                    self.run.log(
+                        {
+                            "event": "generation_start",
+                            "gen": gen,
+                            "epochs": self.epochs_of(gen),
+                            "teacher_temperature": teacher_temperature(gen, self.temps) if gen else None,
+                        }
+                    )
             collapsed = False
             while epoch < self.epochs_of(gen):
                 status = self.train_epoch(gen, epoch, optimizer)
@@ -553,8 +625,9 @@ class SFRSTrainer:
             gen, epoch, optimizer = gen + 1, 0, None
         if not model_written:
             final = self.model if self.best_state is None else self.copy_of(self.best_state)
-            self.save_model(final, [(self.run.model_path, {"generations_done": done, "stopped_early": stopped,
-                                                           "best": self.best})])
+            self.save_model(
+                final, [(self.run.model_path, {"generations_done": done, "stopped_early": stopped, "best": self.best})]
+            )
         return self.run.model_path
 
     def train_epoch(self, gen: int, epoch: int, optimizer) -> str:
@@ -563,12 +636,13 @@ class SFRSTrainer:
         anchors = rng.permutation(data.queries)
         if o.queries_per_epoch:
             anchors = anchors[: o.queries_per_epoch]
-        chunks = [anchors[s: s + o.cache_size] for s in range(0, len(anchors), o.cache_size)]
+        chunks = [anchors[s : s + o.cache_size] for s in range(0, len(anchors), o.cache_size)]
         student = self.student
         per_rank = o.batch_tuples // ctx.world_size
         if per_rank * ctx.world_size != o.batch_tuples:
-            raise PlaceRankError(f"sfrs option batch_tuples={o.batch_tuples} must be a multiple of the "
-                                 f"{ctx.world_size} processes")
+            raise PlaceRankError(
+                f"sfrs option batch_tuples={o.batch_tuples} must be a multiple of the {ctx.world_size} processes"
+            )
         sums = {"loss": 0.0, "loss_hard": 0.0, "loss_soft": 0.0, "steps": 0}
         for ci, chunk in enumerate(chunks):
             feats = self.extract_vlads(self.model, desc=f"gen {gen} epoch {epoch}: features")
@@ -582,7 +656,9 @@ class SFRSTrainer:
                     pos = s * o.batch_tuples + k
                     t = tuples[pos]
                     ids = [t["q"], t["p"], *t["negs"].tolist()] + (t["diffs"].tolist() if gen else [])
-                    seed = (self.config.seed, gen, epoch, ci, pos) if (o.augment and self.frozen_cache is None) else None
+                    seed = (
+                        (self.config.seed, gen, epoch, ci, pos) if (o.augment and self.frozen_cache is None) else None
+                    )
                     items.append((ids, seed))
                     owners.append(t)
             self.model.eval()
@@ -590,8 +666,13 @@ class SFRSTrainer:
                 stream = iter(_loader(TupleImages(data.paths, self.pre, items), self.num_workers, batch_size=None))
             else:
                 stream = iter((self.frozen_cache[ids], "") for ids, _ in items)
-            bar = tqdm(range(steps), desc=f"sfrs gen {gen} epoch {epoch} chunk {ci + 1}/{len(chunks)}", unit="step",
-                       leave=False, disable=not ctx.is_main)
+            bar = tqdm(
+                range(steps),
+                desc=f"sfrs gen {gen} epoch {epoch} chunk {ci + 1}/{len(chunks)}",
+                unit="step",
+                leave=False,
+                disable=not ctx.is_main,
+            )
             k = 0
             for s in bar:
                 optimizer.zero_grad(set_to_none=True)
@@ -621,17 +702,32 @@ class SFRSTrainer:
                 sums["steps"] += 1
                 if ctx.is_main:
                     bar.set_postfix(loss=f"{loss_g:.4f}", hard=f"{hard_g:.4f}", soft=f"{soft_g:.3f}")
-                    self.run.log({"gen": gen, "epoch": epoch, "chunk": ci, "step": s, "loss": round(loss_g, 6),
-                                  "loss_hard": round(hard_g, 6), "loss_soft": round(soft_g, 6)})
+                    self.run.log(
+                        {
+                            "gen": gen,
+                            "epoch": epoch,
+                            "chunk": ci,
+                            "step": s,
+                            "loss": round(loss_g, 6),
+                            "loss_hard": round(hard_g, 6),
+                            "loss_soft": round(soft_g, 6),
+                        }
+                    )
                 if not all_true(not self.run.out_of_time(), ctx):
                     if ctx.is_main:
                         self.run.log({"event": "time_limit", "gen": gen, "epoch": epoch, "step": s})
                     return "time"
             bar.close()
         n = max(1, sums["steps"])
-        rec = {"event": "epoch_end", "gen": gen, "epoch": epoch, "steps": sums["steps"],
-               "loss": round(sums["loss"] / n, 6), "loss_hard": round(sums["loss_hard"] / n, 6),
-               "loss_soft": round(sums["loss_soft"] / n, 6)}
+        rec = {
+            "event": "epoch_end",
+            "gen": gen,
+            "epoch": epoch,
+            "steps": sums["steps"],
+            "loss": round(sums["loss"] / n, 6),
+            "loss_hard": round(sums["loss_hard"] / n, 6),
+            "loss_soft": round(sums["loss_soft"] / n, 6),
+        }
         self.history.append(rec)
         if ctx.is_main:
             self.run.log(rec)
@@ -666,8 +762,14 @@ class SFRSTrainer:
             feats = feats[np.sort(take)]
         dim = min(o.pca_dim, len(feats) - 1, feats.shape[1])
         if dim < o.pca_dim and self.ctx.is_main:
-            self.run.log({"event": "pca_dim_reduced", "requested": o.pca_dim, "used": dim,
-                          "reason": f"only {len(feats)} training images"})
+            self.run.log(
+                {
+                    "event": "pca_dim_reduced",
+                    "requested": o.pca_dim,
+                    "used": dim,
+                    "reason": f"only {len(feats)} training images",
+                }
+            )
         model.set_pca(learn_pca(feats, dim), whiten=o.whiten)
 
     def save_model(self, model, targets: list[tuple[Path, dict]]) -> None:
@@ -680,8 +782,12 @@ class SFRSTrainer:
         if self.ctx.is_main:
             model = model.cpu()
             for path, extra in targets:
-                save_placerank_checkpoint(model, path, model_kwargs=model.model_kwargs,
-                                          extra={**extra, "method": "sfrs", "options": asdict(self.opts)})
+                save_placerank_checkpoint(
+                    model,
+                    path,
+                    model_kwargs=model.model_kwargs,
+                    extra={**extra, "method": "sfrs", "options": asdict(self.opts)},
+                )
         barrier(self.ctx)
 
 

@@ -23,9 +23,17 @@ def _bgr(path: str | Path) -> np.ndarray:
     return cv2.cvtColor(np.asarray(im), cv2.COLOR_RGB2BGR)
 
 
-def draw_matches(image1_path: str | Path, image2_path: str | Path, kpts1: np.ndarray, kpts2: np.ndarray,
-                 pairs: np.ndarray, out_path: str | Path, title: str = "", max_height: int = 480,
-                 max_lines: int = 400) -> Path:
+def draw_matches(
+    image1_path: str | Path,
+    image2_path: str | Path,
+    kpts1: np.ndarray,
+    kpts2: np.ndarray,
+    pairs: np.ndarray,
+    out_path: str | Path,
+    title: str = "",
+    max_height: int = 480,
+    max_lines: int = 400,
+) -> Path:
     """Write ``out_path`` (PNG/JPEG by extension) with image 1 left, image 2 right and a line per
     ``pairs`` row (index into ``kpts1``, index into ``kpts2``). Keypoints are (x, y) in original
     pixels. At most ``max_lines`` lines are drawn (evenly subsampled) so dense matches stay
@@ -39,7 +47,7 @@ def draw_matches(image1_path: str | Path, image2_path: str | Path, kpts1: np.nda
     band = 30 if title else 0
     canvas = np.full((h + band, a.shape[1] + gap + b.shape[1], 3), 255, np.uint8)
     canvas[band:, : a.shape[1]] = a
-    canvas[band:, a.shape[1] + gap:] = b
+    canvas[band:, a.shape[1] + gap :] = b
     pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
     k1 = np.asarray(kpts1, dtype=np.float64).reshape(-1, 2)
     k2 = np.asarray(kpts2, dtype=np.float64).reshape(-1, 2)

@@ -12,8 +12,8 @@ labels, not from fixed batch positions, so any K >= 2 works.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,7 @@ class FoLLossConfig:
 
     w_ms: float = 1.0
     w_local: float = 1.0
-    w_sal: float = 0.005           # applied to KL₁ + KL₂
+    w_sal: float = 0.005  # applied to KL₁ + KL₂
     w_cel: float = 1.0
     w_ws: float = 1.0
     # multi-similarity (§3.1)
@@ -38,22 +38,22 @@ class FoLLossConfig:
     # local triplet loss (§3.4)
     local_threshold: float = 0.7
     local_margin: float = 0.0
-    local_reduction: str = "sum"   # the official code sums over triplets (pitfall 15); "mean" to average
+    local_reduction: str = "sum"  # the official code sums over triplets (pitfall 15); "mean" to average
     # CEL (§3.3)
     cel_fg_weight: float = 0.7
     cel_bg_weight: float = 0.3
     # pseudo-correspondences (§3.5)
-    ws_anchor_threshold: float = 0.1     # Ã(a) > 0.1
-    ws_assign_threshold: float = 0.1     # P_j(κ, b) > 0.1
+    ws_anchor_threshold: float = 0.1  # Ã(a) > 0.1
+    ws_assign_threshold: float = 0.1  # P_j(κ, b) > 0.1
     ws_min_cos: float = 0.8
     ws_ratio: float = 2.0
     ws_max_per_image: int = 5
     ws_max_pairs: int = 1200
     ws_scale: float = 0.01
-    ws_drop_first_anchor: bool = True    # official quirk, kept for parity
-    seed: int = 0                        # CEL partner choice
+    ws_drop_first_anchor: bool = True  # official quirk, kept for parity
+    seed: int = 0  # CEL partner choice
 
-    def update(self, options: dict) -> "FoLLossConfig":
+    def update(self, options: dict) -> FoLLossConfig:
         """Copy with the keys of ``options`` that name fields of this config."""
         fields = asdict(self)
         for k, v in options.items():
@@ -66,14 +66,16 @@ class FoLLossConfig:
 # Global: multi-similarity loss + miner (pytorch-metric-learning)
 # ---------------------------------------------------------------------------------------------
 
+
 class MultiSimilarity:
     """MS loss (α=1, β=50, λ=0) on the dot product, MS miner (ε=0.1) on cosine (§3.1)."""
 
     def __init__(self, alpha: float = 1.0, beta: float = 50.0, base: float = 0.0, epsilon: float = 0.1):
         from pytorch_metric_learning import distances, losses, miners
 
-        self.loss = losses.MultiSimilarityLoss(alpha=alpha, beta=beta, base=base,
-                                               distance=distances.DotProductSimilarity())
+        self.loss = losses.MultiSimilarityLoss(
+            alpha=alpha, beta=beta, base=base, distance=distances.DotProductSimilarity()
+        )
         self.miner = miners.MultiSimilarityMiner(epsilon=epsilon, distance=distances.CosineSimilarity())
 
     def __call__(self, descriptors: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -87,6 +89,7 @@ class MultiSimilarity:
 # ---------------------------------------------------------------------------------------------
 # SAL: extraction/aggregation map alignment
 # ---------------------------------------------------------------------------------------------
+
 
 def sal_terms(map_e: torch.Tensor, map_a: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
     """(KL₁, KL₂) of §3.2, each summed over positions and averaged over the batch.
@@ -104,6 +107,7 @@ def sal_terms(map_e: torch.Tensor, map_a: torch.Tensor, eps: float = 1e-12) -> t
 # ---------------------------------------------------------------------------------------------
 # Partners inside a place-labelled batch
 # ---------------------------------------------------------------------------------------------
+
 
 def _groups(labels: Sequence[int]) -> dict[int, list[int]]:
     groups: dict[int, list[int]] = {}
@@ -136,8 +140,15 @@ def random_partner(labels: Sequence[int], rng: random.Random) -> list[int]:
 # CEL: foreground/background prototype consistency
 # ---------------------------------------------------------------------------------------------
 
-def cel_loss(region_score: torch.Tensor, grid: tuple[int, int], local_map_normed: torch.Tensor,
-             partners: Sequence[int], fg_weight: float = 0.7, bg_weight: float = 0.3) -> torch.Tensor:
+
+def cel_loss(
+    region_score: torch.Tensor,
+    grid: tuple[int, int],
+    local_map_normed: torch.Tensor,
+    partners: Sequence[int],
+    fg_weight: float = 0.7,
+    bg_weight: float = 0.3,
+) -> torch.Tensor:
     """L_CEL of §3.3 (the released code's version: no term pushes fg away from bg).
 
     ``region_score`` (B, N) = training R, reshaped to ``grid`` and bilinearly upsampled
@@ -164,6 +175,7 @@ def cel_loss(region_score: torch.Tensor, grid: tuple[int, int], local_map_normed
 # Local triplet loss (MNN similarity on the selected region sets)
 # ---------------------------------------------------------------------------------------------
 
+
 def batch_hard_triplets(descriptors: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(anchor, hardest positive, hardest negative) per anchor that has both (pml BatchHardMiner,
     Euclidean distance on the L2-normalised global descriptors)."""
@@ -172,8 +184,13 @@ def batch_hard_triplets(descriptors: torch.Tensor, labels: torch.Tensor) -> tupl
     return miners.BatchHardMiner()(descriptors.detach(), labels)
 
 
-def local_triplet_loss(local_sets: Sequence[torch.Tensor], triplets: tuple[torch.Tensor, ...],
-                       threshold: float = 0.7, margin: float = 0.0, reduction: str = "sum") -> torch.Tensor:
+def local_triplet_loss(
+    local_sets: Sequence[torch.Tensor],
+    triplets: tuple[torch.Tensor, ...],
+    threshold: float = 0.7,
+    margin: float = 0.0,
+    reduction: str = "sum",
+) -> torch.Tensor:
     """L_local of §3.4: Σ_triplets max(0, sim(a, n) − sim(a, p) + margin), where sim is the mean
     cosine of the mutual nearest neighbours with cosine > ``threshold`` between two region sets
     (fallback to the position-aligned mean when at most one pair survives — the official quirk,
@@ -196,8 +213,10 @@ def local_triplet_loss(local_sets: Sequence[torch.Tensor], triplets: tuple[torch
 # Weakly supervised pseudo-correspondence loss
 # ---------------------------------------------------------------------------------------------
 
-def patch_to_local_cell(r: torch.Tensor, c: torch.Tensor, grid: tuple[int, int],
-                        local_grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+
+def patch_to_local_cell(
+    r: torch.Tensor, c: torch.Tensor, grid: tuple[int, int], local_grid: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Local-grid cell of patch (r, c): row = round((r + 0.5)·H'/h), col likewise, clamped.
 
     This is the official round((14r + 7)·89/322) written for any grid: at h = 23, H' = 89,
@@ -210,9 +229,14 @@ def patch_to_local_cell(r: torch.Tensor, c: torch.Tensor, grid: tuple[int, int],
 
 
 @torch.no_grad()
-def mine_pseudo_correspondences(feat_i: torch.Tensor, feat_j: torch.Tensor, plan_i: torch.Tensor,
-                                plan_j: torch.Tensor, attn_i: torch.Tensor, cfg: FoLLossConfig
-                                ) -> list[tuple[int, int, float]]:
+def mine_pseudo_correspondences(
+    feat_i: torch.Tensor,
+    feat_j: torch.Tensor,
+    plan_i: torch.Tensor,
+    plan_j: torch.Tensor,
+    attn_i: torch.Tensor,
+    cfg: FoLLossConfig,
+) -> list[tuple[int, int, float]]:
     """Patch pairs (a in i, b in j, s₁) for one image pair (§3.5, no gradient).
 
     ``feat_*`` (C, N) L2-normalised patch features, ``plan_*`` (K, N), ``attn_i`` (N,) = Ã_i.
@@ -225,9 +249,9 @@ def mine_pseudo_correspondences(feat_i: torch.Tensor, feat_j: torch.Tensor, plan
         anchors = anchors[1:]
     if anchors.numel() == 0:
         return []
-    kappa = plan_i[:, anchors].argmax(dim=0)                      # (A,)
-    cand = plan_j[kappa] > cfg.ws_assign_threshold                # (A, N)
-    cos = feat_i[:, anchors].t() @ feat_j                         # (A, N)
+    kappa = plan_i[:, anchors].argmax(dim=0)  # (A,)
+    cand = plan_j[kappa] > cfg.ws_assign_threshold  # (A, N)
+    cos = feat_i[:, anchors].t() @ feat_j  # (A, N)
     cos = torch.where(cand, cos, torch.full_like(cos, -10.0))
     if cos.shape[1] < 2:
         return []
@@ -251,9 +275,16 @@ def dense_cell_descriptors(local_map_normed: torch.Tensor):
     return cells
 
 
-def pseudo_correspondence_loss(patch_feats: torch.Tensor, plan: torch.Tensor, attn_thr: torch.Tensor,
-                               cell_descriptors, grid: tuple[int, int], local_grid: tuple[int, int],
-                               partners: Sequence[int], cfg: FoLLossConfig) -> tuple[torch.Tensor, int]:
+def pseudo_correspondence_loss(
+    patch_feats: torch.Tensor,
+    plan: torch.Tensor,
+    attn_thr: torch.Tensor,
+    cell_descriptors,
+    grid: tuple[int, int],
+    local_grid: tuple[int, int],
+    partners: Sequence[int],
+    cfg: FoLLossConfig,
+) -> tuple[torch.Tensor, int]:
     """L_WS of §3.5. ``patch_feats`` (B, C, N) L2-normalised backbone features, ``plan`` (B, K, N),
     ``attn_thr`` (B, N) = Ã; ``cell_descriptors(b, rows, cols)`` gives, with gradient, the mean
     of the 3 x 3 neighbourhood of the normalised local map at those cells of the ``local_grid``
@@ -269,8 +300,7 @@ def pseudo_correspondence_loss(patch_feats: torch.Tensor, plan: torch.Tensor, at
         j = partners[i]
         if j < 0:
             continue
-        for a, b, s1 in mine_pseudo_correspondences(patch_feats[i], patch_feats[j], plan[i], plan[j],
-                                                    attn_thr[i], cfg):
+        for a, b, s1 in mine_pseudo_correspondences(patch_feats[i], patch_feats[j], plan[i], plan[j], attn_thr[i], cfg):
             rows.append((i, a, j, b, s1))
             if len(rows) >= cfg.ws_max_pairs:
                 break
@@ -293,6 +323,7 @@ def pseudo_correspondence_loss(patch_feats: torch.Tensor, plan: torch.Tensor, at
 # Everything together
 # ---------------------------------------------------------------------------------------------
 
+
 class FoLCriterion:
     """Computes all FoL losses from a :class:`placerank.models.fol.FoLOutput` and the batch's
     place labels; returns the weighted total and a log dict.
@@ -307,26 +338,49 @@ class FoLCriterion:
         self.ms = MultiSimilarity(self.cfg.ms_alpha, self.cfg.ms_beta, self.cfg.ms_base, self.cfg.miner_epsilon)
         self.rng = random.Random(self.cfg.seed)
 
-    def __call__(self, out, local_sets: Sequence[torch.Tensor], labels: torch.Tensor,
-                 local_map_normed: torch.Tensor, cell_descriptors=None) -> tuple[torch.Tensor, dict]:
+    def __call__(
+        self,
+        out,
+        local_sets: Sequence[torch.Tensor],
+        labels: torch.Tensor,
+        local_map_normed: torch.Tensor,
+        cell_descriptors=None,
+    ) -> tuple[torch.Tensor, dict]:
         cfg = self.cfg
         lab = labels.tolist()
         desc = out.descriptor
         l_ms, mined = self.ms(desc, labels)
         kl1, kl2 = sal_terms(out.map_e, out.map_a)
         R = out.region_score(training=True)
-        l_cel = cel_loss(R, out.grid, local_map_normed, random_partner(lab, self.rng), cfg.cel_fg_weight,
-                         cfg.cel_bg_weight)
+        l_cel = cel_loss(
+            R, out.grid, local_map_normed, random_partner(lab, self.rng), cfg.cel_fg_weight, cfg.cel_bg_weight
+        )
         triplets = batch_hard_triplets(desc, labels)
         l_local = local_triplet_loss(local_sets, triplets, cfg.local_threshold, cfg.local_margin, cfg.local_reduction)
         feats = F.normalize(out.feature_map.detach().float().flatten(2), dim=1)
         cells = cell_descriptors or dense_cell_descriptors(local_map_normed)
-        l_ws, n_pairs = pseudo_correspondence_loss(feats, out.plan.detach(), out.attention_thr.detach(), cells,
-                                                   out.grid, tuple(local_map_normed.shape[-2:]), next_partner(lab), cfg)
-        total = (cfg.w_ms * l_ms + cfg.w_local * l_local + cfg.w_sal * (kl1 + kl2) + cfg.w_cel * l_cel
-                 + cfg.w_ws * l_ws)
+        l_ws, n_pairs = pseudo_correspondence_loss(
+            feats,
+            out.plan.detach(),
+            out.attention_thr.detach(),
+            cells,
+            out.grid,
+            tuple(local_map_normed.shape[-2:]),
+            next_partner(lab),
+            cfg,
+        )
+        total = cfg.w_ms * l_ms + cfg.w_local * l_local + cfg.w_sal * (kl1 + kl2) + cfg.w_cel * l_cel + cfg.w_ws * l_ws
         v = lambda t: float(t.detach())  # noqa: E731
-        log = {"loss": v(total), "ms": v(l_ms), "local": v(l_local), "kl1": v(kl1),
-               "kl2": v(kl2), "cel": v(l_cel), "ws": v(l_ws), "ws_pairs": n_pairs,
-               "triplets": int(triplets[0].numel()), "ms_mined": round(mined, 3)}
+        log = {
+            "loss": v(total),
+            "ms": v(l_ms),
+            "local": v(l_local),
+            "kl1": v(kl1),
+            "kl2": v(kl2),
+            "cel": v(l_cel),
+            "ws": v(l_ws),
+            "ws_pairs": n_pairs,
+            "triplets": int(triplets[0].numel()),
+            "ms_mined": round(mined, 3),
+        }
         return total, log

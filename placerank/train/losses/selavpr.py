@@ -23,9 +23,9 @@ from placerank.train.losses.mnn import mutual_nn_pairs
 
 @dataclass(frozen=True)
 class SelaVPRLossConfig:
-    margin: float = 0.1          # global triplet margin
-    local_margin: float = 0.0    # local hinge margin (official: 0)
-    local_weight: float = 1.0    # weight of the local loss (official: 1)
+    margin: float = 0.1  # global triplet margin
+    local_margin: float = 0.0  # local hinge margin (official: 0)
+    local_weight: float = 1.0  # weight of the local loss (official: 1)
 
 
 def mnn_mean_similarity(f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -76,8 +76,9 @@ def dense_to_sets(dense: torch.Tensor) -> torch.Tensor:
     return dense.flatten(2).transpose(1, 2)
 
 
-def selavpr_loss(global_desc: torch.Tensor, dense: torch.Tensor, num_negatives: int,
-                 config: SelaVPRLossConfig = SelaVPRLossConfig()) -> tuple[torch.Tensor, dict[str, float]]:
+def selavpr_loss(
+    global_desc: torch.Tensor, dense: torch.Tensor, num_negatives: int, config: SelaVPRLossConfig = SelaVPRLossConfig()
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of a batch laid out tuple by tuple: rows ``t*(2+k) + [0, 1, 2..]`` are
     (query, positive, negatives) of tuple t. ``global_desc`` (B(2+k), D); ``dense``
     (B(2+k), C, h, w). Returns (total, {"global": .., "local": .., "loss": ..})."""

@@ -20,7 +20,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -33,7 +33,10 @@ REGION_NAMES = ("global", "top", "bottom", "left", "right", "top_left", "top_rig
 # Hard loss
 # ---------------------------------------------------------------------------------------------
 
-def pair_logits(anchor: torch.Tensor, others: torch.Tensor, temperature: float, similarity: str = "dot") -> torch.Tensor:
+
+def pair_logits(
+    anchor: torch.Tensor, others: torch.Tensor, temperature: float, similarity: str = "dot"
+) -> torch.Tensor:
     """Logits of ``anchor`` (..., D) against ``others`` (..., N, D): ``<a, o> / tau`` or
     ``-|a - o|^2 / tau``; shape (..., N)."""
     if similarity == "dot":
@@ -43,8 +46,13 @@ def pair_logits(anchor: torch.Tensor, others: torch.Tensor, temperature: float, 
     raise ValueError(f"similarity must be 'dot' or 'euclidean', got '{similarity}'")
 
 
-def sare_ind_loss(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
-                  temperature: float = 0.07, similarity: str = "dot") -> torch.Tensor:
+def sare_ind_loss(
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
+    negatives: torch.Tensor,
+    temperature: float = 0.07,
+    similarity: str = "dot",
+) -> torch.Tensor:
     """SARE-individual: mean over tuples and negatives j of
     ``-log(e^{s_p} / (e^{s_p} + e^{s_nj}))`` = ``softplus(s_nj - s_p)``.
 
@@ -59,16 +67,19 @@ def sare_ind_loss(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch
 # Regions
 # ---------------------------------------------------------------------------------------------
 
+
 def quarter_masks(h: int, w: int, device=None) -> torch.Tensor:
     """(4, h, w) float masks of the 2 x 2 blocks TL, TR, BL, BR; h and w must be even."""
     if h % 2 or w % 2:
-        raise ValueError(f"SFRS region descriptors need an even feature map, got {h}x{w}: pick an input size "
-                         f"whose feature map has even height and width")
+        raise ValueError(
+            f"SFRS region descriptors need an even feature map, got {h}x{w}: pick an input size "
+            f"whose feature map has even height and width"
+        )
     m = torch.zeros(4, h, w, device=device)
     m[0, : h // 2, : w // 2] = 1
-    m[1, : h // 2, w // 2:] = 1
-    m[2, h // 2:, : w // 2] = 1
-    m[3, h // 2:, w // 2:] = 1
+    m[1, : h // 2, w // 2 :] = 1
+    m[2, h // 2 :, : w // 2] = 1
+    m[3, h // 2 :, w // 2 :] = 1
     return m
 
 
@@ -99,8 +110,10 @@ def hardest_region_negatives(anchor: torch.Tensor, neg_regions: torch.Tensor) ->
 # Soft loss
 # ---------------------------------------------------------------------------------------------
 
-def soft_region_loss(s_student: torch.Tensor, s_teacher: torch.Tensor, tau_student: float = 0.07,
-                     tau_teacher: float = 0.07) -> torch.Tensor:
+
+def soft_region_loss(
+    s_student: torch.Tensor, s_teacher: torch.Tensor, tau_student: float = 0.07, tau_teacher: float = 0.07
+) -> torch.Tensor:
     """``-sum_m p^T_m log p^S_m`` with p = softmax over *all* (positive, region) entries jointly.
 
     ``s_student``/``s_teacher``: (M, 9) for one tuple or (B, M, 9) (averaged over B).
@@ -123,6 +136,7 @@ def teacher_temperature(generation: int, temperatures: Sequence[float] = (0.07, 
 # Difficult positives: k-reciprocal re-ranking (Zhong et al., CVPR 2017)
 # ---------------------------------------------------------------------------------------------
 
+
 def _reciprocal_sets(rank: np.ndarray, k: int) -> np.ndarray:
     """Boolean (N, N): j is in i's k-reciprocal set (each is in the other's top-(k+1))."""
     n = rank.shape[0]
@@ -131,8 +145,9 @@ def _reciprocal_sets(rank: np.ndarray, k: int) -> np.ndarray:
     return knn & knn.T
 
 
-def k_reciprocal_rerank(q_g: np.ndarray, q_q: np.ndarray, g_g: np.ndarray, k1: int = 20, k2: int = 1,
-                        lambda_value: float = 0.1) -> np.ndarray:
+def k_reciprocal_rerank(
+    q_g: np.ndarray, q_q: np.ndarray, g_g: np.ndarray, k1: int = 20, k2: int = 1, lambda_value: float = 0.1
+) -> np.ndarray:
     """Zhong et al.'s re-ranked distance (Q, G) from query-gallery, query-query and
     gallery-gallery distances.
 

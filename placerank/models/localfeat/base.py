@@ -1,0 +1,168 @@
+"""Common ground for the pretrained local-feature networks (XFeat, ALIKED, DISK).
+
+Every extractor takes a batch of RGB images in [0, 1] at the network's input size and returns,
+per image, keypoints in *input* pixels (x, y; pixel centres at integer coordinates), L2-normalised
+descriptors and detector scores. :func:`to_original_pixels` maps those keypoints back to the
+original photo, so stored features never depend on the resize used at extraction time.
+
+Weights are loaded strictly: a file whose tensor names or shapes differ from the architecture is
+refused with a one-line :class:`~placerank.errors.WeightsError` instead of half-loading (a
+half-loaded detector still returns keypoints, just useless ones, which is the worst failure mode
+for a verifier).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from placerank.errors import PlaceRankError, WeightsError
+from placerank.models.weights import resolve_weights
+from placerank.registry import Registry
+from placerank.utils import file_sha256
+
+
+@dataclass
+class RawFeatures:
+    """One image's features in the network-input pixel frame (torch tensors, on any device)."""
+
+    keypoints: torch.Tensor  # (N, 2) float (x, y)
+    descriptors: torch.Tensor  # (N, D) float, L2-normalised
+    scores: torch.Tensor  # (N,) float
+
+
+class LocalFeatureNet(nn.Module):
+    """A pretrained detector + descriptor. Subclasses set ``kind``, ``dim``, ``weights_file`` and
+    implement :meth:`detect` on (B, 3, H, W) RGB images in [0, 1]."""
+
+    kind: str = ""
+    dim: int = 0
+    weights_file: str = ""
+    #: input sides must be multiples of this; :meth:`__call__` callers resize or pad accordingly
+    multiple: int = 1
+
+    def __init__(self, max_keypoints: int = 2048):
+        super().__init__()
+        if int(max_keypoints) < 1:
+            raise PlaceRankError(f"max_keypoints must be >= 1, got {max_keypoints}")
+        self.max_keypoints = int(max_keypoints)
+        self.weights_source = "random-init"
+        self.weights_sha256 = ""
+
+    def detect(self, images: torch.Tensor) -> list[RawFeatures]:
+        raise NotImplementedError
+
+    def config_id(self) -> str:
+        """Detection settings that change the extracted features (part of store signatures)."""
+        return ""
+
+    # -- weights ------------------------------------------------------------------------------
+    def load_weights(self, weights: str | Path | None = None) -> LocalFeatureNet:
+        """Resolve (explicit path, $PLACERANK_WEIGHTS, ../shared/weights) and strictly load."""
+        path = resolve_weights(self.weights_file, weights, self.display_name)
+        state = read_checkpoint(path)
+        self.load_checkpoint_state(state, path)
+        self.weights_source = f"{path.name} sha256:{file_sha256(path)[:12]}"
+        self.weights_sha256 = file_sha256(path)
+        return self
+
+    def load_checkpoint_state(self, state: object, path: Path) -> None:
+        """Take the object stored in the file (state_dict or container) and load it strictly."""
+        raise NotImplementedError
+
+    @property
+    def display_name(self) -> str:
+        return {"xfeat": "XFeat", "aliked": "ALIKED-n16", "disk": "DISK"}.get(self.kind, self.kind)
+
+
+def read_checkpoint(path: Path) -> object:
+    """``torch.load`` with ``weights_only=True``; unreadable files become one-line errors."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsError(f"{path}: cannot read weights file ({type(e).__name__}: {first[:160]})") from None
+
+
+def _abbrev(names: Sequence[str], n: int = 3) -> str:
+    names = sorted(names)
+    shown = ", ".join(names[:n])
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def strict_load(module: nn.Module, state: object, path: Path, what: str, computed_buffers: Sequence[str] = ()) -> None:
+    """Load ``state`` into ``module`` with ``strict=True`` after checking names and shapes.
+
+    ``computed_buffers`` are buffers the architecture derives from its configuration (a
+    coordinate grid, confidence thresholds) that checkpoints do not carry; they are taken from
+    the freshly built module, never from the file, and the file may not contain them either.
+    """
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path}: weights do not fit {what} (expected a state_dict of tensors)")
+    own = module.state_dict()
+    expected = {k: v for k, v in own.items() if k not in set(computed_buffers)}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {_abbrev(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {_abbrev(unexpected)}")
+        raise WeightsError(f"{path}: weights do not fit {what} ({'; '.join(parts)})")
+    bad = sorted(k for k in expected if tuple(state[k].shape) != tuple(expected[k].shape))
+    if bad:
+        k = bad[0]
+        more = f"; {len(bad) - 1} more tensors differ" if len(bad) > 1 else ""
+        raise WeightsError(
+            f"{path}: weights do not fit {what} ({k} is {tuple(state[k].shape)} in the file but "
+            f"{tuple(expected[k].shape)} in the model{more})"
+        )
+    full = dict(state)
+    for k in computed_buffers:
+        full[k] = own[k]
+    module.load_state_dict(full, strict=True)
+
+
+def to_original_pixels(kpts: np.ndarray, input_hw: tuple[int, int], original_hw: tuple[int, int]) -> np.ndarray:
+    """Map (x, y) keypoints from a hard-resized input back to the original image.
+
+    Both frames put pixel centres at integer coordinates, and the resize maps pixel *edges*
+    onto each other (PIL / ``align_corners=False``), so x_orig = (x + 0.5) * W/w - 0.5.
+    """
+    h, w = input_hw
+    H, W = original_hw
+    out = np.empty_like(kpts, dtype=np.float32)
+    out[:, 0] = (kpts[:, 0] + 0.5) * (W / w) - 0.5
+    out[:, 1] = (kpts[:, 1] + 0.5) * (H / h) - 0.5
+    return out
+
+
+# -- registry of feature kinds ------------------------------------------------------------------
+
+
+FEATURES: Registry = Registry("local features", "placerank.models.localfeat", skip=("base",))
+
+
+def register_features(kind: str, description: str = "") -> Callable:
+    return FEATURES.register(kind, description)
+
+
+def feature_kinds() -> list[str]:
+    return FEATURES.names()
+
+
+def create_features(
+    kind: str, weights: str | Path | None = None, max_keypoints: int = 2048, pretrained: bool = True
+) -> LocalFeatureNet:
+    """Build a local-feature network by kind ('xfeat', 'aliked', 'disk'), in eval mode, with its
+    shipped weights loaded strictly (``pretrained=False`` keeps the random init, for tests)."""
+    net = FEATURES.create(kind, max_keypoints=max_keypoints)
+    if pretrained:
+        net.load_weights(weights)
+    return net.eval()

@@ -1,0 +1,117 @@
+"""Evaluation pictures a person looks at: the recall curve and example strips (query + top-5,
+correct in green, wrong in red). Used by eval, localize and the service."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from placerank.utils import atomic_path
+
+GREEN = (40, 170, 60)
+RED = (210, 40, 40)
+GREY = (120, 120, 120)
+
+
+def _font(size: int = 16):
+    for name in ("DejaVuSans.ttf", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"):
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:
+            continue
+    return ImageFont.load_default()
+
+
+def plot_recall_curve(curves: dict[str, dict[str, float]], out_path: str | Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for label, rec in curves.items():
+        if not rec:
+            continue
+        ns = sorted(int(n) for n in rec)
+        ax.plot(ns, [100 * rec[str(n)] for n in ns], marker="o", label=label)
+        for n in ns[:3]:
+            ax.annotate(
+                f"{100 * rec[str(n)]:.1f}",
+                (n, 100 * rec[str(n)]),
+                textcoords="offset points",
+                xytext=(4, -12),
+                fontsize=7,
+            )
+    ax.set_xscale("log")
+    ax.set_xlabel("N (log scale)")
+    ax.set_ylabel("Recall@N (%)")
+    ax.set_ylim(0, 101)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(out_path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def _thumb(path: Path, height: int) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w = max(1, round(im.width * height / im.height))
+            return im.resize((w, height), Image.BILINEAR)
+    except OSError:
+        return Image.new("RGB", (height, height), (60, 60, 60))
+
+
+def draw_example(
+    query_path: Path,
+    candidate_paths: Sequence[Path],
+    correct: Sequence[bool],
+    out_path: str | Path,
+    labels: Sequence[str] | None = None,
+    title: str = "",
+    height: int = 160,
+) -> None:
+    """Query on the left (grey frame), top-N candidates right of it framed green/red."""
+    border, pad, text_h = 6, 8, 22
+    tiles = [_thumb(query_path, height)] + [_thumb(p, height) for p in candidate_paths]
+    width = sum(t.width + 2 * border for t in tiles) + pad * (len(tiles) + 1)
+    canvas = Image.new("RGB", (width, height + 2 * border + 2 * text_h + 2 * pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = _font(13)
+    draw.text((pad, 4), title[:160], fill=(0, 0, 0), font=font)
+    x = pad
+    for i, tile in enumerate(tiles):
+        colour = GREY if i == 0 else (GREEN if correct[i - 1] else RED)
+        y = text_h + pad
+        draw.rectangle([x, y, x + tile.width + 2 * border - 1, y + height + 2 * border - 1], fill=colour)
+        canvas.paste(tile, (x + border, y + border))
+        caption = "query" if i == 0 else (labels[i - 1] if labels else f"#{i}")
+        caption += "" if i == 0 else ("  ✓" if correct[i - 1] else "  ✗")
+        draw.text((x, y + height + 2 * border + 3), caption[:40], fill=(0, 0, 0) if i == 0 else colour, font=font)
+        x += tile.width + 2 * border + pad
+    with atomic_path(out_path) as tmp:
+        canvas.save(tmp, format="PNG")
+
+
+def pick_example_queries(
+    first_hit_before: np.ndarray, first_hit_after: np.ndarray, n: int = 8, seed: int = 0
+) -> list[int]:
+    """A few queries worth looking at: ones re-ranking fixed or broke, failures, successes."""
+    rng = np.random.default_rng(seed)
+    q = len(first_hit_after)
+    fixed = np.flatnonzero(~first_hit_before & first_hit_after)
+    broke = np.flatnonzero(first_hit_before & ~first_hit_after)
+    fail = np.flatnonzero(~first_hit_after)
+    ok = np.flatnonzero(first_hit_after)
+    chosen: list[int] = []
+    for group, take in ((fixed, 2), (broke, 2), (fail, 2), (ok, n)):
+        for i in rng.permutation(group)[:take]:
+            if len(chosen) < n and int(i) not in chosen:
+                chosen.append(int(i))
+    return sorted(chosen)[: min(n, q)]
