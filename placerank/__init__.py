@@ -1,8 +1,7 @@
 """placerank: visual place recognition — global retrieval with FAISS, then local re-ranking."""
 
-__version__ = "0.1.0"
-
 from placerank.errors import PlaceRankError  # noqa: F401
+from placerank.version import __version__  # noqa: F401
 
 
 def __getattr__(name):  # lazy: importing placerank must not pull torch for `placerank --help`

@@ -8,7 +8,8 @@ so a preset never hides a setting the user asked for.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from placerank.errors import PlaceRankError
 from placerank.registry import Entry, Registry
