@@ -16,13 +16,13 @@ from typing import Any
 import numpy as np
 
 
-@contextlib.contextmanager
 def cache_root() -> Path:
     """Where placerank keeps what it can recompute: ``$PLACERANK_CACHE`` (default
     ``~/.cache/placerank``): descriptor caches, local-feature stores, converted weights."""
     return Path(os.environ.get("PLACERANK_CACHE", Path.home() / ".cache" / "placerank"))
 
 
+@contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``target``; rename it over ``target`` only on success.
 
