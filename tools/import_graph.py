@@ -154,7 +154,7 @@ def stage_edges(graph: dict[str, set[str]]) -> dict[tuple[str, str], int]:
     for mod, deps in graph.items():
         for d in deps:
             a, b = stage_of(mod), stage_of(d)
-            if a != b and a not in TOP:
+            if a != b and a not in TOP and b not in TOP:
                 edges[(a, b)] += 1
     return dict(edges)
 
