@@ -6,7 +6,14 @@ Baseline = ``timm`` ``forward_features`` + GeM on already-decoded tensors of the
 and input size (what the network alone costs). Both run side by side, alternating, several
 rounds; the ratio (pipeline images/s / bare images/s) is the number to watch (goal >= 0.9).
 
-    python benchmarks/extraction.py [--images 140] [--rounds 3] [--batch-size 16] [--out benchmarks/results/extraction.json]
+Local heads (FoL ``fol-region``, SelaVPR ``selavpr-mnn``): the same images through
+``extract_features`` three ways, each with the backbone's forward calls counted by a hook:
+global only; global + local features into a local-feature store in ONE pass (what eval and
+``placerank extract --rerank`` do); and the old two passes (global, then the re-ranker's own
+extraction). One pass costs the local head and the store writes, not a second backbone pass.
+
+    python benchmarks/extraction.py [--images 140] [--rounds 3] [--batch-size 16] [--local-images 16]
+        [--out benchmarks/results/extraction.json]   # also writes extraction.png beside it
 """
 
 from __future__ import annotations
@@ -25,10 +32,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from placerank.commands.demo import find_shared_data  # noqa: E402
 from placerank.data.images import load_tensor  # noqa: E402
-from placerank.descriptors.extract import extract_global  # noqa: E402
+from placerank.data.places import find_shared_data  # noqa: E402
+from placerank.descriptors.extract import extract_features, extract_global, extract_local, local_store_for  # noqa: E402
 from placerank.models import create  # noqa: E402
+from placerank.rerank.base import create_reranker  # noqa: E402
 from placerank.utils import resolve_device  # noqa: E402
 
 
@@ -41,6 +49,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--local-images", type=int, default=16, help="images per local-head row (0: no such rows)")
+    ap.add_argument(
+        "--local-models", nargs="+", default=["fol-effnet-lite0:fol-region", "selavpr-effnet-lite0:selavpr-mnn"]
+    )
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "extraction.json")
     args = ap.parse_args()
 
@@ -82,6 +94,24 @@ def main() -> None:
     print(f"| {'bare timm forward + GeM':32s} | {med['bare_img_s']:17.2f} |")
     print(f"| {'placerank extract_global':32s} | {med['pipeline_img_s']:17.2f} |")
     print(f"| {'ratio (goal >= 0.9)':32s} | {med['ratio']:17.3f} |")
+    local_rows = [
+        local_head_row(spec, paths[: args.local_images], device, bs, args.workers)
+        for spec in (args.local_models if args.local_images > 0 else [])
+    ]
+    if local_rows:
+        print()
+        print(f"| {'model':22s} | {'extraction':28s} | {'images/s':>8s} | {'backbone passes/image':>21s} |")
+        print(f"|{'-' * 24}|{'-' * 30}|{'-' * 10}|{'-' * 23}|")
+        for row in local_rows:
+            for mode, label in (
+                ("global", "global only"),
+                ("one_pass", "global + local, one pass"),
+                ("two_pass", "global, then local (2 passes)"),
+            ):
+                r = row[mode]
+                print(
+                    f"| {row['model']:22s} | {label:28s} | {r['img_s']:8.2f} | {r['backbone_passes_per_image']:21.2f} |"
+                )
     out = {
         "benchmark": "extraction",
         "model": args.model,
@@ -95,10 +125,78 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
+        "local_heads": local_rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    plot(out, args.out.with_suffix(".png"))
+    print(f"wrote {args.out}, {args.out.with_suffix('.png').name}")
+
+
+def local_head_row(spec: str, paths: list[Path], device: torch.device, bs: int, workers: int | None) -> dict:
+    """Global only vs global + local in one pass vs two passes, for one model with a local head."""
+    import tempfile
+
+    name, rerank = spec.split(":")
+    torch.manual_seed(0)
+    model = create(name).to(device).eval()
+    rr = create_reranker(rerank, model=model).to(device)
+    calls = {"images": 0}
+    model.backbone.register_forward_hook(lambda m, i, o: calls.__setitem__("images", calls["images"] + len(i[0])))
+    row: dict = {"model": name, "reranker": rerank, "input_size": list(model.preprocess.size), "images": len(paths)}
+    extract_global(model, paths[:bs], device, batch_size=bs, num_workers=workers, use_cache=False)  # warm-up
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in ("global", "one_pass", "two_pass"):
+            calls["images"] = 0
+            store = local_store_for(rr, Path(tmp) / mode)
+            t0 = time.perf_counter()
+            if mode == "global":
+                extract_global(model, paths, device, batch_size=bs, num_workers=workers, use_cache=False)
+            elif mode == "one_pass":
+                extract_features(model, paths, device, bs, workers, use_cache=False, reranker=rr, store=store)
+            else:
+                extract_global(model, paths, device, batch_size=bs, num_workers=workers, use_cache=False)
+                extract_local(rr, paths, store, device, batch_size=bs, num_workers=workers)
+            dt = time.perf_counter() - t0
+            row[mode] = {
+                "img_s": round(len(paths) / dt, 3),
+                "s": round(dt, 2),
+                "backbone_passes_per_image": calls["images"] / len(paths),
+                "local_bytes_per_image": round(store.bytes_per_image(), 1),
+            }
+            store.close()
+            print(
+                f"{name} {mode}: {len(paths) / dt:.2f} img/s, {calls['images'] / len(paths):.0f} backbone passes/image"
+            )
+    return row
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = ["bare forward", "extract_global"]
+    values = [result["median"]["bare_img_s"], result["median"]["pipeline_img_s"]]
+    colors = ["#999999", "#4477aa"]
+    for row in result["local_heads"]:
+        for mode, label, color in (
+            ("global", "global", "#4477aa"),
+            ("one_pass", "+local, 1 pass", "#228833"),
+            ("two_pass", "+local, 2 passes", "#cc6677"),
+        ):
+            labels.append(f"{row['model']}\n{label}")
+            values.append(row[mode]["img_s"])
+            colors.append(color)
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(labels)), 4))
+    ax.bar(range(len(values)), values, color=colors)
+    ax.set_xticks(range(len(values)), labels, fontsize=7)
+    ax.set_ylabel("images / s")
+    ax.set_title(f"extraction throughput ({result['device']}, {result['threads']} threads)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

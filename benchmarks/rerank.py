@@ -10,10 +10,9 @@
 2. Each re-ranker runs in its own child process (so its peak memory is its own): it extracts the
    database candidates' local features into its LocalFeatureStore (float16, the same store eval
    uses; reused across runs: ``db_images_extracted`` says how many were extracted in this run),
-   extracts each query's local features afresh (timed), then re-ranks the top-K. Scores
-   are per candidate (the Reranker contract), so the top-100 is scored as the blocks [0,20),
-   [20,50), [50,100) and the time for K is the sum of the blocks below K, each block timed with
-   its candidate store reads, the work eval does for that K.
+   extracts each query's local features afresh (timed), then re-ranks the top-K with
+   :func:`placerank.rerank.topk.rerank_topk`, the loop eval and localize run, once per K; the
+   time for K is that loop's per-query time, candidate store reads included.
 3. Output: a table and ``benchmarks/results/rerank.json`` with R@1/5 before and after, ms per
    query for re-ranking (median, p90), query local-feature extraction ms, bytes of local data per
    database image, peak memory, and ratios against RANSAC (``ransac-xfeat``) in the same run.
@@ -178,12 +177,6 @@ def first_stage(args) -> dict:
     }
 
 
-def _blocks(top_k: list[int], depth: int) -> list[tuple[int, int]]:
-    ks = [min(k, depth) for k in top_k]
-    edges = [0] + sorted(set(ks))
-    return list(zip(edges[:-1], edges[1:]))
-
-
 def peak_rss_mb() -> float:
     """This process's peak resident memory. ``VmHWM`` rather than ``getrusage``: Linux carries
     ``ru_maxrss`` over fork + exec, so a child would report at least its parent's size."""
@@ -204,7 +197,8 @@ def run_child(spec_path: str) -> None:
 
     from placerank.descriptors.extract import extract_local, local_store_for
     from placerank.eval.recall import recall_at_n
-    from placerank.rerank.base import create_reranker, rerank_order
+    from placerank.rerank.base import create_reranker
+    from placerank.rerank.topk import rerank_topk
     from placerank.utils import resolve_device
 
     spec = json.loads(Path(spec_path).read_text())
@@ -246,33 +240,22 @@ def run_child(spec_path: str) -> None:
             q_feats.append(rr.extract(t[None].to(device), [orig])[0])
             q_ms.append(1000 * (time.perf_counter() - t1))
 
-    blocks = _blocks(spec["top_k"], ids.shape[1])
-    block_ms = np.zeros((len(ids), len(blocks)))
-    scores = np.zeros(ids.shape, dtype=np.float64)
-    with torch.inference_mode():
-        for qi in range(len(ids)):
-            for bi, (a, b) in enumerate(blocks):
-                t1 = time.perf_counter()
-                qlf = q_feats[qi]
-                cands = [store.get(keys_db[int(j)]) for j in ids[qi, a:b]]
-                scores[qi, a:b] = np.asarray(rr.score(qlf, cands), dtype=np.float64)
-                block_ms[qi, bi] = 1000 * (time.perf_counter() - t1)
+    # The one re-rank-top-K loop (what eval and localize run), once per K: its per-query time
+    # includes the candidates' store reads.
     per_k = {}
-    for k in spec["top_k"]:
-        k_eff = min(k, ids.shape[1])
-        nb = sum(1 for (_, b) in blocks if b <= k_eff)
-        out_ids = ids.copy()
-        for qi in range(len(ids)):
-            out_ids[qi, :k_eff] = ids[qi, :k_eff][rerank_order(scores[qi, :k_eff])]
-        ms = block_ms[:, :nb].sum(axis=1)
-        ns = [n for n in (1, 5) if n <= ids.shape[1]]
-        per_k[str(k)] = {
-            "top_k": k_eff,
-            "recall_before": recall_at_n(ids, positives, ns),
-            "recall_after": recall_at_n(out_ids, positives, ns),
-            "ms_per_query_median": round(float(np.median(ms)), 2),
-            "ms_per_query_p90": round(float(np.percentile(ms, 90)), 2),
-        }
+    ns = [n for n in (1, 5) if n <= ids.shape[1]]
+    with torch.inference_mode():
+        for k in spec["top_k"]:
+            out = rerank_topk(
+                rr, ids, min(k, ids.shape[1]), lambda q: q_feats[q], lambda j: store.get(keys_db[j]), progress=False
+            )
+            per_k[str(k)] = {
+                "top_k": out.top_k,
+                "recall_before": recall_at_n(ids, positives, ns),
+                "recall_after": recall_at_n(out.ids, positives, ns),
+                "ms_per_query_median": round(float(np.median(out.ms_per_query)), 2),
+                "ms_per_query_p90": round(float(np.percentile(out.ms_per_query, 90)), 2),
+            }
     result = {
         "status": "ok",
         "name": rr.name,

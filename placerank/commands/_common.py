@@ -33,8 +33,35 @@ def image_size_arg(values):
     raise SystemExit("--image-size takes one value or HEIGHT WIDTH")
 
 
+def add_rerank_args(p: argparse.ArgumentParser, top_k: int = 20) -> None:
+    p.add_argument("--rerank", default=None, help="re-ranker name (see `placerank models`)")
+    p.add_argument("--top-k", type=int, default=top_k, help=f"candidates re-ranked per query (default {top_k})")
+    p.add_argument(
+        "--rerank-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="re-ranker option, e.g. mode=dense for fol-region (repeatable; typed, checked before work)",
+    )
+
+
+def rerank_options_arg(name: str | None, values: list[str]) -> dict:
+    """``--rerank-option`` strings -> the re-ranker's typed keyword arguments (one-line errors)."""
+    from placerank.errors import PlaceRankError
+    from placerank.rerank.base import reranker_options
+
+    if name is None:
+        if values:
+            raise PlaceRankError("--rerank-option needs --rerank NAME")
+        return {}
+    return reranker_options(name, values)
+
+
 def parse_option(text: str) -> tuple[str, object]:
-    """``key=value`` -> (key, value) with ints, floats and booleans converted."""
+    """``key=value`` -> (key, value) with ints, floats and booleans converted.
+
+    Untyped; kept only for ``placerank train --option`` until it moves to
+    :func:`placerank.options.parse_options`."""
     if "=" not in text:
         raise SystemExit(f"expected key=value, got '{text}'")
     k, v = text.split("=", 1)

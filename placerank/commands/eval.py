@@ -1,10 +1,11 @@
-"""``placerank eval``: Recall@N of a model (and optional re-ranker) on a database/query pair."""
+"""``placerank eval``: Recall@N of a model (and optional re-ranker) on a database/query pair:
+the ``extract``, ``search`` and ``rerank`` stages in one process, plus the report."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from placerank.commands._common import add_model_args, image_size_arg, parse_option
+from placerank.commands._common import add_model_args, add_rerank_args, image_size_arg, rerank_options_arg
 
 
 def register(sub) -> None:
@@ -14,15 +15,7 @@ def register(sub) -> None:
     )
     p.add_argument("--queries", required=True, help="query folder or CSV")
     add_model_args(p)
-    p.add_argument("--rerank", default=None, help="re-ranker name (see `placerank models`)")
-    p.add_argument("--top-k", type=int, default=20, help="candidates re-ranked per query (default 20)")
-    p.add_argument(
-        "--rerank-option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="re-ranker option, e.g. mode=dense for fol-region (repeatable)",
-    )
+    add_rerank_args(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--radius", type=float, default=None, help="positive radius in metres (default 25 for positions)")
     g.add_argument("--frame-tolerance", type=int, default=None, help="positives are frames with |i-j| <= N")
@@ -36,6 +29,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from placerank.eval.evaluate import EvalConfig, evaluate
 
+    options = rerank_options_arg(args.rerank, args.rerank_option)  # checked before any work
     cfg = EvalConfig(
         database=args.database,
         queries=args.queries,
@@ -53,7 +47,7 @@ def run(args) -> int:
         num_workers=args.workers,
         use_cache=not args.no_cache,
         num_examples=args.examples,
-        rerank_options=dict(parse_option(o) for o in args.rerank_option),
+        rerank_options=options,
     )
     result = evaluate(cfg)
     print_summary(result, args.out)

@@ -43,7 +43,7 @@ def _short(path: str) -> str:
 
 def _photos(items: list[Path]) -> list[Path]:
     from placerank.errors import DataError
-    from placerank.localize.database import list_photos
+    from placerank.localize.folder import list_photos
 
     out: list[Path] = []
     for item in items:

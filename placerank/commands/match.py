@@ -30,6 +30,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from pathlib import Path
+    from typing import Any
 
     from placerank.errors import PlaceRankError
     from placerank.rerank.base import create_reranker
@@ -41,7 +42,7 @@ def run(args) -> int:
     name = f"ransac-{args.features}" + ("-lighterglue" if args.matcher == "lighterglue" else "")
     if args.matcher == "lighterglue" and args.features != "xfeat":
         raise PlaceRankError("LighterGlue matches XFeat features only (use --features xfeat)")
-    rr = create_reranker(
+    rr: Any = create_reranker(
         name,
         image_size=(args.longest_side, args.longest_side),
         max_keypoints=args.max_keypoints,

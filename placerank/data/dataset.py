@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
+from placerank.data.positives import PositionKind, PositiveRule, compute_positives
 from placerank.errors import DataError
 
-PositionKind = Literal["utm", "frame", "place"]
+__all__ = ["Dataset", "ImageSet", "PositionKind", "PositiveRule"]
 
 
 @dataclass
@@ -59,27 +59,6 @@ class ImageSet:
         )
 
 
-@dataclass(frozen=True)
-class PositiveRule:
-    """How to decide that a database image shows the query's place.
-
-    - ``utm``: Euclidean distance <= ``radius`` metres (same UTM zone when zones are known);
-    - ``frame``: ``|i - j| <= frame_tolerance``;
-    - ``place``: equal place identifiers.
-    """
-
-    kind: PositionKind
-    radius: float = 25.0
-    frame_tolerance: int = 0
-
-    def describe(self) -> str:
-        if self.kind == "utm":
-            return f"distance <= {self.radius:g} m"
-        if self.kind == "frame":
-            return f"|i-j| <= {self.frame_tolerance}"
-        return "same place_id"
-
-
 @dataclass
 class Dataset:
     """A database set, a query set and the rule that links them."""
@@ -107,7 +86,5 @@ class Dataset:
     def positives(self) -> list[np.ndarray]:
         """Per query, the sorted database indices that count as correct (computed once)."""
         if self._positives is None:
-            from placerank.data.positives import compute_positives
-
             self._positives = compute_positives(self.database, self.queries, self.rule)
         return self._positives

@@ -40,7 +40,7 @@ def _ratio(v) -> float:
     """An exifread Ratio (or int) as float; a zero denominator is damage, not zero."""
     num = getattr(v, "num", None)
     den = getattr(v, "den", None)
-    if num is None:
+    if num is None or den is None:
         return float(v)
     if den == 0:
         raise ZeroDivisionError("rational with zero denominator")

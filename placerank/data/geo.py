@@ -27,6 +27,7 @@ def utm_zone_for(lat: float, lon: float) -> int:
 
 @lru_cache(maxsize=64)
 def _transformer(epsg: int, inverse: bool = False):
+    """The one cached pyproj transformer: WGS84 lon/lat -> UTM ``epsg`` (or back)."""
     from pyproj import Transformer
 
     if inverse:
@@ -34,15 +35,30 @@ def _transformer(epsg: int, inverse: bool = False):
     return Transformer.from_crs(4326, epsg, always_xy=True)
 
 
+def project_latlon(latlon: np.ndarray, epsg: int) -> np.ndarray:
+    """(N,2) lat/lon degrees -> (N,2) easting/northing metres in the given UTM zone (e.g. to put
+    points of neighbouring zones into one zone)."""
+    latlon = np.asarray(latlon, dtype=np.float64).reshape(-1, 2)
+    e, n = _transformer(int(epsg)).transform(latlon[:, 1], latlon[:, 0])
+    return np.stack([np.asarray(e), np.asarray(n)], axis=1)
+
+
+def unproject(en: np.ndarray, epsg: int) -> np.ndarray:
+    """(N,2) easting/northing metres in UTM ``epsg`` -> (N,2) lat/lon degrees."""
+    en = np.asarray(en, dtype=np.float64).reshape(-1, 2)
+    lon, lat = _transformer(int(epsg), inverse=True).transform(en[:, 0], en[:, 1])
+    return np.stack([np.asarray(lat), np.asarray(lon)], axis=1)
+
+
 def latlon_to_utm(latlon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(N,2)`` lat/lon degrees -> (``(N,2)`` easting/northing metres, ``(N,)`` EPSG zone codes)."""
+    """``(N,2)`` lat/lon degrees -> (``(N,2)`` easting/northing metres, ``(N,)`` EPSG zone codes),
+    each point in the zone that contains it."""
     latlon = np.asarray(latlon, dtype=np.float64).reshape(-1, 2)
     zones = np.array([utm_zone_for(la, lo) for la, lo in latlon], dtype=np.int64)
     en = np.zeros_like(latlon)
     for z in np.unique(zones):
         m = zones == z
-        e, n = _transformer(int(z)).transform(latlon[m, 1], latlon[m, 0])
-        en[m, 0], en[m, 1] = e, n
+        en[m] = project_latlon(latlon[m], int(z))
     return en, zones
 
 
@@ -52,6 +68,5 @@ def utm_to_latlon(easting_northing: np.ndarray, zones: np.ndarray) -> np.ndarray
     out = np.zeros_like(en)
     for z in np.unique(zones):
         m = zones == z
-        lon, lat = _transformer(int(z), inverse=True).transform(en[m, 0], en[m, 1])
-        out[m, 0], out[m, 1] = lat, lon
+        out[m] = unproject(en[m], int(z))
     return out

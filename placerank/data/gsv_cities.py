@@ -8,7 +8,7 @@ Layout::
 The image name is rebuilt from each dataframe row (lat/lon written as Python prints a float,
 as the dataset's own loader does); the file extension may be .jpg or .JPG. Places are labelled
 ``<City>/<place_id>`` so ids never collide across cities. The result is an
-:class:`ImageSet` of kind ``"place"`` (what :func:`placerank.train.common.read_training_places`
+:class:`ImageSet` of kind ``"place"`` (what :func:`placerank.data.places.read_training_places`
 returns), so every training method can use it.
 """
 

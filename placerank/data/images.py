@@ -41,7 +41,8 @@ class Preprocess:
             return self
         if isinstance(size, int):
             size = (size, size)
-        return Preprocess(tuple(size), self.mean, self.std, self.grayscale, self.min_side)
+        h, w = size
+        return Preprocess((int(h), int(w)), self.mean, self.std, self.grayscale, self.min_side)
 
 
 def normalize_image_size(image_size) -> tuple[int, int] | None:
@@ -50,7 +51,8 @@ def normalize_image_size(image_size) -> tuple[int, int] | None:
         return None
     if isinstance(image_size, int):
         return (image_size, image_size)
-    return tuple(int(v) for v in image_size)
+    h, w = image_size
+    return (int(h), int(w))
 
 
 def open_image(path: str | Path, min_side: int = 16) -> Image.Image:
@@ -59,9 +61,8 @@ def open_image(path: str | Path, min_side: int = 16) -> Image.Image:
     if not path.exists():
         raise DataError(f"{path}: image file does not exist")
     try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            im = im.convert("RGB")
+        with Image.open(path) as f:
+            im = ImageOps.exif_transpose(f).convert("RGB")
             im.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
@@ -74,11 +75,11 @@ def to_tensor(im: Image.Image, pre: Preprocess) -> torch.Tensor:
     h, w = pre.size
     if im.size != (w, h):
         # PIL's bilinear resize widens its filter when shrinking, i.e. it antialiases.
-        im = im.resize((w, h), Image.BILINEAR)
-    arr = np.asarray(im, dtype=np.float32) / 255.0
+        im = im.resize((w, h), Image.Resampling.BILINEAR)
+    arr: np.ndarray = np.asarray(im, dtype=np.float32) / 255.0
     if pre.grayscale:
-        arr = arr @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-        arr = np.repeat(arr[..., None], 3, axis=2)
+        gray = arr @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        arr = np.repeat(gray[..., None], 3, axis=2)
     arr = (arr - np.asarray(pre.mean, dtype=np.float32)) / np.asarray(pre.std, dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import csv
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from placerank.data.geo import utm_zone_for
+from placerank.data.geo import project_latlon, unproject, utm_zone_for
 from placerank.errors import DataError
+
+__all__ = ["LOCAL", "WGS84", "Position", "parse_zone", "project_latlon", "read_positions_csv", "unproject", "utm_label"]
 
 WGS84 = "wgs84"
 LOCAL = "local"
@@ -56,31 +57,6 @@ def utm_label(epsg: int | None) -> str:
     if epsg is None:
         return ""
     return f"{epsg % 100}{'N' if epsg < 32700 else 'S'}"
-
-
-@lru_cache(maxsize=64)
-def _transformer(epsg: int, inverse: bool):
-    from pyproj import Transformer
-
-    return (
-        Transformer.from_crs(epsg, 4326, always_xy=True)
-        if inverse
-        else Transformer.from_crs(4326, epsg, always_xy=True)
-    )
-
-
-def project_latlon(latlon: np.ndarray, epsg: int) -> np.ndarray:
-    """(N,2) lat/lon degrees -> (N,2) easting/northing metres in the given UTM zone (pyproj).
-    Used to put candidates from neighbouring zones into the best candidate's zone."""
-    latlon = np.asarray(latlon, dtype=np.float64).reshape(-1, 2)
-    e, n = _transformer(int(epsg), False).transform(latlon[:, 1], latlon[:, 0])
-    return np.stack([np.asarray(e), np.asarray(n)], axis=1)
-
-
-def unproject(en: np.ndarray, epsg: int) -> np.ndarray:
-    en = np.asarray(en, dtype=np.float64).reshape(-1, 2)
-    lon, lat = _transformer(int(epsg), True).transform(en[:, 0], en[:, 1])
-    return np.stack([np.asarray(lat), np.asarray(lon)], axis=1)
 
 
 def parse_zone(value: str, where: str) -> int:
@@ -146,11 +122,11 @@ def read_positions_csv(csv_path: str | Path) -> dict[Path, Position]:
                     raise DataError(f"{where}: lat/lon out of range ({lat}, {lon})")
                 pos = Position.from_latlon(lat, lon)
             else:
-                e, n = float(r["easting"]), float(r["northing"])
-                if not (np.isfinite(e) and np.isfinite(n)):
+                east, north = float(r["easting"]), float(r["northing"])
+                if not (np.isfinite(east) and np.isfinite(north)):
                     raise ValueError("not finite")
                 zone = r.get(zone_col, "") if zone_col else ""
-                pos = Position.from_utm(e, n, parse_zone(zone, where)) if zone else Position(e, n)
+                pos = Position.from_utm(east, north, parse_zone(zone, where)) if zone else Position(east, north)
         except ValueError as e:
             cols = "lat,lon" if has_ll else "easting,northing"
             raise DataError(f"{where}: a value in {cols} is not a number ({e})") from None

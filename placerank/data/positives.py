@@ -1,14 +1,51 @@
-"""Ground truth computed from positions, in chunks (never an N_query x N_db matrix)."""
+"""Ground truth computed from positions, in chunks (never an N_query x N_db matrix).
+
+The rule (:class:`PositiveRule`) lives here with the computation; :mod:`placerank.data.dataset`
+builds on both (this module never imports it).
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
 import numpy as np
 from scipy.spatial import cKDTree
 
-from placerank.data.dataset import ImageSet, PositiveRule
+PositionKind = Literal["utm", "frame", "place"]
 
 
-def compute_positives(database: ImageSet, queries: ImageSet, rule: PositiveRule, chunk: int = 4096) -> list[np.ndarray]:
+class Positioned(Protocol):
+    """What the rules read from an image set (:class:`placerank.data.dataset.ImageSet`)."""
+
+    positions: np.ndarray
+    utm_zone: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class PositiveRule:
+    """How to decide that a database image shows the query's place.
+
+    - ``utm``: Euclidean distance <= ``radius`` metres (same UTM zone when zones are known);
+    - ``frame``: ``|i - j| <= frame_tolerance``;
+    - ``place``: equal place identifiers.
+    """
+
+    kind: PositionKind
+    radius: float = 25.0
+    frame_tolerance: int = 0
+
+    def describe(self) -> str:
+        if self.kind == "utm":
+            return f"distance <= {self.radius:g} m"
+        if self.kind == "frame":
+            return f"|i-j| <= {self.frame_tolerance}"
+        return "same place_id"
+
+
+def compute_positives(
+    database: Positioned, queries: Positioned, rule: PositiveRule, chunk: int = 4096
+) -> list[np.ndarray]:
     """Return, for each query, the sorted int64 array of positive database indices."""
     if rule.kind == "utm":
         return _radius_positives(database, queries, rule.radius, chunk)
@@ -17,7 +54,7 @@ def compute_positives(database: ImageSet, queries: ImageSet, rule: PositiveRule,
     return _place_positives(database.positions, queries.positions)
 
 
-def _radius_positives(database: ImageSet, queries: ImageSet, radius: float, chunk: int) -> list[np.ndarray]:
+def _radius_positives(database: Positioned, queries: Positioned, radius: float, chunk: int) -> list[np.ndarray]:
     # A KD-tree in float64 metres: UTM northings are ~5e6, where float32 would lose ~0.5 m.
     tree = cKDTree(np.asarray(database.positions, dtype=np.float64))
     out: list[np.ndarray] = []

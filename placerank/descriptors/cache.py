@@ -17,9 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def cache_root() -> Path:
-    return Path(os.environ.get("PLACERANK_CACHE", Path.home() / ".cache" / "placerank"))
+from placerank.utils import cache_root
 
 
 def image_key(path: str | os.PathLike) -> str:

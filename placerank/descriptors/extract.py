@@ -1,5 +1,14 @@
-"""Feature extraction: batched inference over a DataLoader (decode + resize in workers),
-with the on-disk descriptor cache and local-feature store in front of it."""
+"""The one extraction loop: batched inference over a DataLoader (decode + resize in workers),
+with the on-disk descriptor cache and local-feature store in front of it.
+
+:func:`extract_features` gives global descriptors and, when a re-ranker and a store are given,
+fills the store with each image's local features. A re-ranker that scores the model's own local
+head (FoL's ``fol-region``, SelaVPR's ``selavpr-mnn``) gets them from the same
+``model.encode(images, sizes, local_options=...)`` call as the global descriptor: one backbone
+pass per image. A re-ranker with its own network (RANSAC on XFeat, ...) runs its own loop
+(:func:`extract_local`), since it sees other pixels. :func:`extract_global` and
+:func:`extract_local` are the two halves on their own.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +21,7 @@ from tqdm.auto import tqdm
 
 from placerank.data.images import check_batch_errors, make_loader
 from placerank.descriptors.cache import DescriptorCache, cache_root, image_key, namespace
+from placerank.descriptors.local_store import LocalFeatureStore
 
 
 def descriptor_cache_for(model) -> DescriptorCache:
@@ -19,7 +29,94 @@ def descriptor_cache_for(model) -> DescriptorCache:
     return DescriptorCache(ns, model.descriptor_dim)
 
 
+def local_store_for(reranker, root: str | Path | None = None) -> LocalFeatureStore:
+    """The re-ranker's local-feature store: under ``root`` (a descriptor folder's ``local/``) or
+    the cache; one sub-folder per re-ranker signature, so several re-rankers live side by side."""
+    base = Path(root) if root is not None else cache_root() / "local"
+    folder = base / namespace(reranker.name, reranker.signature())
+    return LocalFeatureStore(folder, reranker.signature(), reranker.dim)
+
+
+def shared_local_options(model, reranker) -> dict | None:
+    """``local_options`` for ``model.encode`` when ``reranker`` scores the model's own local
+    features with the model's preprocessing (then one pass gives both); otherwise None."""
+    if reranker is None or getattr(reranker, "model", None) is not model:
+        return None
+    options = reranker.local_options()
+    if options is None or getattr(reranker, "preprocess", None) != getattr(model, "preprocess", None):
+        return None
+    return dict(options)
+
+
+def _encode(model, images: torch.Tensor, sizes, local_options: dict | None):
+    if hasattr(model, "encode"):
+        return model.encode(images, sizes, local_options=local_options)
+    return model(images), None
+
+
 @torch.inference_mode()
+def extract_features(
+    model,
+    paths: Sequence[str | Path],
+    device: torch.device,
+    batch_size: int = 16,
+    num_workers: int | None = None,
+    use_cache: bool = True,
+    reranker=None,
+    store: LocalFeatureStore | None = None,
+    desc: str = "extract",
+) -> tuple[np.ndarray, list[str]]:
+    """(N, D) float32 L2-normalised descriptors of ``paths`` in order, and the images' keys.
+
+    Cached images are read from the descriptor cache, the rest extracted and committed batch by
+    batch (an interrupted run resumes after the last finished batch). With ``reranker`` and
+    ``store``, every image also gets its local features in ``store`` (images already there are
+    not extracted again)."""
+    paths = [Path(p) for p in paths]
+    out = np.zeros((len(paths), model.descriptor_dim), dtype=np.float32)
+    keys = [image_key(p) for p in paths]
+    options = shared_local_options(model, reranker) if store is not None else None
+    cache = descriptor_cache_for(model) if use_cache else None
+    try:
+        need_global = set(range(len(paths)))
+        if cache is not None:
+            hits = cache.get_many(keys)
+            for i, k in enumerate(keys):
+                if k in hits:
+                    out[i] = hits[k]
+                    need_global.discard(i)
+        need_local = {i for i, k in enumerate(keys) if k not in store} if store is not None and options else set()
+        todo = sorted(need_global | need_local)
+        if todo:
+            model.eval()
+            loader = make_loader(
+                [paths[i] for i in todo], model.preprocess, batch_size, num_workers, pin_memory=device.type == "cuda"
+            )
+            bar = tqdm(total=len(todo), desc=f"{desc} ({model.name})", unit="img", leave=False)
+            for idx, images, sizes, errors in loader:
+                check_batch_errors(errors)
+                rows = [todo[int(i)] for i in idx]
+                local_rows = [j for j, r in enumerate(rows) if r in need_local]
+                sizes_list = [(int(s[0]), int(s[1])) for s in sizes]
+                g, local = _encode(
+                    model, images.to(device, non_blocking=True), sizes_list, options if local_rows else None
+                )
+                d = g.float().cpu().numpy()
+                out[rows] = d
+                if cache is not None:
+                    cache.put_many((keys[r], d[j]) for j, r in enumerate(rows))
+                if local_rows and store is not None and local is not None:
+                    store.add_many([(keys[rows[j]], local[j]) for j in local_rows])
+                bar.update(len(rows))
+            bar.close()
+    finally:
+        if cache is not None:
+            cache.close()
+    if store is not None and reranker is not None and options is None:
+        extract_local(reranker, paths, store, device, num_workers=num_workers, desc=f"{desc} local")
+    return out, keys
+
+
 def extract_global(
     model,
     paths: Sequence[str | Path],
@@ -29,44 +126,8 @@ def extract_global(
     use_cache: bool = True,
     desc: str = "extract",
 ) -> np.ndarray:
-    """(N, D) float32 L2-normalised descriptors of ``paths`` in order; cached images are read
-    from the cache, the rest extracted and committed batch by batch (resumable)."""
-    paths = [Path(p) for p in paths]
-    out = np.zeros((len(paths), model.descriptor_dim), dtype=np.float32)
-    keys = [image_key(p) for p in paths]
-    cache = descriptor_cache_for(model) if use_cache else None
-    todo = list(range(len(paths)))
-    if cache is not None:
-        hits = cache.get_many(keys)
-        todo = [i for i, k in enumerate(keys) if k not in hits]
-        for i, k in enumerate(keys):
-            if k in hits:
-                out[i] = hits[k]
-    if todo:
-        model.eval()
-        loader = make_loader(
-            [paths[i] for i in todo], model.preprocess, batch_size, num_workers, pin_memory=device.type == "cuda"
-        )
-        bar = tqdm(total=len(todo), desc=f"{desc} ({model.name})", unit="img", leave=False)
-        for idx, images, _, errors in loader:
-            check_batch_errors(errors)
-            d = model(images.to(device, non_blocking=True)).float().cpu().numpy()
-            rows = [todo[int(i)] for i in idx]
-            out[rows] = d
-            if cache is not None:
-                cache.put_many((keys[r], d[j]) for j, r in enumerate(rows))
-            bar.update(len(rows))
-        bar.close()
-    if cache is not None:
-        cache.close()
-    return out
-
-
-def local_store_for(reranker):
-    from placerank.descriptors.local_store import LocalFeatureStore
-
-    folder = cache_root() / "local" / namespace(reranker.name, reranker.signature())
-    return LocalFeatureStore(folder, reranker.signature(), reranker.dim)
+    """(N, D) float32 L2-normalised global descriptors of ``paths`` in order (cached, resumable)."""
+    return extract_features(model, paths, device, batch_size, num_workers, use_cache, desc=desc)[0]
 
 
 @torch.inference_mode()

@@ -52,7 +52,7 @@ class LocalFeatureStore:
         )
         self._db.commit()
         self._paths = {n: self.folder / n for n in ("desc.f16", "kpts.f32", "scores.f32")}
-        self._maps: dict[str, np.memmap] | None = None
+        self._maps: dict[str, np.ndarray] | None = None
 
     def __contains__(self, key: str) -> bool:
         return self._db.execute("SELECT 1 FROM feats WHERE key=?", (key,)).fetchone() is not None
@@ -90,9 +90,9 @@ class LocalFeatureStore:
                 fs.write(sc.tobytes())
                 records.append((key, row, n, int(lf.image_size[0]), int(lf.image_size[1])))
                 row += n
-            for f in (fd, fk, fs):
-                f.flush()
-                os.fsync(f.fileno())
+            for written in (fd, fk, fs):
+                written.flush()
+                os.fsync(written.fileno())
         with self._db:
             self._db.executemany("INSERT OR REPLACE INTO feats VALUES (?,?,?,?,?)", records)
         self._maps = None
@@ -100,7 +100,7 @@ class LocalFeatureStore:
     def add(self, key: str, lf: LocalFeatures) -> None:
         self.add_many([(key, lf)])
 
-    def _memmaps(self) -> dict[str, np.memmap]:
+    def _memmaps(self) -> dict[str, np.ndarray]:
         if self._maps is None:
             rows = self._rows_on_disk()
             self._maps = {

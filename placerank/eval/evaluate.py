@@ -1,4 +1,9 @@
-"""``placerank eval``: data -> model -> FAISS -> (re-rank) -> Recall@N, timings, pictures."""
+"""``placerank eval``: the extract, search and re-rank stages, then Recall@N, timings, pictures.
+
+:func:`evaluate` calls the same stage functions as ``placerank extract``, ``search`` and
+``rerank`` (:func:`~placerank.descriptors.files.extract_descriptors`,
+:func:`~placerank.index.candidates.search`, :func:`~placerank.rerank.stage.rerank_candidates`),
+keeping their outputs in memory, and adds the report."""
 
 from __future__ import annotations
 
@@ -11,10 +16,14 @@ import numpy as np
 
 import placerank
 from placerank.data.readers import load_dataset
-from placerank.descriptors.extract import extract_global, extract_local, local_store_for
+from placerank.descriptors.cache import image_key
+from placerank.descriptors.extract import local_store_for
+from placerank.descriptors.files import extract_descriptors
 from placerank.eval.recall import DEFAULT_NS, hits_matrix, ns_for, recall_at_n
 from placerank.eval.results import EvalResult
-from placerank.index.flat import FlatIndex
+from placerank.index.candidates import search
+from placerank.rerank.base import shares_model_head
+from placerank.rerank.stage import rerank_candidates
 from placerank.utils import Timer, atomic_path, peak_memory_mb, resolve_device
 from placerank.viz.examples import draw_example, pick_example_queries, plot_recall_curve
 
@@ -69,47 +78,48 @@ def evaluate(config: EvalConfig, model=None) -> EvalResult:
     else:
         model = model.to(device).eval()
 
+    reranker = store = None
+    rerank_options: dict = {}
+    if config.rerank:
+        from placerank.rerank.base import create_reranker, reranker_options
+
+        rerank_options = reranker_options(config.rerank, config.rerank_options or {})
+        reranker = create_reranker(config.rerank, model=model, **rerank_options).to(device)
+        store = local_store_for(reranker)
+    # A re-ranker on the model's own local head gets its features in the same backbone pass.
+    shared = store if shares_model_head(model, reranker) else None
     with timer("extract"):
         if model.needs_data_init:
             model.init_from_images(ds.database.paths)
-        db_desc = extract_global(
-            model, ds.database.paths, device, config.batch_size, config.num_workers, config.use_cache, desc="database"
-        )
-        q_desc = extract_global(
-            model, ds.queries.paths, device, config.batch_size, config.num_workers, config.use_cache, desc="queries"
+        db_desc, q_desc = (
+            extract_descriptors(
+                model,
+                images.paths,
+                device,
+                config.batch_size,
+                config.num_workers,
+                config.use_cache,
+                reranker=reranker if shared is not None else None,
+                store=shared,
+                desc=side,
+            )
+            for images, side in ((ds.database, "database"), (ds.queries, "queries"))
         )
     depth = min(len(ds.database), max(DEFAULT_NS[-1], config.top_k))
     with timer("search"):
-        index = FlatIndex.build(db_desc, model.name, model.weights_id)
-        _, ids = index.search(q_desc, depth)
+        candidates = search(db_desc, q_desc, depth)
+    ids = candidates.ids
     ns = ns_for(depth)
     recall_first = recall_at_n(ids, positives, ns)
     first_stage_ids = ids.copy()
 
     rerank_info = None
-    reranker = None
-    keys_db: list[str] = []
-    keys_q: list[str] = []
-    store = None
-    if config.rerank:
-        from placerank.rerank.base import create_reranker
-        from placerank.rerank.topk import rerank_topk
-
+    if reranker is not None and store is not None:
         k = min(config.top_k, depth)
-        reranker = create_reranker(config.rerank, model=model, **(config.rerank_options or {})).to(device)
-        store = local_store_for(reranker)
-        needed = np.unique(ids[:, :k])
-        with timer("extract_local"):
-            cand_keys = extract_local(
-                reranker, [ds.database.paths[j] for j in needed], store, device, desc="database local"
-            )
-            keys_db = [""] * len(ds.database)
-            for j, key in zip(needed, cand_keys):
-                keys_db[int(j)] = key
-            keys_q = extract_local(reranker, ds.queries.paths, store, device, desc="query local")
-        with timer("rerank"):
-            reranked = rerank_topk(reranker, ids, k, lambda q: store.get(keys_q[q]), lambda j: store.get(keys_db[j]))
-        ids = reranked.ids
+        candidates, reranked = rerank_candidates(
+            candidates, reranker, k, store, store, device, config.num_workers, timer, rerank_options
+        )
+        ids = candidates.ids
         rerank_info = {
             "name": reranker.name,
             "top_k": int(k),
@@ -142,15 +152,13 @@ def evaluate(config: EvalConfig, model=None) -> EvalResult:
     _write_predictions(out / "predictions.csv", ds, ids, positives)
     curves = {"global retrieval": recall_first}
     if config.rerank:
-        curves[f"+ re-rank {config.rerank} (top-{rerank_info['top_k']})"] = recall
+        curves[f"+ re-rank {config.rerank} (top-{(rerank_info or {}).get('top_k')})"] = recall
     plot_recall_curve(
         curves,
         out / "recall_curve.png",
         title=f"{model.name} | {Path(config.database).name} -> {Path(config.queries).name} | {ds.rule.describe()}",
     )
-    _write_examples(
-        out / "examples", ds, first_stage_ids, ids, positives, config.num_examples, reranker, store, keys_q, keys_db
-    )
+    _write_examples(out / "examples", ds, first_stage_ids, ids, positives, config.num_examples, reranker, store)
     if store is not None:
         store.close()
     return result
@@ -170,7 +178,7 @@ def _write_predictions(path: Path, ds, ids: np.ndarray, positives) -> None:
 
 
 def _write_examples(
-    folder: Path, ds, before: np.ndarray, after: np.ndarray, positives, n: int, reranker, store, keys_q, keys_db
+    folder: Path, ds, before: np.ndarray, after: np.ndarray, positives, n: int, reranker, store
 ) -> None:
     if n <= 0:
         return
@@ -186,7 +194,7 @@ def _write_examples(
         draw_example(
             ds.queries.paths[q],
             [ds.database.paths[j] for j in cands],
-            correct,
+            correct.tolist(),
             folder / f"query_{q:05d}_{name}.png",
             labels=[Path(ds.database.paths[j]).name for j in cands],
             title=f"query {q}: {Path(ds.queries.paths[q]).name} — top-{top}"
@@ -199,7 +207,8 @@ def _write_examples(
             return
         for q in chosen[:3]:
             j = int(after[q, 0])
-            qlf, clf = store.get(keys_q[q]), store.get(keys_db[j])
+            qlf = store.get(image_key(ds.queries.paths[q]))
+            clf = store.get(image_key(ds.database.paths[j]))
             pairs = reranker.matches(qlf, clf)
             draw_matches(
                 ds.queries.paths[q],

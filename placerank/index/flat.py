@@ -34,7 +34,7 @@ class IndexSchema:
 class FlatIndex:
     def __init__(self, dimension: int, model: str = "", weights_id: str = ""):
         self.schema = IndexSchema(int(dimension), model, weights_id, 0)
-        self.index = faiss.IndexFlatIP(int(dimension))
+        self.index: faiss.Index = faiss.IndexFlatIP(int(dimension))
 
     @classmethod
     def build(cls, descriptors: np.ndarray, model: str = "", weights_id: str = "") -> FlatIndex:

@@ -62,7 +62,7 @@ def estimate_position(
     k = len(scores)
     if len(positions) != k:
         raise ValueError(f"{len(positions)} positions for {k} scores")
-    has = np.isfinite(positions).all(axis=1)
+    has = np.asarray(np.isfinite(positions).all(axis=1), dtype=bool)
     empty = Estimate(None, -1, np.zeros(k, bool), np.zeros(k), 0.0, 0.0, 0.0, 0.0)
     if not has.any():
         return empty

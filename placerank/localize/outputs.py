@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from placerank.errors import DataError
 
 
@@ -64,32 +66,55 @@ def _pictures(db, result, out_dir: Path, stem: str, top: int) -> list[Path]:
         written.append(path)
     reranker = result.extras.get("reranker")
     if reranker is not None and hasattr(reranker, "matches") and result.matches:
+        from placerank.viz.matches import draw_matches
+
+        qlf, blf = result.extras["query_lf"], result.extras["cand_lf"][0]
+        pairs = reranker.matches(qlf, blf)
+        path = out_dir / f"{stem}_inliers.png"
         try:
-            from placerank.viz.matches import draw_matches
-        except ImportError:
-            draw_matches = None
-        if draw_matches is not None:
-            qlf, blf = result.extras["query_lf"], result.extras["cand_lf"][0]
-            pairs = reranker.matches(qlf, blf)
-            path = out_dir / f"{stem}_inliers.png"
-            try:
-                draw_matches(
-                    result.query,
-                    result.matches[0].path,
-                    qlf.keypoints,
-                    blf.keypoints,
-                    pairs,
-                    path,
-                    title=f"{reranker.name}: {len(pairs)} verified matches, "
-                    f"{Path(result.query).name} vs #1 {Path(result.matches[0].path).name}",
-                )
-                written.append(path)
-            except DataError as e:  # the database photo was moved or deleted since indexing
-                result.notes.append(f"inlier picture not drawn: {e}")
+            draw_matches(
+                result.query,
+                result.matches[0].path,
+                qlf.keypoints,
+                blf.keypoints,
+                pairs,
+                path,
+                title=f"{reranker.name}: {len(pairs)} verified matches, "
+                f"{Path(result.query).name} vs #1 {Path(result.matches[0].path).name}",
+            )
+            written.append(path)
+        except DataError as e:  # the database photo was moved or deleted since indexing
+            result.notes.append(f"inlier picture not drawn: {e}")
     if result.found:
         from placerank.viz.maps import draw_map
 
         path = out_dir / f"{stem}_map.png"
-        draw_map(result, db.positions(result.extras.get("ref_epsg")), path)
+        draw_map(map_data(result, db.positions(result.extras.get("ref_epsg"))), path)
         written.append(path)
     return written
+
+
+def map_data(result, database: np.ndarray):
+    """The plain numbers :func:`placerank.viz.maps.draw_map` draws for ``result`` (which has an
+    estimate); ``database``: (N,2) metres of every database photo in the result's frame."""
+    from placerank.viz.maps import MapData
+
+    where = (
+        f"{result.lat:.6f}, {result.lon:.6f}"
+        if result.lat is not None
+        else f"E {result.easting:.2f} m, N {result.northing:.2f} m"
+    )
+    gps = result.extras.get("query_gps_en")
+    return MapData(
+        label=f"{Path(result.query).name}: {where}",
+        estimate=(result.easting, result.northing),
+        radius_m=result.radius_m,
+        confidence=result.confidence,
+        matches=np.asarray(result.extras["positions"], dtype=np.float64),
+        agrees=[m.agrees for m in result.matches],
+        weights=[m.weight for m in result.matches],
+        database=database,
+        frame="UTM " + result.utm_zone if result.utm_zone else "local frame",
+        truth=None if result.query_gps is None or gps is None else (float(gps[0]), float(gps[1])),
+        truth_error_m=None if result.query_gps is None else result.query_gps.error_m,
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 from placerank.errors import WeightsError
 from placerank.models.base import BackboneOutput
+from placerank.models.checkpoints import read_state_dict, strict_load
 
 # ---------------------------------------------------------------------------------------------
 # EfficientNet-Lite (timm layout)
@@ -34,6 +36,11 @@ class EfficientNetBackbone(nn.Module):
     ``out_index`` chooses a shallower cut (timm feature_info stage index 0..4) for methods that
     need a finer map; -1 (default) is the full ``forward_features`` output.
     """
+
+    net: Any  # a timm EfficientNet (dynamic attributes: blocks, conv_stem, ...)
+    stride: int
+    out_channels: int
+    _last_block: int
 
     def __init__(self, variant: str = "tf_efficientnet_lite0", out_index: int = -1):
         super().__init__()
@@ -55,14 +62,8 @@ class EfficientNetBackbone(nn.Module):
 
     def load_imagenet(self, path: str | Path) -> None:
         """Strict load of an ImageNet checkpoint in timm layout (classifier keys ignored)."""
-        sd = load_state_dict_file(path)
-        sd = {k: v for k, v in sd.items() if not k.startswith("classifier.")}
-        missing, unexpected = self.net.load_state_dict(sd, strict=False)
-        if missing or unexpected:
-            raise WeightsError(
-                f"{path}: not an {self.variant} checkpoint in timm layout "
-                f"({len(missing)} missing keys e.g. {missing[:1]}, {len(unexpected)} unexpected e.g. {unexpected[:1]})"
-            )
+        sd = {k: v for k, v in read_state_dict(path).items() if not k.startswith("classifier.")}
+        strict_load(self.net, sd, path, f"{self.variant} in timm layout")
 
     def forward(self, x: torch.Tensor) -> BackboneOutput:
         if self.out_index == -1:
@@ -74,25 +75,6 @@ class EfficientNetBackbone(nn.Module):
             if i == self._last_block:
                 break
         return BackboneOutput(x)
-
-
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt or foreign file
-        raise WeightsError(
-            f"{path}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
-        ) from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise WeightsError(f"{path}: expected a state_dict, found {type(obj).__name__}")
-    return obj
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,7 +124,7 @@ class DinoV2Backbone(nn.Module):
         norm = partial(nn.LayerNorm, eps=1e-6)
         self.blocks = nn.ModuleList(
             [
-                Block(dim, cfg["num_heads"], mlp_ratio=4.0, qkv_bias=True, init_values=1.0, norm_layer=norm)
+                Block(dim, cfg["num_heads"], mlp_ratio=4.0, qkv_bias=True, init_values=1.0, norm_layer=norm)  # type: ignore[arg-type]  # timm accepts any LayerNorm factory
                 for _ in range(cfg["depth"])
             ]
         )
@@ -179,7 +161,7 @@ class DinoV2Backbone(nn.Module):
         return tokens, h, w
 
     @staticmethod
-    def cls_attention(block: nn.Module, tokens: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    def cls_attention(block: Any, tokens: torch.Tensor, num_prefix: int) -> torch.Tensor:
         """CLS-to-patch softmax attention of ``block`` on ``tokens``, summed over heads: (B, N)."""
         attn = block.attn
         B, T, C = tokens.shape
@@ -204,9 +186,4 @@ class DinoV2Backbone(nn.Module):
 
     def load_meta_checkpoint(self, path: str | Path) -> None:
         """Strict load of Meta's ``dinov2_vit*14[_reg4]_pretrain.pth`` (same key names)."""
-        sd = load_state_dict_file(path)
-        try:
-            self.load_state_dict(sd, strict=True)
-        except RuntimeError as e:
-            first = str(e).splitlines()[0] if str(e) else "key mismatch"
-            raise WeightsError(f"{path}: not a DINOv2 {self.arch} checkpoint ({first[:160]})") from None
+        strict_load(self, read_state_dict(path), path, f"DINOv2 {self.arch}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,6 +54,12 @@ class VPRModel(nn.Module):
     Subclasses (SelaVPR, FoL, SFRS) add local heads and losses but keep this interface, so the
     extraction, cache, index and eval code never needs to know which method it runs.
     """
+
+    # Backbones and aggregators are duck-typed (a backbone has ``out_channels``/``stride`` and
+    # returns a BackboneOutput); declared here because torch's ``Module.__getattr__`` stubs type
+    # every sub-module attribute as ``Tensor | Module``.
+    backbone: Any
+    aggregator: Any
 
     def __init__(
         self, name: str, backbone: nn.Module, aggregator: nn.Module, preprocess: Preprocess, descriptor_dim: int
@@ -107,10 +114,12 @@ class VPRModel(nn.Module):
         return init is not None and not bool(init)
 
     def init_from_images(self, paths: Sequence[str | Path], **kwargs) -> None:
-        """Data-driven initialisation (NetVLAD k-means) from unlabeled images."""
-        from placerank.models.netvlad import init_netvlad_from_images
-
-        init_netvlad_from_images(self, paths, **kwargs)
+        """Data-driven initialisation (NetVLAD k-means) from unlabeled images: the aggregator's
+        own ``init_from_images(model, paths, ...)`` does it (this contract never imports one)."""
+        init = getattr(self.aggregator, "init_from_images", None)
+        if init is None:
+            raise PlaceRankError(f"model {self.name} has no NetVLAD layer to initialise")
+        init(self, paths, **kwargs)
         self.invalidate_weights_id()
 
     def describe(self) -> dict:

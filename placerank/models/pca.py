@@ -119,6 +119,8 @@ class PCAWhitening(nn.Module):
         super().__init__()
         self.in_dim = int(in_dim)
         self.out_dim = int(out_dim)
+        self.weight: torch.Tensor
+        self.bias: torch.Tensor
         self.register_buffer("weight", torch.zeros(self.out_dim, self.in_dim))
         self.register_buffer("bias", torch.zeros(self.out_dim))
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch.nn as nn
+
 from placerank.data.images import Preprocess, normalize_image_size
 from placerank.errors import WeightsError
 from placerank.models.backbones import (
@@ -58,6 +60,7 @@ def _effnet_model(name, variant, aggregator_kind, weights, image_size, pretraine
         return load_placerank_checkpoint(weights, expected_name=name)
     out_index = -1 if aggregator_kind == "gem" else 4
     bb, source = effnet_backbone(variant, weights, pretrained, out_index)
+    agg: nn.Module
     if aggregator_kind == "gem":
         agg, dim = GeM(p=3.0), bb.out_channels
     else:
@@ -98,8 +101,9 @@ def _dinov2_model(name, arch, aggregator_kind, weights, image_size, pretrained, 
             weights = resolve_weights(f"dinov2_{arch}_pretrain.pth", None, f"DINOv2 {arch}")
         bb.load_meta_checkpoint(weights)
         source = f"{Path(weights).name} sha256:{file_sha256(weights)[:12]}"
+    agg: nn.Module
     if aggregator_kind == "gem":
-        agg, dim = GeM(p=3.0, normalize_input=True), bb.out_channels
+        agg, dim = GeM(p=3.0, normalize_input=True), int(bb.out_channels)
     else:
         agg = NetVLAD(num_clusters, bb.out_channels)
         dim = agg.output_dim

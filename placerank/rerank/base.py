@@ -10,24 +10,29 @@ and appear in ``placerank eval --rerank NAME`` and ``benchmarks/rerank.py`` auto
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import inspect
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from placerank.data.images import Preprocess
 from placerank.models.base import LocalFeatures
+from placerank.options import parse_options, split_key_values
 from placerank.registry import Entry, Registry
 from placerank.rerank.topk import rerank_order  # noqa: F401  (re-exported)
 
 
 class Reranker:
     """Base class. Subclasses set ``name``, ``dim`` and ``preprocess`` and implement
-    :meth:`extract` and :meth:`score`."""
+    :meth:`score`, and either :meth:`extract` (their own network) or :meth:`local_options` plus a
+    ``model`` attribute (the VPR model's own local head: FoL, SelaVPR)."""
 
     name: str = "reranker"
     dim: int = 0
     preprocess: Preprocess
+    model: Any = None  # the VPR model whose local head a re-ranker uses (FoL, SelaVPR)
 
     def signature(self) -> str:
         """Identity of the stored local features (method, weights, input size)."""
@@ -36,13 +41,42 @@ class Reranker:
     def to(self, device: torch.device) -> Reranker:
         return self
 
+    def local_options(self) -> dict | None:
+        """Options of the model's local head (``VPRModel.encode(..., local_options=...)``) when
+        this re-ranker scores the model's own local features; None when it has its own network."""
+        return None
+
     def extract(self, images: torch.Tensor, original_sizes: Sequence[tuple[int, int]]) -> list[LocalFeatures]:
         """Local features of a preprocessed batch; keypoints in original-image pixels."""
-        raise NotImplementedError
+        options = self.local_options()
+        if options is None or self.model is None:
+            raise NotImplementedError
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            device = next(self.model.parameters()).device
+            sizes = [(int(s[0]), int(s[1])) for s in original_sizes]
+            with torch.no_grad():
+                _, local = self.model.encode(images.to(device), sizes, local_options=options)
+        finally:
+            self.model.train(was_training)
+        assert local is not None
+        return local
 
     def score(self, query: LocalFeatures, candidates: Sequence[LocalFeatures]) -> np.ndarray:
         """One score per candidate (higher = more likely the same place)."""
         raise NotImplementedError
+
+
+def shares_model_head(model, reranker: Reranker | None) -> bool:
+    """True when ``reranker`` scores ``model``'s own local features with ``model``'s preprocessing,
+    so one ``model.encode`` pass per image gives the global descriptor and the local features."""
+    return (
+        reranker is not None
+        and reranker.model is model
+        and reranker.local_options() is not None
+        and getattr(model, "preprocess", None) == reranker.preprocess
+    )
 
 
 RERANKERS: Registry = Registry("re-ranker", "placerank.rerank", skip=("base",))
@@ -63,3 +97,23 @@ def create_reranker(name: str, model=None, **kwargs) -> Reranker:
     if entry.needs_model:
         return entry.factory(model=model, **kwargs)
     return entry.factory(**kwargs)
+
+
+def reranker_options(name: str, values: Mapping[str, Any] | Iterable[str] | None) -> dict[str, Any]:
+    """``--rerank-option KEY=VALUE`` strings (or a dict) -> the keyword arguments of re-ranker
+    ``name``, each converted to the type of its option (:mod:`placerank.options`); an unknown key
+    or a bad value is one :class:`PlaceRankError` line. Only the keys given are returned, so the
+    re-ranker's own defaults apply to the rest. ``weights`` (a file path) is a re-ranker option
+    where the factory takes it (the RANSAC features' weights)."""
+    values = (
+        split_key_values(values, "--rerank-option")
+        if values is not None and not isinstance(values, Mapping)
+        else dict(values or {})
+    )
+    entry = RERANKERS.get(name)
+    extra = {}
+    if "weights" in values and "weights" in inspect.signature(entry.factory).parameters:
+        weights = values.pop("weights")
+        extra["weights"] = None if weights is None else str(weights)
+    parsed = parse_options(entry.options(), values, what=f"{name} option")
+    return {**{k: getattr(parsed, k) for k in values}, **extra}

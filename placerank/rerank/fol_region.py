@@ -14,8 +14,8 @@ patch, the mean of the normalised up-conv cells in the 3 x 3 window at the patch
 for the candidates. ``mode="center"`` (the single centre cell, same size) and ``mode="dense"``
 (the official cell set, ~0.8 MB per image in float16) are there for comparison; the model's
 ``local_mode`` is the default. Scoring is one batched matrix product per chunk of
-candidates: on GPU :func:`placerank.rerank.mnn.mnn_counts` (``bmm``), on CPU
-:func:`mnn_counts_cpu` (one GEMM + numpy argmaxes, same counts).
+candidates: on GPU :func:`placerank.rerank.mutual_nn.mnn_counts` (``bmm``), on CPU
+:func:`~placerank.rerank.mutual_nn.mnn_counts_cpu` (one GEMM + numpy argmaxes, same counts).
 """
 
 from __future__ import annotations
@@ -28,59 +28,7 @@ import torch
 from placerank.errors import PlaceRankError
 from placerank.models.base import LocalFeatures
 from placerank.rerank.base import Reranker, register_reranker
-from placerank.rerank.mnn import mnn_counts
-
-
-def mnn_counts_cpu(
-    query: np.ndarray,
-    candidates: Sequence[np.ndarray],
-    threshold: float | None = 0.7,
-    min_matches: int = 0,
-    max_chunk_mb: float = 256.0,
-) -> np.ndarray:
-    """CPU scorer: mutual-NN counts (cosine > ``threshold``) of ``query`` (n_q, D) against each
-    candidate set, equal to :func:`placerank.rerank.mnn.mnn_counts` (tested).
-
-    A chunk of candidates is one zero-padded (k * n_max, D) x (D, n_q) GEMM; the row/column
-    argmaxes run in numpy, which on CPU is ~10x faster than torch's threaded reductions on these
-    small (k, 225, 225) arrays. Padded rows are masked to -inf, empty candidates score 0.
-    """
-    q = np.asarray(query, dtype=np.float32)
-    n_q = q.shape[0]
-    out = np.zeros(len(candidates), dtype=np.int64)
-    if n_q == 0 or not len(candidates):
-        return out
-    qt_t = torch.from_numpy(np.ascontiguousarray(q.T))
-    lens = np.array([len(c) for c in candidates])
-    n_max = max(1, int(lens.max()))
-    chunk = max(1, int(max_chunk_mb * 2**20 // (n_max * n_q * 4)))
-    cols = np.arange(n_q)
-    for start in range(0, len(candidates), chunk):
-        block = candidates[start : start + chunk]
-        bl = lens[start : start + len(block)]
-        m = int(bl.max())
-        if m == 0:
-            continue
-        if (bl == m).all():
-            C = np.stack([np.asarray(c) for c in block]).astype(np.float32, copy=False)
-        else:
-            C = np.zeros((len(block), m, q.shape[1]), np.float32)
-            for b, c in enumerate(block):
-                C[b, : len(c)] = c
-        S = torch.mm(torch.from_numpy(C.reshape(-1, q.shape[1])), qt_t).numpy().reshape(len(block), m, n_q)
-        if not (bl == m).all():
-            S[np.arange(m)[None, :] >= bl[:, None]] = -np.inf
-        best_q = S.argmax(axis=2)  # (k, m): query column per candidate row
-        best_c = S.argmax(axis=1)  # (k, n_q): candidate row per query column
-        mutual = np.take_along_axis(best_q, best_c, axis=1) == cols[None, :]
-        if threshold is not None:
-            sim = np.take_along_axis(S, best_c[:, None, :], axis=1)[:, 0, :]
-            mutual &= sim > threshold
-        counts = mutual.sum(axis=1)
-        counts[bl == 0] = 0
-        out[start : start + len(block)] = counts
-    out[out < min_matches] = 0
-    return out
+from placerank.rerank.mutual_nn import mnn_counts, mnn_counts_cpu, mutual_pairs_array
 
 
 class FoLRegionReranker(Reranker):
@@ -125,17 +73,9 @@ class FoLRegionReranker(Reranker):
         self.model.to(self.device)
         return self
 
-    @torch.no_grad()
-    def extract(self, images: torch.Tensor, original_sizes: Sequence[tuple[int, int]]) -> list[LocalFeatures]:
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            sizes = [tuple(int(v) for v in s) for s in original_sizes]
-            return self.model.local_features(
-                images.to(self.device), sizes, mode=self.mode, num_regions=self.num_regions
-            )
-        finally:
-            self.model.train(was_training)
+    def local_options(self) -> dict:
+        """The FoL head's options: one ``model.encode`` pass gives global + these region features."""
+        return {"mode": self.mode, "num_regions": self.num_regions}
 
     def score(self, query: LocalFeatures, candidates: Sequence[LocalFeatures]) -> np.ndarray:
         descs = [c.descriptors for c in candidates]
@@ -156,14 +96,7 @@ class FoLRegionReranker(Reranker):
 
     def matches(self, query: LocalFeatures, candidate: LocalFeatures) -> np.ndarray:
         """(P, 2) int array of (query index, candidate index) mutual NNs with cosine > threshold."""
-        from placerank.train.losses.mnn import mutual_nn_pairs
-
-        if len(query) == 0 or len(candidate) == 0:
-            return np.zeros((0, 2), dtype=np.int64)
-        q = torch.as_tensor(np.asarray(query.descriptors, dtype=np.float32))
-        c = torch.as_tensor(np.asarray(candidate.descriptors, dtype=np.float32))
-        i, j = mutual_nn_pairs(q @ c.t(), self.threshold)
-        return np.stack([i.numpy(), j.numpy()], axis=1).astype(np.int64)
+        return mutual_pairs_array(query.descriptors, candidate.descriptors, self.threshold)
 
 
 @register_reranker(
@@ -171,5 +104,14 @@ class FoLRegionReranker(Reranker):
     "FoL: count of mutual NNs (cos > 0.7) between top-225 region features (60 KB/image); needs a fol-* model",
     needs_model=True,
 )
-def _fol_region(model=None, **kwargs) -> FoLRegionReranker:
-    return FoLRegionReranker(model, **kwargs)
+def _fol_region(
+    model=None,
+    threshold: float = 0.7,
+    mode: str | None = None,
+    num_regions: int | None = None,
+    chunk: int = 128,
+    min_matches: int = 0,
+) -> FoLRegionReranker:
+    return FoLRegionReranker(
+        model, threshold=threshold, mode=mode, num_regions=num_regions, chunk=chunk, min_matches=min_matches
+    )

@@ -11,36 +11,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import cv2
 import numpy as np
 import torch
 
 from placerank.errors import PlaceRankError, WeightsError
-from placerank.models.localfeat.base import read_checkpoint, strict_load
+from placerank.models.checkpoints import read_weights, strict_load
 from placerank.models.weights import resolve_weights
+from placerank.rerank.mutual_nn import mutual_nn_pairs  # noqa: F401  (re-exported: putative matches)
 from placerank.utils import file_sha256
 
 Geometry = Literal["fundamental", "homography"]
-
-
-def mutual_nn_pairs(
-    desc1: np.ndarray | torch.Tensor, desc2: np.ndarray | torch.Tensor, device: torch.device | str = "cpu"
-) -> np.ndarray:
-    """(P, 2) int64 index pairs (i in desc1, j in desc2) that are each other's nearest
-    neighbour by cosine similarity. float16 inputs are upcast (fp16 ties can flip a match)."""
-    if len(desc1) == 0 or len(desc2) == 0:
-        return np.zeros((0, 2), dtype=np.int64)
-    a = torch.as_tensor(np.asarray(desc1) if not torch.is_tensor(desc1) else desc1).to(device, torch.float32)
-    b = torch.as_tensor(np.asarray(desc2) if not torch.is_tensor(desc2) else desc2).to(device, torch.float32)
-    # Two row-wise argmaxes: a column-wise argmax over the (n1, n2) matrix is a strided scan,
-    # several times slower on CPU than a second small matrix product.
-    nn12 = (a @ b.t()).argmax(dim=1)
-    nn21 = (b @ a.t()).argmax(dim=1)
-    i = torch.arange(len(a), device=a.device)
-    keep = nn21[nn12] == i
-    return torch.stack([i[keep], nn12[keep]], dim=1).cpu().numpy().astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -110,7 +93,7 @@ def verify_pairs(
 
 # -- LighterGlue ---------------------------------------------------------------------------------
 # XFeat's LighterGlue: a 6-layer, 1-head LightGlue on 64-d XFeat descriptors (96-d inside).
-LIGHTERGLUE_CONF = dict(
+LIGHTERGLUE_CONF: dict[str, Any] = dict(
     name="xfeat",
     input_dim=64,
     descriptor_dim=96,
@@ -163,11 +146,11 @@ class LighterGlue(torch.nn.Module):
         import kornia.feature as KF
 
         conf = dict(LIGHTERGLUE_CONF, filter_threshold=float(filter_threshold))
-        self.net = KF.LightGlue(None, **conf)
+        self.net = KF.LightGlue(None, **conf)  # type: ignore[arg-type]
         self.weights_sha256 = ""
         if pretrained:
             path = resolve_weights(LIGHTERGLUE_FILE, weights, "XFeat LighterGlue")
-            sd = lighterglue_state(read_checkpoint(path), path, conf["n_layers"])
+            sd = lighterglue_state(read_weights(path), path, conf["n_layers"])
             strict_load(self.net, sd, path, "LighterGlue", computed_buffers=("confidence_thresholds",))
             self.weights_sha256 = file_sha256(path)
         self.eval()

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +29,8 @@ from placerank.errors import PlaceRankError
 from placerank.models.base import LocalFeatures
 from placerank.models.localfeat.base import create_features, to_original_pixels
 from placerank.rerank.base import Reranker, register_reranker
-from placerank.rerank.matching import LighterGlue, VerifyConfig, mutual_nn_pairs, verify_pairs
+from placerank.rerank.matching import LighterGlue, VerifyConfig, verify_pairs
+from placerank.rerank.mutual_nn import mutual_nn_pairs
 
 # The networks take RGB in [0, 1]: no mean/std normalisation (XFeat instance-normalises inside).
 # Images smaller than 32 px per side have no 8x8-cell / stride-32 structure left to detect on.
@@ -79,7 +81,8 @@ class RansacReranker(Reranker):
         self.name = f"ransac-{config.features}" + ("-lighterglue" if config.matcher == "lighterglue" else "")
         self.net = create_features(config.features, weights=config.weights, max_keypoints=config.max_keypoints)
         self.dim = self.net.dim
-        self.preprocess = Preprocess(tuple(config.image_size), LOCAL_MEAN, LOCAL_STD, min_side=LOCAL_MIN_SIDE)
+        size = (int(config.image_size[0]), int(config.image_size[1]))
+        self.preprocess = Preprocess(size, LOCAL_MEAN, LOCAL_STD, min_side=LOCAL_MIN_SIDE)
         self.glue = LighterGlue(config.matcher_weights) if config.matcher == "lighterglue" else None
         self.device = torch.device("cpu")
         self.to(device)
@@ -104,7 +107,7 @@ class RansacReranker(Reranker):
     def extract(self, images: torch.Tensor, original_sizes: Sequence[tuple[int, int]]) -> list[LocalFeatures]:
         images = images.to(self.device, torch.float32)
         raw = self.net.detect(images)
-        hw = tuple(images.shape[-2:])
+        hw = (int(images.shape[-2]), int(images.shape[-1]))
         out = []
         for r, orig in zip(raw, original_sizes):
             orig = (int(orig[0]), int(orig[1]))
@@ -178,21 +181,43 @@ def _make(features: str, matcher: str = "mnn", **kw) -> RansacReranker:
     return RansacReranker(cfg, device=device)
 
 
-@register_reranker("ransac-xfeat", "XFeat + mutual NN + MAGSAC fundamental matrix; score = inliers")
-def ransac_xfeat(**kw) -> RansacReranker:
-    return _make("xfeat", **kw)
+def _factory(features: str, matcher: str = "mnn"):
+    """A registered factory whose keyword parameters are the typed ``--rerank-option`` keys;
+    ``**unknown`` keeps the one-line error for a key it does not take."""
+
+    def factory(
+        image_size: tuple[int, int] | str | None = None,
+        max_keypoints: int = 2048,
+        geometry: str = "fundamental",
+        threshold_px: float = 1.0,
+        confidence: float = 0.999,
+        max_iters: int = 10000,
+        min_matches: int | None = None,
+        weights: str | None = None,
+        matcher_weights: str | None = None,
+        device: str | torch.device = "cpu",
+        **unknown,
+    ) -> RansacReranker:
+        kw: dict[str, Any] = dict(
+            image_size=image_size, max_keypoints=max_keypoints, weights=weights, matcher_weights=matcher_weights
+        )
+        kw.update(geometry=geometry, threshold_px=threshold_px, confidence=confidence, max_iters=max_iters)
+        if min_matches is not None:
+            kw["min_matches"] = min_matches
+        return _make(features, matcher, device=device, **kw, **unknown)
+
+    return factory
 
 
-@register_reranker("ransac-aliked", "ALIKED-n16 + mutual NN + MAGSAC fundamental matrix; score = inliers")
-def ransac_aliked(**kw) -> RansacReranker:
-    return _make("aliked", **kw)
-
-
-@register_reranker("ransac-disk", "DISK + mutual NN + MAGSAC fundamental matrix; score = inliers")
-def ransac_disk(**kw) -> RansacReranker:
-    return _make("disk", **kw)
-
-
-@register_reranker("ransac-xfeat-lighterglue", "XFeat + LighterGlue matches + MAGSAC; score = inliers")
-def ransac_xfeat_lighterglue(**kw) -> RansacReranker:
-    return _make("xfeat", matcher="lighterglue", **kw)
+ransac_xfeat = register_reranker("ransac-xfeat", "XFeat + mutual NN + MAGSAC fundamental matrix; score = inliers")(
+    _factory("xfeat")
+)
+ransac_aliked = register_reranker(
+    "ransac-aliked", "ALIKED-n16 + mutual NN + MAGSAC fundamental matrix; score = inliers"
+)(_factory("aliked"))
+ransac_disk = register_reranker("ransac-disk", "DISK + mutual NN + MAGSAC fundamental matrix; score = inliers")(
+    _factory("disk")
+)
+ransac_xfeat_lighterglue = register_reranker(
+    "ransac-xfeat-lighterglue", "XFeat + LighterGlue matches + MAGSAC; score = inliers"
+)(_factory("xfeat", matcher="lighterglue"))

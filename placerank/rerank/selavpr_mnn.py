@@ -25,7 +25,7 @@ import torch
 from placerank.errors import PlaceRankError
 from placerank.models.base import LocalFeatures
 from placerank.rerank.base import Reranker, register_reranker
-from placerank.rerank.mnn import mnn_counts
+from placerank.rerank.mutual_nn import mnn_counts, mutual_pairs_array
 
 
 class SelaVPRMNNReranker(Reranker):
@@ -56,9 +56,9 @@ class SelaVPRMNNReranker(Reranker):
         self.model.to(self.device)
         return self
 
-    def extract(self, images: torch.Tensor, original_sizes: Sequence[tuple[int, int]]) -> list[LocalFeatures]:
-        self.model.eval()
-        return self.model.local_features(images.to(self.device), original_sizes)
+    def local_options(self) -> dict:
+        """The dense ``LocalAdapt`` grid has no options: one ``model.encode`` pass gives both."""
+        return {}
 
     def chunk_size(self, n_query: int, n_cand: int) -> int:
         """Candidates per batched matrix product so that the (chunk, n_c, n_q) float32
@@ -82,15 +82,8 @@ class SelaVPRMNNReranker(Reranker):
     def matches(self, query: LocalFeatures, candidate: LocalFeatures) -> np.ndarray:
         """(P, 2) int64 (query index, candidate index) of the mutual nearest neighbours — the
         pairs :meth:`score` counts (for match pictures)."""
-        from placerank.train.losses.mnn import mutual_nn_pairs
-
-        if len(query) == 0 or len(candidate) == 0:
-            return np.zeros((0, 2), dtype=np.int64)
-        q = torch.as_tensor(np.asarray(query.descriptors), device=self.device).float()
-        c = torch.as_tensor(np.asarray(candidate.descriptors), device=self.device).float()
         with torch.no_grad():
-            i, j = mutual_nn_pairs(q @ c.t())
-        return torch.stack([i, j], dim=1).cpu().numpy().astype(np.int64)
+            return mutual_pairs_array(query.descriptors, candidate.descriptors, device=self.device)
 
 
 @register_reranker(
@@ -98,5 +91,5 @@ class SelaVPRMNNReranker(Reranker):
     "SelaVPR: count of mutual nearest neighbours between dense local features (needs a selavpr-* model)",
     needs_model=True,
 )
-def _selavpr_mnn(model=None, max_chunk_mb: float = 256.0, min_matches: int = 2, device="cpu"):
+def _selavpr_mnn(model=None, max_chunk_mb: float = 256.0, min_matches: int = 2, device="cpu") -> SelaVPRMNNReranker:
     return SelaVPRMNNReranker(model, max_chunk_mb=max_chunk_mb, min_matches=min_matches, device=device)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from placerank.data.dataset import Dataset, ImageSet
-from placerank.data.readers import list_images, read_csv_manifest
+from placerank.data.places import keep_frames
 from placerank.errors import DataError, PlaceRankError
 from placerank.registry import Registry
 from placerank.utils import atomic_path, write_json_atomic
@@ -50,7 +50,19 @@ class TrainConfig:
         return d
 
 
-METHODS: Registry = Registry("training method", "placerank.train", skip=("common", "distributed", "losses"))
+# Modules of this package that hold shared or per-method helper code rather than a method.
+HELPERS = (
+    "common",
+    "distributed",
+    "losses",
+    "selavpr_mining",
+    "sfrs_data",
+    "sfrs_features",
+    "sfrs_mining",
+    "sfrs_options",
+    "sfrs_step",
+)
+METHODS: Registry = Registry("training method", "placerank.train", skip=HELPERS)
 
 
 def register_method(name: str, description: str = "") -> Callable:
@@ -68,48 +80,6 @@ def run_training(config: TrainConfig) -> Path:
 # ---------------------------------------------------------------------------------------------
 # Place-labelled training data
 # ---------------------------------------------------------------------------------------------
-
-
-def read_training_places(specs: Sequence[str | Path], frames: tuple[int, int] | None = None) -> ImageSet:
-    """Images labelled by place.
-
-    Each spec is a CSV manifest with ``place_id`` (or ``frame``) or a frame-aligned traversal
-    folder; frame k of every traversal folder is place ``k``, so several traversals of one
-    route give K views per place. ``frames=(a, b)`` keeps frames a <= k < b (to hold some out).
-    """
-    paths: list[Path] = []
-    labels: list[str] = []
-    routes = {Path(s).resolve().parent for s in specs if Path(s).suffix.lower() != ".csv"}
-    if len(routes) > 1:
-        # Frame k of a GardensPoint traversal and frame k of a Nordland one are different places;
-        # numbering them alike would silently make them positives of each other.
-        raise DataError(
-            "traversal folders from different routes ("
-            + ", ".join(sorted(str(r) for r in routes))
-            + ") would share frame numbers as places; train on one route per call or use place_id CSVs"
-        )
-    for spec in specs:
-        spec = Path(spec)
-        if spec.suffix.lower() == ".csv":
-            s = read_csv_manifest(spec)
-            if s.kind not in ("place", "frame"):
-                raise DataError(f"{spec}: training needs a place_id or frame column, found '{s.kind}' positions")
-            keep = np.arange(len(s))
-            if frames is not None and s.kind == "frame":
-                keep = keep[(s.positions >= frames[0]) & (s.positions < frames[1])]
-            paths += [s.paths[i] for i in keep]
-            labels += [str(s.positions[i]) for i in keep]
-        else:
-            files = list_images(spec, recursive=False)
-            if not files:
-                raise DataError(f"{spec}: no images found")
-            for k, p in enumerate(files):
-                if frames is None or frames[0] <= k < frames[1]:
-                    paths.append(p)
-                    labels.append(str(k))
-    if not paths:
-        raise DataError("training set is empty after applying the frame range")
-    return ImageSet(paths, "place", np.array(labels, dtype=object), source=",".join(map(str, specs)))
 
 
 def place_groups(places: ImageSet, min_images: int = 2) -> list[np.ndarray]:
@@ -197,13 +167,22 @@ class ValidationSet:
 
     @classmethod
     def from_options(
-        cls, database: str, queries: str, frame_tolerance: int = -1, radius: float = -1.0, select_n: int = 5
+        cls,
+        database: str,
+        queries: str,
+        frame_tolerance: int = -1,
+        radius: float = -1.0,
+        select_n: int = 5,
+        frames: tuple[int, ...] = (),
     ) -> ValidationSet | None:
-        """``None`` when no pair is configured; both or neither of database/queries."""
+        """``None`` when no pair is configured; both or neither of database/queries.
+        ``frames=(a, b)`` keeps frames a <= k < b of both sides (e.g. two traversal folders)."""
         if not database and not queries:
             return None
         if not (database and queries):
             raise PlaceRankError("validation needs both val_database and val_queries")
+        if frames and len(frames) != 2:
+            raise PlaceRankError(f"validation frames need START,STOP, got {','.join(map(str, frames))}")
         from placerank.data.readers import load_dataset
 
         ds = load_dataset(
@@ -212,16 +191,19 @@ class ValidationSet:
             radius=radius if radius >= 0 else None,
             frame_tolerance=frame_tolerance if frame_tolerance >= 0 else None,
         )
+        ds = keep_frames(ds, (frames[0], frames[1]) if frames else None)
         if not any(len(p) for p in ds.positives):
             raise DataError(f"validation pair {database} / {queries}: no query has a positive in the database")
         return cls(ds, select_n)
 
     def recall(self, database: np.ndarray, queries: np.ndarray) -> dict[str, float]:
-        """Recall@1/5/10 of L2-normalised descriptors by inner product (exact, like eval)."""
+        """Recall@1/5/10 of L2-normalised descriptors by inner product (exact flat search in
+        query chunks, as eval: no queries x database matrix)."""
         from placerank.eval.recall import recall_at_n
+        from placerank.index.flat import FlatIndex
 
         depth = min(10, len(database))
-        ids = np.argsort(-(queries @ database.T), axis=1, kind="stable")[:, :depth]
+        _, ids = FlatIndex.build(np.asarray(database, dtype=np.float32)).search(queries, depth)
         return recall_at_n(ids, self.dataset.positives, [n for n in (1, 5, 10) if n <= depth])
 
     def key(self, recall: dict[str, float]) -> tuple[float, float, float]:

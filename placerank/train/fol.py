@@ -8,8 +8,8 @@ iteration. fp16 autocast + GradScaler on CUDA only. Per-epoch resumable checkpoi
 line per step in ``RUN_DIR/log.jsonl``, a tqdm bar, and ``RUN_DIR/model.pt`` (a placerank
 checkpoint: ``placerank eval --model fol-effnet-lite0 --weights RUN_DIR/model.pt``).
 
-Training data: CSV manifests / traversal folders (:func:`read_training_places`) and GSV-Cities
-folders (``Dataframes/`` + ``Images/``, :func:`placerank.data.gsv_cities.read_gsv_cities`).
+Training data: CSV manifests / traversal folders / Nordland roots and GSV-Cities folders
+(``Dataframes/`` + ``Images/``), read by :func:`placerank.data.places.read_training_set`.
 
 ``--option KEY=VALUE`` keys: ``num_regions``, ``local_mode`` (test-time region features:
 pool3 | center | dense), ``train_local_mode`` (the triplet loss's, default center),
@@ -33,14 +33,15 @@ import torch
 from tqdm.auto import tqdm
 
 from placerank.data.dataset import ImageSet
+from placerank.data.places import read_training_set
 from placerank.errors import PlaceRankError
+from placerank.options import parse_options
 from placerank.train.common import (
     PlaceBatchSampler,
     PlaceImageDataset,
     RunDir,
     TrainConfig,
     place_groups,
-    read_training_places,
     register_method,
     seed_everything,
 )
@@ -72,26 +73,17 @@ class FoLTrainOptions:
     gsv_min_images: int = 4
 
 
-def parse_options(options: dict) -> tuple[FoLTrainOptions, FoLLossConfig]:
-    train_keys = {f.name: f for f in fields(FoLTrainOptions)}
-    loss_keys = {f.name for f in fields(FoLLossConfig)}
-    unknown = [k for k in options if k not in train_keys and k not in loss_keys]
-    if unknown:
-        known = ", ".join(sorted(list(train_keys) + sorted(loss_keys)))
-        raise PlaceRankError(f"unknown fol option '{unknown[0]}'; known: {known}")
-    defaults = asdict(FoLTrainOptions())
-    for k, v in options.items():
-        if k in train_keys:
-            want = type(defaults[k])
-            try:
-                defaults[k] = (str(v).lower() in ("1", "true", "yes")) if want is bool else want(v)
-            except ValueError:
-                raise PlaceRankError(f"fol option {k}={v!r} is not a valid {want.__name__}") from None
-    try:
-        loss_cfg = FoLLossConfig().update({k: v for k, v in options.items() if k in loss_keys})
-    except ValueError as e:
-        raise PlaceRankError(f"bad fol loss option ({e})") from None
-    return FoLTrainOptions(**defaults), loss_cfg
+@dataclass
+class FoLOptions(FoLLossConfig, FoLTrainOptions):
+    """Every ``--option`` of ``--method fol``: the training options and the loss settings."""
+
+
+def fol_options(values) -> tuple[FoLTrainOptions, FoLLossConfig]:
+    """``--option`` values (strings or typed) -> (training options, loss config); an unknown
+    key or a bad value is one line (:func:`placerank.options.parse_options`)."""
+    opts = parse_options(FoLOptions, values, what="fol option")
+    pick = lambda cls: cls(**{f.name: getattr(opts, f.name) for f in fields(cls)})  # noqa: E731
+    return pick(FoLTrainOptions), pick(FoLLossConfig)
 
 
 def model_name_for(backbone: str) -> str:
@@ -103,22 +95,9 @@ def model_name_for(backbone: str) -> str:
 
 
 def read_places(config: TrainConfig, opts: FoLTrainOptions) -> ImageSet:
-    """Place-labelled images from traversal folders / CSVs and GSV-Cities roots."""
-    from placerank.data.gsv_cities import is_gsv_cities_root, read_gsv_cities
-
-    gsv = [s for s in config.train if is_gsv_cities_root(s)]
-    other = [s for s in config.train if not is_gsv_cities_root(s)]
-    sets = []
-    if other:
-        sets.append(read_training_places(other, config.frames))
+    """Place-labelled images from traversal folders / CSVs / Nordland and GSV-Cities roots."""
     cities = [c for c in opts.gsv_cities.split(",") if c] or None
-    for root in gsv:
-        sets.append(read_gsv_cities(root, cities, opts.gsv_min_images))
-    if len(sets) == 1:
-        return sets[0]
-    paths = [p for s in sets for p in s.paths]
-    labels = np.array([f"{k}:{l}" for k, s in enumerate(sets) for l in s.positions.tolist()], dtype=object)
-    return ImageSet(paths, "place", labels, source=",".join(s.source for s in sets))
+    return read_training_set(config.train, config.frames, cities, opts.gsv_min_images)
 
 
 def lr_factor(step: int, decay_iters: int, final: float) -> float:
@@ -156,7 +135,7 @@ def train_fol(config: TrainConfig) -> Path:
     from placerank.models.checkpoints import save_placerank_checkpoint
     from placerank.models.registry import create
 
-    opts, loss_cfg = parse_options(config.options)
+    opts, loss_cfg = fol_options(config.options)
     name = model_name_for(config.backbone)
     from placerank.models.fol import LOCAL_MODES
 

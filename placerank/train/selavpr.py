@@ -29,27 +29,27 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
 
-from placerank.data.dataset import ImageSet
-from placerank.data.images import check_batch_errors, make_loader
-from placerank.data.readers import read_csv_manifest
+from placerank.data.places import read_route_places
 from placerank.errors import DataError, PlaceRankError
 from placerank.models.checkpoints import save_placerank_checkpoint
 from placerank.models.selavpr import SelaVPRModel, is_trainable_name
+from placerank.options import parse_options
 from placerank.train.common import (
     RunDir,
     TrainConfig,
     ValidationSet,
-    read_training_places,
     register_method,
     seed_everything,
 )
 from placerank.train.losses.selavpr import SelaVPRLossConfig, selavpr_loss
+from placerank.train.selavpr_mining import FeatureSource, compute_descriptors, mine_tuples
 from placerank.utils import resolve_device
 
 BACKBONES = {
@@ -80,21 +80,13 @@ class SelaVPROptions:
     val_queries: str = ""  # (R@5, ties R@1) becomes model.pt; empty: the last epoch
     val_frame_tolerance: int = -1  # -1: the eval default for the data's positions
     val_radius: float = -1.0
+    val_frames: tuple[int, ...] = ()  # START,STOP: keep validation frames START <= k < STOP
     val_select_n: int = 5  # the Recall@N that picks the epoch (official: 5; 1 when R@5 saturates)
 
     @classmethod
-    def from_dict(cls, options: dict) -> SelaVPROptions:
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            raise PlaceRankError(f"unknown selavpr option '{unknown[0]}'; known: {', '.join(sorted(known))}")
-        out = cls()
-        for k, v in options.items():
-            typ = type(getattr(out, k))
-            try:
-                setattr(out, k, typ(v))
-            except (TypeError, ValueError):
-                raise PlaceRankError(f"selavpr option {k} expects a {typ.__name__}, got '{v}'") from None
+    def parse(cls, values) -> SelaVPROptions:
+        """Typed ``--option`` values (:func:`placerank.options.parse_options`), then range checks."""
+        out = parse_options(cls, values, what="selavpr option")
         for k in (
             "queries_per_loop",
             "negative_pool",
@@ -106,182 +98,6 @@ class SelaVPROptions:
             if getattr(out, k) < 1:
                 raise PlaceRankError(f"selavpr option {k} must be >= 1, got {getattr(out, k)}")
         return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Data: place labels with route and frame (for neighbour exclusion)
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainingPlaces:
-    images: ImageSet
-    labels: np.ndarray  # int64 place id per image
-    routes: np.ndarray  # int64 route id per image (-1 for place-id CSVs)
-    frames: np.ndarray  # int64 frame index per image (-1 for place-id CSVs)
-
-
-def read_places(specs, frames: tuple[int, int] | None = None) -> TrainingPlaces:
-    """Read ``--train`` specs into place-labelled images.
-
-    Traversal folders (and frame CSVs) that share a parent folder are one route: frame k of each
-    is place k *of that route*. Routes in different folders (e.g. GardensPoint and Nordland)
-    get separate places, so frame 5 of one never becomes a positive of frame 5 of the other.
-    Place-id CSVs keep their ids (shared across CSVs, as in
-    :func:`placerank.train.common.read_training_places`).
-    """
-    groups: dict[tuple, list[str]] = {}
-    for spec in specs:
-        p = Path(spec)
-        if p.suffix.lower() == ".csv":
-            kind = read_csv_manifest(p).kind
-            key = ("frame", str(p.resolve().parent)) if kind == "frame" else ("place", "")
-        else:
-            if not p.is_dir():
-                raise DataError(f"{p}: training folder does not exist")
-            key = ("frame", str(p.resolve().parent))
-        groups.setdefault(key, []).append(str(spec))
-    paths, names, routes, frame_idx = [], [], [], []
-    for r, ((kind, _), group) in enumerate(groups.items()):
-        s = read_training_places(group, frames)
-        paths += s.paths
-        if kind == "frame":
-            f = [int(v) for v in s.positions.tolist()]
-            names += [f"{r}:{v}" for v in f]
-            routes += [r] * len(f)
-            frame_idx += f
-        else:
-            names += [f"p:{v}" for v in s.positions.tolist()]
-            routes += [-1] * len(s)
-            frame_idx += [-1] * len(s)
-    uniq = {n: i for i, n in enumerate(sorted(set(names)))}
-    images = ImageSet(paths, "place", np.array(names, dtype=object), source=",".join(map(str, specs)))
-    return TrainingPlaces(
-        images,
-        np.array([uniq[n] for n in names], dtype=np.int64),
-        np.array(routes, dtype=np.int64),
-        np.array(frame_idx, dtype=np.int64),
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Mining (spec §4.2) on cached global descriptors
-# ---------------------------------------------------------------------------------------------
-
-
-class FeatureSource:
-    """Inputs of the trainable part of the model, per training image.
-
-    For a backbone with a frozen prefix (EfficientNet: the stages before the first adapter),
-    the prefix output of each image is computed once and kept in RAM (up to ``limit_mb``):
-    SelaVPR trains without augmentation and the prefix is frozen (BatchNorm in eval mode), so it
-    never changes, and both mining passes and training steps then only run the adapted stages.
-    For ViTs (adapters in every block) this is just the preprocessed image, not cached.
-    """
-
-    def __init__(
-        self,
-        model: SelaVPRModel,
-        paths,
-        device,
-        limit_mb: float = 2048.0,
-        batch_size: int = 16,
-        num_workers: int | None = None,
-    ):
-        self.model = model
-        self.paths = paths
-        self.device = device
-        self.enabled = bool(getattr(model.backbone, "frozen_prefix", False))
-        self.limit = float(limit_mb) * 2**20 if self.enabled else 0.0
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.cache: dict[int, torch.Tensor] = {}
-        self.bytes = 0
-
-    @torch.no_grad()
-    def _compute(self, indices: list[int]) -> dict[int, torch.Tensor]:
-        out = {}
-        loader = make_loader(
-            [self.paths[i] for i in indices],
-            self.model.preprocess,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-        )
-        for idx, images, _, errors in loader:
-            check_batch_errors(errors)
-            prefix = self.model.backbone.forward_prefix(images.to(self.device))
-            for k, t in zip(idx.tolist(), prefix):
-                out[indices[k]] = t
-        return out
-
-    def get(self, indices) -> torch.Tensor:
-        """(n, ...) prefix inputs of images ``indices`` on the device."""
-        indices = [int(i) for i in indices]
-        missing = sorted({i for i in indices if i not in self.cache})
-        fresh = self._compute(missing) if missing else {}
-        for i, t in fresh.items():
-            size = t.numel() * t.element_size()
-            if self.bytes + size <= self.limit:
-                self.cache[i] = t.cpu()
-                self.bytes += size
-        return torch.stack([(fresh[i] if i in fresh else self.cache[i]).to(self.device) for i in indices])
-
-
-@torch.no_grad()
-def compute_descriptors(
-    model: SelaVPRModel, source: FeatureSource, indices: np.ndarray, batch_size: int = 16
-) -> np.ndarray:
-    """Global descriptors of training images with the current model (eval mode, no grad)."""
-    was_training = model.training
-    model.eval()
-    out = np.zeros((len(indices), model.descriptor_dim), dtype=np.float32)
-    for start in range(0, len(indices), batch_size):
-        chunk = indices[start : start + batch_size]
-        out[start : start + len(chunk)] = model.global_from_prefix(source.get(chunk)).cpu().numpy()
-    model.train(was_training)
-    return out
-
-
-def mine_tuples(
-    places: TrainingPlaces,
-    descriptors: dict[int, np.ndarray],
-    queries: np.ndarray,
-    pool: np.ndarray,
-    num_negatives: int,
-    exclusion: int,
-) -> np.ndarray:
-    """(T, 2 + num_negatives) image indices: query, nearest positive, nearest negatives.
-
-    ``descriptors`` maps image index -> L2-normalised global descriptor for every query, every
-    positive of a query and every pool image. Queries without a positive or without enough
-    negatives in the pool are dropped.
-    """
-    labels, routes, frames = places.labels, places.routes, places.frames
-    by_place: dict[int, np.ndarray] = {}
-    for i, l in enumerate(labels.tolist()):
-        by_place.setdefault(l, []).append(i)
-    by_place = {k: np.array(v, dtype=np.int64) for k, v in by_place.items()}
-    P = np.stack([descriptors[int(i)] for i in pool]) if len(pool) else np.zeros((0, 1), np.float32)
-    tuples = []
-    for q in queries.tolist():
-        pos = by_place[int(labels[q])]
-        pos = pos[pos != q]
-        if len(pos) == 0:
-            continue
-        dq = descriptors[q]
-        Dp = np.stack([descriptors[int(i)] for i in pos])
-        best_pos = int(pos[np.argmin(((Dp - dq) ** 2).sum(1))])
-        ok = (labels[pool] != labels[q]) & (pool != q)
-        if exclusion > 0 and routes[q] >= 0:
-            near = (routes[pool] == routes[q]) & (np.abs(frames[pool] - frames[q]) <= exclusion)
-            ok &= ~near
-        cand = pool[ok]
-        if len(cand) < num_negatives:
-            continue
-        d = ((P[ok] - dq) ** 2).sum(1)
-        nearest = np.argsort(d, kind="stable")[:num_negatives]
-        tuples.append([q, best_pos, *[int(cand[i]) for i in nearest]])
-    return np.array(tuples, dtype=np.int64).reshape(-1, 2 + num_negatives)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,7 +116,7 @@ def build_model(config: TrainConfig) -> tuple[SelaVPRModel, dict]:
     kwargs: dict = {}
     if config.image_size is not None:
         kwargs["image_size"] = [int(v) for v in config.image_size]
-    weights = config.weights
+    weights: str | Path | None = config.weights
     if weights is None and config.backbone.startswith("dinov2-"):
         arch = config.backbone.split("-")[1]
         weights = resolve_weights(
@@ -310,7 +126,7 @@ def build_model(config: TrainConfig) -> tuple[SelaVPRModel, dict]:
     if not isinstance(model, SelaVPRModel):
         raise PlaceRankError(f"{name} did not build a SelaVPR model")
     if getattr(model.backbone, "num_register_tokens", 0):
-        kwargs["num_register_tokens"] = int(model.backbone.num_register_tokens)
+        kwargs["num_register_tokens"] = int(cast(Any, model.backbone).num_register_tokens)
     return model, kwargs
 
 
@@ -342,13 +158,13 @@ def train_step(
 def train_selavpr(config: TrainConfig) -> Path:
     from tqdm import tqdm
 
-    opts = SelaVPROptions.from_dict(config.options)
+    opts = SelaVPROptions.parse(config.options)
     if config.backbone not in BACKBONES:
         raise PlaceRankError(f"selavpr cannot train on backbone '{config.backbone}'; known: {', '.join(BACKBONES)}")
     seed_everything(config.seed)
     run = RunDir(config)
     device = resolve_device(config.device)
-    places = read_places(config.train, config.frames)
+    places = read_route_places(config.train, config.frames)
     n_images = len(places.images)
     counts = np.bincount(places.labels)
     queryable = np.flatnonzero(counts[places.labels] >= 2)
@@ -366,7 +182,12 @@ def train_selavpr(config: TrainConfig) -> Path:
     loss_config = SelaVPRLossConfig(margin=opts.margin, local_weight=opts.local_weight)
 
     val = ValidationSet.from_options(
-        opts.val_database, opts.val_queries, opts.val_frame_tolerance, opts.val_radius, select_n=opts.val_select_n
+        opts.val_database,
+        opts.val_queries,
+        opts.val_frame_tolerance,
+        opts.val_radius,
+        opts.val_select_n,
+        opts.val_frames,
     )
     start_epoch, step, best = 0, 0, None
     state = run.load_checkpoint()
@@ -407,6 +228,7 @@ def train_selavpr(config: TrainConfig) -> Path:
         val_source = FeatureSource(model, val_paths, device, opts.prefix_cache_mb, opts.cache_batch, config.num_workers)
 
     def validate(epochs_done: int) -> dict[str, float]:
+        assert val is not None and val_source is not None
         n_db = len(val.dataset.database)
         desc = compute_descriptors(model, val_source, np.arange(len(val_source.paths)), opts.cache_batch)
         rec = val.recall(desc[:n_db], desc[n_db:])
@@ -497,7 +319,7 @@ def train_selavpr(config: TrainConfig) -> Path:
                         "loop": loop,
                         "step": step,
                         **parts,
-                        "gem_p": round(float(model.aggregator.p.detach().item()), 5),
+                        "gem_p": round(float(cast(Any, model.aggregator).p.detach().item()), 5),
                     }
                 )
                 bar.set_postfix(loss=f"{parts['loss']:.4f}")

@@ -61,9 +61,9 @@ def plot_recall_curve(curves: dict[str, dict[str, float]], out_path: str | Path,
 def _thumb(path: Path, height: int) -> Image.Image:
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            w = max(1, round(im.width * height / im.height))
-            return im.resize((w, height), Image.BILINEAR)
+            rgb = im.convert("RGB")
+            w = max(1, round(rgb.width * height / rgb.height))
+            return rgb.resize((w, height), Image.Resampling.BILINEAR)
     except OSError:
         return Image.new("RGB", (height, height), (60, 60, 60))
 

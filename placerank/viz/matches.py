@@ -60,7 +60,7 @@ def draw_matches(
         p = k1[i] * sa + (0.0, band)
         q = k2[j] * sb + off
         hue = int(150 * np.clip(p[0] / width1, 0, 1))  # OpenCV hue range 0..179
-        color = cv2.cvtColor(np.uint8([[[hue, 230, 230]]]), cv2.COLOR_HSV2BGR)[0, 0].tolist()
+        color = cv2.cvtColor(np.array([[[hue, 230, 230]]], dtype=np.uint8), cv2.COLOR_HSV2BGR)[0, 0].tolist()
         p_i, q_i = tuple(int(round(v)) for v in p), tuple(int(round(v)) for v in q)
         cv2.line(canvas, p_i, q_i, color, 1, cv2.LINE_AA)
         cv2.circle(canvas, p_i, 2, color, -1, cv2.LINE_AA)

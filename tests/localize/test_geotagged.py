@@ -15,7 +15,6 @@ import shutil
 import sqlite3
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 from PIL import Image
@@ -239,7 +238,7 @@ def test_another_model_or_weights_is_refused(site, shared_weights, monkeypatch):
 
 
 def test_incremental_reindex_touches_only_new_or_changed_files(site, tmp_path, monkeypatch):
-    import placerank.data.images as images_mod
+    import placerank.descriptors.extract as extract_mod
 
     src = site["photos"]
     photos = tmp_path / "photos"
@@ -247,13 +246,13 @@ def test_incremental_reindex_touches_only_new_or_changed_files(site, tmp_path, m
     for name in ("opensfm_berlin/02.jpg", "opensfm_berlin/03.jpg", "exif_samples_arezzo/DSCN0010.jpg"):
         shutil.copy2(src / name, photos / Path(name).name)
     decoded: list[list[str]] = []
-    real = images_mod.make_loader
+    real = extract_mod.make_loader
 
     def spy(paths, *a, **k):
         decoded.append([Path(p).name for p in paths])
         return real(paths, *a, **k)
 
-    monkeypatch.setattr(images_mod, "make_loader", spy)
+    monkeypatch.setattr(extract_mod, "make_loader", spy)  # the shared extraction's image loader
     db = placerank.Database.create(tmp_path / "db", model=site["model"])
     with db:
         rep = db.add_folder(photos, progress=False)
@@ -277,11 +276,11 @@ def test_incremental_reindex_touches_only_new_or_changed_files(site, tmp_path, m
         assert [Path(p).name for p in rep.added] == ["01.jpg"] and [Path(p).name for p in rep.updated] == [
             "DSCN0010.jpg"
         ]
-        row = db._conn.execute(
+        row = db.store.images.conn.execute(
             "SELECT lat FROM images WHERE path=?", (str((photos / "DSCN0010.jpg").resolve()),)
         ).fetchone()
         assert row[0] == pytest.approx(43.4671567, abs=1e-6)  # DSCN0012's EXIF now
-        assert len(db) == 5 and db._ensure_index().ntotal == 5
+        assert len(db) == 5 and len(db.store.index()) == 5
 
         rep = db.remove([photos / "copy_of_02.jpg", photos / "nothing.jpg"])
         assert [Path(p).name for p in rep.removed] == ["copy_of_02.jpg"] and rep.not_found == [
@@ -304,8 +303,8 @@ def test_incremental_reindex_touches_only_new_or_changed_files(site, tmp_path, m
             "03.jpg"
         ]
         assert len(db) == 4
-        ids = np.sort(np.array([r[0] for r in db._conn.execute("SELECT id FROM images")]))
-        assert np.array_equal(np.sort(faiss.vector_to_array(db._ensure_index().id_map)), ids)
+        ids = np.sort(np.array([r[0] for r in db.store.images.conn.execute("SELECT id FROM images")]))
+        assert np.array_equal(db.store.index().ids(), ids)
         # Positions in a local metric frame cannot join a GPS database.
         (tmp_path / "local.csv").write_text(f"path,easting,northing\n{photos / '02.jpg'},1.0,2.0\n")
         with pytest.raises(DataError) as e:
@@ -317,8 +316,29 @@ def test_incremental_reindex_touches_only_new_or_changed_files(site, tmp_path, m
         )
 
 
-def test_users_photos_were_only_read(site):
-    """Runs last in this module: every file the tests indexed/localized is byte- and mtime-identical."""
-    after = _snapshot(site["root"])
-    for path, stat in site["before"].items():
-        assert after[path] == stat, path
+def test_users_photos_were_only_read(site, tmp_path):
+    """Self-contained (any order, alone): index with local features, localize with pictures and
+    re-ranking, re-index, remove and prune a folder of photos; every photo is byte- and
+    mtime-identical afterwards, and its folder holds exactly the files it held before."""
+    photos = tmp_path / "photos"
+    shutil.copytree(site["photos"], photos, copy_function=shutil.copy2)
+    shutil.copy2(site["held"] / "01.jpg", tmp_path / "query.jpg")
+    before = _snapshot(tmp_path)
+    assert len(before) == 11  # 10 database photos + the query
+    db = tmp_path / "db"
+    rc, _, err = _run_cli(["index", str(photos), "--db", str(db), "--rerank", "ransac-xfeat", "--quiet"])
+    assert rc == 0, err
+    out = tmp_path / "out"
+    rc, _, err = _run_cli(["localize", str(tmp_path / "query.jpg"), "--db", str(db), "--out", str(out)])
+    assert rc == 0, err
+    rc, _, err = _run_cli(
+        ["localize", str(tmp_path / "query.jpg"), "--db", str(db), "--out", str(out), "--rerank", "ransac-xfeat"]
+    )
+    assert rc == 0, err
+    assert (out / "query_inliers.png").exists()  # the re-ranker read the photos too
+    rc, _, err = _run_cli(["index", str(photos), "--db", str(db), "--prune", "--quiet"])
+    assert rc == 0, err
+    rc, _, err = _run_cli(["index", "--db", str(db), "--remove", str(photos / "opensfm_berlin" / "02.jpg")])
+    assert rc == 0, err
+    after = {p: v for p, v in _snapshot(tmp_path).items() if not p.startswith((str(db), str(out)))}
+    assert after == before

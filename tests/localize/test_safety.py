@@ -1,6 +1,11 @@
 """The database survives interruption and concurrency: a second writer is refused (two
-processes), Ctrl-C and SIGKILL mid-run leave SQLite and FAISS consistent, a stale or damaged
-index file is rebuilt from the stored descriptors, a waiting writer gets the lock."""
+processes), Ctrl-C and SIGKILL mid-run leave SQLite and FAISS consistent, a stale, damaged,
+foreign or missing index file is rebuilt from the stored descriptors, a waiting writer gets the
+lock once the holder lets go.
+
+No timing assumptions: the writer process is the real CLI with one test hook, which stops it in
+the middle of its run (after two committed chunks, inside the third) until the test acts, and the
+waiting writer is observed through the lock's retry hook."""
 
 from __future__ import annotations
 
@@ -11,19 +16,41 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 
 import placerank
-from placerank.localize.database import DatabaseBusyError, WriteLock
+import placerank.localize.lock as lock_mod
+from placerank.localize import DatabaseBusyError, WriteLock
+from placerank.localize.features import CHUNK_BATCHES
 from placerank.models import create as create_model
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE = (120, 160)  # tiny input: these tests are about storage, not accuracy
+BATCH = 2
+CHUNK = BATCH * CHUNK_BATCHES  # photos per committed chunk
+MARK = "TEST-WRITER-STOPPED"
+
+# `placerank index`, stopped inside its third chunk (two chunks committed) until stdin has a line.
+_WRITER = f"""
+import sys
+import placerank.localize.features as features
+from placerank.cli import main
+
+real, calls = features.extract_global, []
+
+def stop_in_third_chunk(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:
+        print("{MARK}", flush=True)
+        sys.stdin.readline()
+    return real(*args, **kwargs)
+
+features.extract_global = stop_in_third_chunk
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 @pytest.fixture(scope="module")
@@ -65,41 +92,43 @@ def _count(db: Path) -> int:
         return 0
 
 
-def _start_writer(db: Path, csv_path: Path) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "placerank.cli",
-        "index",
-        "--db",
-        str(db),
-        "--positions",
-        str(csv_path),
-        "--image-size",
-        str(SIZE[0]),
-        str(SIZE[1]),
-        "--batch-size",
-        "2",
-        "--workers",
-        "0",
-        "--quiet",
-        "--radius",
-        "0.3",
-    ]
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ)
+class _Writer:
+    """A `placerank index` process the test stops mid-run: :meth:`wait_stopped` returns once
+    it has committed two chunks and is inside the third, holding the lock; it stays there (its
+    stdin is a pipe the test keeps open) until signalled."""
 
+    def __init__(self, db: Path, csv_path: Path):
+        argv = ["index", "--db", str(db), "--positions", str(csv_path), "--image-size", str(SIZE[0]), str(SIZE[1])]
+        argv += ["--batch-size", str(BATCH), "--workers", "0", "--quiet", "--radius", "0.3"]
+        read_end, self._hold = os.pipe()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _WRITER, *argv],
+            cwd=REPO,
+            stdin=read_end,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=os.environ,
+        )
+        os.close(read_end)
 
-def _wait_for_rows(proc: subprocess.Popen, db: Path, at_least: int) -> int:
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"the writer ended before it could be interrupted: rc={proc.returncode} {proc.stderr.read()}")
-        n = _count(db)
-        if n >= at_least:
-            return n
-        time.sleep(0.02)
-    proc.kill()
-    pytest.fail("the writer committed nothing within 240 s")
+    def wait_stopped(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:  # blocks until the hook prints, or the process ends (EOF)
+            if line.strip() == MARK:
+                return
+        self.proc.wait()
+        pytest.fail(
+            f"the writer ended before the test could stop it: rc={self.proc.returncode} {self.proc.stderr.read()}"
+        )
+
+    def signal(self, sig: int) -> tuple[int, str]:
+        try:
+            self.proc.send_signal(sig)
+            _, err = self.proc.communicate(timeout=300)
+        finally:
+            os.close(self._hold)
+        return self.proc.returncode, err
 
 
 def _consistent(db_path: Path, model) -> placerank.Database:
@@ -108,8 +137,7 @@ def _consistent(db_path: Path, model) -> placerank.Database:
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     ids = np.array(sorted(r[0] for r in con.execute("SELECT id FROM images")), dtype=np.int64)
     con.close()
-    index = db._ensure_index()
-    assert np.array_equal(np.sort(faiss.vector_to_array(index.id_map)), ids)
+    assert np.array_equal(db.store.index().ids(), ids)
     return db
 
 
@@ -119,32 +147,33 @@ def test_second_writer_refused_and_interrupted_runs_recover(tum, tmp_path):
     assert total == 60
 
     # Process 1 writes; this process (the second writer) is refused while it holds the lock.
-    proc = _start_writer(db_path, tum["all"])
-    _wait_for_rows(proc, db_path, 2)
+    writer = _Writer(db_path, tum["all"])
+    writer.wait_stopped()
     with pytest.raises(DatabaseBusyError) as e:
         placerank.Database.open(db_path).add_folder(positions=tum["all"])
     assert str(e.value) == (
-        f"{db_path.resolve()}: another placerank process (pid {proc.pid}) is writing to this "
+        f"{db_path.resolve()}: another placerank process (pid {writer.proc.pid}) is writing to this "
         f"database now; wait for it to finish or pass --wait SECONDS"
     )
-    # Ctrl-C: the run stops, says so, and what it committed is kept and indexed.
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    # Ctrl-C: the run stops, says so, and what it committed (two chunks) is kept and indexed.
+    rc, err = writer.signal(signal.SIGINT)
+    assert rc == 130, err
     assert err.strip().endswith("placerank: interrupted; finished work is saved and a re-run resumes")
     n1 = _count(db_path)
-    assert 2 <= n1 < total
-    _consistent(db_path, tum["model"]).close()
+    assert n1 == 2 * CHUNK
+    db = _consistent(db_path, tum["model"])
+    assert not db.store.index_rebuilt  # the interrupted run saved its index on the way out
+    db.close()
 
     # Process 2 resumes, then is killed outright (no chance to save its FAISS index).
-    proc = _start_writer(db_path, tum["all"])
-    _wait_for_rows(proc, db_path, n1 + 2)
-    proc.kill()
-    proc.communicate(timeout=60)
+    writer = _Writer(db_path, tum["all"])
+    writer.wait_stopped()
+    rc, _ = writer.signal(signal.SIGKILL)
+    assert rc == -signal.SIGKILL
     n2 = _count(db_path)
-    assert n1 + 2 <= n2 < total
+    assert n2 == n1 + 2 * CHUNK
     db = _consistent(db_path, tum["model"])
-    assert db.index_rebuilt  # the index file was stale: rebuilt from SQLite, and saved again
+    assert db.store.index_rebuilt  # the index file was stale: rebuilt from SQLite, and saved again
     gen = int(db.meta()["generation"])
     assert [p.name for p in db_path.glob("index.g*.faiss")] == [f"index.g{gen}.faiss"]
 
@@ -152,11 +181,11 @@ def test_second_writer_refused_and_interrupted_runs_recover(tum, tmp_path):
     with db:
         rep = db.add_folder(positions=tum["all"], progress=False)
         assert rep.unchanged == n2 and len(rep.added) == total - n2 and rep.extracted == total - n2
-        assert len(db) == total and db._ensure_index().ntotal == total
+        assert len(db) == total and len(db.store.index()) == total
         assert db.localize(tum["query"]).found
 
 
-def test_stale_damaged_or_missing_index_file_is_rebuilt(tum, tmp_path):
+def test_stale_damaged_foreign_or_missing_index_file_is_rebuilt(tum, tmp_path):
     db_path = tmp_path / "db"
     with placerank.Database.create(db_path, model=tum["model"], radius=0.3) as db:
         db.add_folder(positions=tum["first"], progress=False)
@@ -165,48 +194,72 @@ def test_stale_damaged_or_missing_index_file_is_rebuilt(tum, tmp_path):
         gen = int(db.meta()["generation"])
         reference = db.localize(tum["query"], top_k=15)
     current = db_path / f"index.g{gen}.faiss"
-    assert current.exists()
+    schema = db_path / "index.json"
+    assert current.exists() and schema.exists()
+    good_schema = schema.read_text()
     # A crash after the SQLite commit but before the new index was written leaves an older index.
     current.write_bytes(old_bytes)
-    for damage in ("stale", "garbage", "missing"):
+    for damage in ("stale", "garbage", "foreign schema", "no schema", "missing"):
         if damage == "garbage":
             current.write_bytes(b"\x00not a faiss index" * 10)
+        elif damage == "foreign schema":
+            schema.write_text(good_schema.replace('"effnet-lite0-gem"', '"another-model"'))
+        elif damage == "no schema":  # a database from before index.json existed
+            schema.unlink()
         elif damage == "missing":
             current.unlink()
         with placerank.Database.open(db_path, model=tum["model"]) as db:
             res = db.localize(tum["query"], top_k=15)
-            assert db.index_rebuilt, damage
-            assert db._ensure_index().ntotal == 15
+            assert db.store.index_rebuilt, damage
+            assert len(db.store.index()) == 15
+        assert schema.read_text() == good_schema, damage  # saved again
         assert [m.path for m in res.matches] == [m.path for m in reference.matches]
         assert [m.similarity for m in res.matches] == pytest.approx([m.similarity for m in reference.matches], abs=1e-5)
     with placerank.Database.open(db_path) as db:  # the rebuilt index was saved: no rebuild now
-        db._ensure_index()
-        assert not db.index_rebuilt
+        db.store.index()
+        assert not db.store.index_rebuilt
 
 
-def test_waiting_writer_gets_the_lock(tum, tmp_path):
+def test_waiting_writer_gets_the_lock(tum, tmp_path, monkeypatch):
     db_path = tmp_path / "db"
     with placerank.Database.create(db_path, model=tum["model"], radius=0.3) as db:
         db.add_folder(positions=tum["first"], progress=False)
-    released = threading.Event()
+    held, release, released = threading.Event(), threading.Event(), threading.Event()
 
     def hold():
         with WriteLock(db_path.resolve()):
-            time.sleep(1.0)
+            held.set()
+            release.wait()
         released.set()
 
+    retries = []
+    real_pause = lock_mod._pause
+
+    def pause(seconds):  # the waiting writer found the lock taken and will try again
+        retries.append(seconds)
+        if wake_holder:
+            release.set()
+        real_pause(seconds)
+
+    monkeypatch.setattr(lock_mod, "_pause", pause)
     t = threading.Thread(target=hold)
     t.start()
-    time.sleep(0.2)
-    with placerank.Database.open(db_path) as db:
-        with pytest.raises(DatabaseBusyError) as e:
-            db.remove([tum["first"]], wait=0.3)
-        assert str(e.value).endswith(
-            "is writing to this database after waiting 0.3 s; wait for it to finish or pass --wait SECONDS"
-        )
-        t0 = time.monotonic()
-        first = next(csv.DictReader(open(tum["first"])))["path"]
-        rep = db.remove([first], wait=30)
-        assert released.is_set() and time.monotonic() - t0 > 0.3
-        assert rep.removed == [str(Path(first).resolve())] and len(db) == 9
-    t.join()
+    try:
+        assert held.wait(60)
+        with placerank.Database.open(db_path) as db:
+            wake_holder = False
+            with pytest.raises(DatabaseBusyError) as e:  # the holder never lets go: refused after 0.3 s
+                db.remove([tum["first"]], wait=0.3)
+            assert str(e.value).endswith(
+                "is writing to this database after waiting 0.3 s; wait for it to finish or pass --wait SECONDS"
+            )
+            assert retries and not released.is_set()
+            retries.clear()
+            wake_holder = True  # now the holder lets go once the writer is waiting
+            first = next(csv.DictReader(open(tum["first"])))["path"]
+            rep = db.remove([first], wait=300)
+            assert retries and released.is_set()  # it waited, and got the lock when it was let go
+            assert rep.removed == [str(Path(first).resolve())] and len(db) == 9
+    finally:
+        release.set()
+        t.join()

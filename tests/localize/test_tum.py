@@ -92,8 +92,9 @@ def test_geometric_reranking_sharpens_the_estimate(tum_run):
     err = np.linalg.norm(np.array([[r.easting, r.northing] for r in rr]) - truth, axis=1)
     err_global = np.linalg.norm(np.array([[r.easting, r.northing] for r in tum_run["results"][::3]]) - truth, axis=1)
     print(
-        "TUM 13 queries: global median %.3f m, <=0.3 m %.2f | ransac-xfeat median %.3f m, <=0.3 m %.2f, <=0.5 m %.2f"
-        % (np.median(err_global), np.mean(err_global <= 0.3), np.median(err), np.mean(err <= 0.3), np.mean(err <= 0.5))
+        f"TUM 13 queries: global median {np.median(err_global):.3f} m, <=0.3 m {np.mean(err_global <= 0.3):.2f} | "
+        f"ransac-xfeat median {np.median(err):.3f} m, <=0.3 m {np.mean(err <= 0.3):.2f}, "
+        f"<=0.5 m {np.mean(err <= 0.5):.2f}"
     )
     assert all(r.rerank == "ransac-xfeat" and r.matches[0].rerank_score >= r.matches[-1].rerank_score for r in rr)
     # Measured on these 13 queries: median 0.20 m, 85% within 0.3 m, 92% within 0.5 m (global

@@ -11,15 +11,9 @@ from placerank.data.images import load_tensor
 from placerank.errors import WeightsError
 from placerank.models import create
 from placerank.models.base import BackboneOutput
-from placerank.models.fol import (
-    FoLAggregator,
-    FoLConfig,
-    FoLViTBackbone,
-    build_fol_cnn,
-    build_fol_vit,
-    clip_softmax,
-    sinkhorn_log,
-)
+from placerank.models.fol_aggregator import FoLAggregator, FoLConfig, clip_softmax, sinkhorn_log
+from placerank.models.fol_backbones import FoLViTBackbone
+from placerank.models.fol_factories import build_fol_cnn, build_fol_vit
 
 
 def test_sinkhorn_hand_solution_and_marginals():

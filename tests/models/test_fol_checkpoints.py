@@ -1,11 +1,13 @@
 """Official FoL checkpoints (FoL_base.pth / FoL_large.pth, spec fol.md §7) and placerank ones.
 
-The key tables below are written from the spec's table, independently of the model code; the
+The key tables below are read from the spec's table, independently of the model code; the
 checkpoints are generated in exactly the official container: a dict with ``model_state_dict``
 (DataParallel ``module.`` prefix, full DINOv2 inside) plus the training-time keys.
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pytest
@@ -18,58 +20,58 @@ from placerank.models import create
 ARCH = {"vitb14": (768, 12), "vitl14": (1024, 24)}
 
 
-def official_table(arch: str) -> dict[str, tuple[int, ...]]:
+@pytest.fixture(scope="module")
+def tables(shared_data) -> dict[str, dict[str, tuple[int, ...]]]:
+    spec = shared_data.parent / "docs" / "methods" / "fol.md"
+    assert spec.is_file(), f"FoL spec missing: {spec}"
+    text = spec.read_text(encoding="utf-8")
+    return {arch: official_table(arch, text) for arch in ARCH}
+
+
+def official_table(arch: str, text: str) -> dict[str, tuple[int, ...]]:
+    """The official key -> shape layout, read from the spec's §7 "Key layout" table (so a wrong
+    key map in the loader or the model fails here, not just a table checked against itself)."""
     C, depth = ARCH[arch]
-    t = {
-        "backbone.model.cls_token": (1, 1, C),
-        "backbone.model.pos_embed": (1, 1370, C),
-        "backbone.model.mask_token": (1, C),
-        "backbone.model.patch_embed.proj.weight": (C, 3, 14, 14),
-        "backbone.model.patch_embed.proj.bias": (C,),
-    }
-    for i in range(depth):
-        b = f"backbone.model.blocks.{i}."
-        t.update(
-            {
-                b + "norm1.weight": (C,),
-                b + "norm1.bias": (C,),
-                b + "attn.qkv.weight": (3 * C, C),
-                b + "attn.qkv.bias": (3 * C,),
-                b + "attn.proj.weight": (C, C),
-                b + "attn.proj.bias": (C,),
-                b + "ls1.gamma": (C,),
-                b + "ls2.gamma": (C,),
-                b + "norm2.weight": (C,),
-                b + "norm2.bias": (C,),
-                b + "mlp.fc1.weight": (4 * C, C),
-                b + "mlp.fc1.bias": (4 * C,),
-                b + "mlp.fc2.weight": (C, 4 * C),
-                b + "mlp.fc2.bias": (C,),
-            }
-        )
-    t.update(
-        {
-            "backbone.model.norm.weight": (C,),
-            "backbone.model.norm.bias": (C,),
-            "aggregator.token_features.0.weight": (512, C),
-            "aggregator.token_features.0.bias": (512,),
-            "aggregator.token_features.2.weight": (256, 512),
-            "aggregator.token_features.2.bias": (256,),
-            "aggregator.cluster_features.0.weight": (512, C, 1, 1),
-            "aggregator.cluster_features.0.bias": (512,),
-            "aggregator.cluster_features.3.weight": (128, 512, 1, 1),
-            "aggregator.cluster_features.3.bias": (128,),
-            "aggregator.score.0.weight": (512, C, 1, 1),
-            "aggregator.score.0.bias": (512,),
-            "aggregator.score.3.weight": (64, 512, 1, 1),
-            "aggregator.score.3.bias": (64,),
-            "upconv.weight": (C, 256, 3, 3),
-            "upconv.bias": (256,),
-            "upconv2.weight": (256, 128, 3, 3),
-            "upconv2.bias": (128,),
-        }
-    )
-    return t
+    side = 0 if arch == "vitl14" else 1  # shape columns read "ViT-L / ViT-B"
+    section = text[text.index("**Key layout**") : text.index("**Mapping to timm")]
+    table: dict[str, tuple[int, ...]] = {}
+    prefix = ""
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 2 or not cells[0].startswith("`"):
+            continue
+        shapes = re.sub(r"\(.*?\)|\*", "", cells[1]).strip()
+        if " / " in shapes:
+            shapes = shapes.split(" / ")[side]
+        shape_list = [_shape(x, C) for x in shapes.split(", ")]
+        for pattern in re.findall(r"`([^`]+)`", cells[0]):
+            if ".blocks." in pattern:
+                prefix = pattern[: pattern.index(".blocks.")] + ".blocks.{i}."
+                pattern = prefix + pattern.split("}.", 1)[1]
+            elif pattern.startswith("…."):
+                pattern = prefix + pattern[2:]
+            names = _expand_braces(pattern)
+            if len(shape_list) == 1:
+                shape_list = shape_list * len(names)
+            for name, shape in zip(names, shape_list, strict=True):
+                for i in range(depth) if "{i}" in name else [None]:
+                    table[name.replace("{i}", str(i))] = shape
+    return table
+
+
+def _shape(text: str, C: int) -> tuple[int, ...]:
+    dims = []
+    for d in text.replace("×", "x").split("x"):
+        d = d.strip()
+        dims.append(C * int(d[:-1] or 1) if d.endswith("C") else int(d))
+    return tuple(dims)
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    m = re.search(r"\{(\w+(?:,\w+)+)\}", pattern)
+    if not m:
+        return [pattern]
+    return [pattern[: m.start()] + opt + pattern[m.end() :] for opt in m.group(1).split(",")]
 
 
 def sane_tensor(key: str, shape, gen: torch.Generator) -> torch.Tensor:
@@ -92,13 +94,40 @@ def official_container(state: dict, prefix: str = "module.") -> dict:
     }
 
 
-def test_key_tables_have_spec_sizes():
-    assert len(official_table("vitb14")) == 191 and len(official_table("vitl14")) == 359
+def test_spec_key_layout_matches_the_model_and_dinov2(tables):
+    """The layout read from the spec has the spec's totals, equals the model's own state dict key
+    for key and shape for shape, and its backbone part is timm's DINOv2 (an independent
+    implementation) after the spec's mapping: strip ``backbone.model.``, drop ``mask_token``."""
+    import timm
+
+    for arch, total, timm_name in (
+        ("vitb14", 191, "vit_base_patch14_dinov2"),
+        ("vitl14", 359, "vit_large_patch14_dinov2"),
+    ):
+        table = tables[arch]
+        assert len(table) == total
+        assert table["upconv.weight"] == (ARCH[arch][0], 256, 3, 3) and table["aggregator.score.3.weight"] == (
+            64,
+            512,
+            1,
+            1,
+        )
+        with torch.device("meta"):
+            model = create(f"fol-{arch}", pretrained=False)
+            dino = timm.create_model(timm_name, pretrained=False, num_classes=0)
+        assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == table
+        backbone = {
+            k[len("backbone.model.") :]: v
+            for k, v in table.items()
+            if k.startswith("backbone.model.") and not k.endswith("mask_token")
+        }
+        theirs = {k: tuple(v.shape) for k, v in dino.state_dict().items()}
+        assert backbone == theirs
 
 
-def test_official_vitb_checkpoint_full_shapes_loads_strictly(tmp_path, gardens):
+def test_official_vitb_checkpoint_full_shapes_loads_strictly(tmp_path, gardens, tables):
     gen = torch.Generator().manual_seed(0)
-    state = {k: sane_tensor(k, s, gen) for k, s in official_table("vitb14").items()}
+    state = {k: sane_tensor(k, s, gen) for k, s in tables["vitb14"].items()}
     path = tmp_path / "FoL_base.pth"
     torch.save(official_container(state), path)
     model = create("fol-vitb14", weights=path, image_size=224).eval()
@@ -125,16 +154,16 @@ def test_official_vitb_checkpoint_full_shapes_loads_strictly(tmp_path, gardens):
     assert len(lf) == 225 and lf.descriptors.shape == (225, 128)
 
 
-def test_official_vitl_key_table_strict_on_meta(tmp_path):
+def test_official_vitl_key_table_strict_on_meta(tmp_path, tables):
     """ViT-L: the full 359-key table with the real shapes, stored as stride-0 views of one value
     (a few KB on disk); the model is built on the meta device and the tensors are assigned."""
-    state = {k: torch.zeros(1).expand(s) for k, s in official_table("vitl14").items()}
+    state = {k: torch.zeros(1).expand(s) for k, s in tables["vitl14"].items()}
     path = tmp_path / "FoL_large.pth"
     torch.save(official_container(state), path)
     assert path.stat().st_size < 2_000_000
     model = create("fol-vitl14", weights=path)
     sd = model.state_dict()
-    assert len(sd) == 359 and {k: tuple(v.shape) for k, v in sd.items()} == official_table("vitl14")
+    assert len(sd) == 359 and {k: tuple(v.shape) for k, v in sd.items()} == tables["vitl14"]
     assert model.preprocess.size == (504, 504) and model.descriptor_dim == 8448
     assert not any(p.is_meta for p in model.parameters())
     # a flat dict without the container and without the module. prefix loads too
@@ -148,8 +177,8 @@ def test_official_vitl_key_table_strict_on_meta(tmp_path):
         create("fol-vitb14", weights=path)
 
 
-def test_official_loader_errors(tmp_path):
-    table = official_table("vitl14")
+def test_official_loader_errors(tmp_path, tables):
+    table = tables["vitl14"]
     state = {k: torch.zeros(1).expand(s) for k, s in table.items()}
     missing = dict(state)
     del missing["upconv2.bias"]
@@ -157,8 +186,7 @@ def test_official_loader_errors(tmp_path):
     torch.save(official_container(missing), p)
     with pytest.raises(
         WeightsError,
-        match=r"missing.pth: not an official FoL ViT-L/14 checkpoint \(1 missing keys, "
-        r"e\.g\. upconv2\.bias; 0 unexpected\)$",
+        match=r"missing.pth: weights do not fit FoL ViT-L/14 \(missing upconv2\.bias\)$",
     ):
         create("fol-vitl14", weights=p)
     extra = dict(state)
@@ -167,8 +195,7 @@ def test_official_loader_errors(tmp_path):
     torch.save(official_container(extra), p)
     with pytest.raises(
         WeightsError,
-        match=r"extra.pth: not an official FoL ViT-L/14 checkpoint \(0 missing keys; "
-        r"1 unexpected, e\.g\. aggregator\.dust_bin\)$",
+        match=r"extra.pth: weights do not fit FoL ViT-L/14 \(unexpected aggregator\.dust_bin\)$",
     ):
         create("fol-vitl14", weights=p)
     bad = dict(state)
@@ -177,8 +204,8 @@ def test_official_loader_errors(tmp_path):
     torch.save(official_container(bad), p)
     with pytest.raises(
         WeightsError,
-        match=r"shape.pth: upconv.weight has shape \(1024, 128, 3, 3\) in the checkpoint, "
-        r"\(1024, 256, 3, 3\) in FoL ViT-L/14$",
+        match=r"shape.pth: weights do not fit FoL ViT-L/14 \(upconv.weight is \(1024, 128, 3, 3\) in the file "
+        r"but \(1024, 256, 3, 3\) in the model\)$",
     ):
         create("fol-vitl14", weights=p)
     p = tmp_path / "junk.pth"
@@ -187,7 +214,10 @@ def test_official_loader_errors(tmp_path):
         create("fol-vitl14", weights=p)
     p = tmp_path / "other.pth"
     torch.save({"model_state_dict": {"module.fc.weight": torch.zeros(2, 2)}}, p)
-    with pytest.raises(WeightsError, match=r"other.pth: not an official FoL ViT-L/14 checkpoint \(359 missing keys"):
+    with pytest.raises(
+        WeightsError,
+        match=r"other.pth: weights do not fit FoL ViT-L/14 \(missing .* and 356 more; unexpected fc.weight\)$",
+    ):
         create("fol-vitl14", weights=p)
 
 

@@ -80,7 +80,7 @@ def test_mismatched_files_give_one_line_weights_errors(shared_weights, tmp_path)
     junk.write_bytes(b"this is not a checkpoint")
     with pytest.raises(WeightsError) as e:
         create_features("xfeat", weights=junk)
-    assert str(e.value).startswith(f"{junk}: cannot read weights file (") and "\n" not in str(e.value)
+    assert str(e.value).startswith(f"{junk}: cannot read weights (") and "\n" not in str(e.value)
 
     with pytest.raises(WeightsError) as e:
         create_features("xfeat", weights=tmp_path / "absent.pt")

@@ -9,7 +9,8 @@ import torch
 from placerank.data.images import load_tensor
 from placerank.models import create
 from placerank.models.backbones import DinoV2Backbone
-from placerank.models.selavpr import SelaEffNetBackbone, SelaViTBackbone, SelaVPRModel, _build_vit
+from placerank.models.selavpr import SelaVPRModel, _build_vit
+from placerank.models.selavpr_backbones import SelaEffNetBackbone, SelaViTBackbone
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

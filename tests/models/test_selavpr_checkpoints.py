@@ -98,9 +98,9 @@ def vits_official(vits_source, tmp_path_factory):
 def test_numpy_objects_refused_by_plain_weights_only_but_loaded_by_us(vits_official):
     with pytest.raises(pickle.UnpicklingError):
         torch.load(vits_official, map_location="cpu", weights_only=True)
-    from placerank.models.selavpr import read_torch_file
+    from placerank.models.checkpoints import read_weights
 
-    obj = read_torch_file(vits_official)
+    obj = read_weights(vits_official)
     assert obj["epoch_num"] == 7 and float(obj["best_r5"]) == 96.4
     assert np.allclose(obj["recalls"], [90.8, 96.4, 97.2, 97.8])
 
@@ -172,15 +172,18 @@ def test_mismatched_checkpoints_give_exact_one_line_errors(tmp_path):
         "PATH: SelaVPR checkpoint has no LocalAdapt up-convolutions"
     )
     assert _load_error(tmp_path, "selavpr-vits14", lambda sd: sd.update({"module.head.weight": torch.zeros(3)})) == (
-        "PATH: checkpoint does not match selavpr-vits14 (1 unexpected keys e.g. head.weight)"
+        "PATH: weights do not fit selavpr-vits14 (unexpected head.weight)"
     )
     assert _load_error(
         tmp_path,
         "selavpr-vits14",
         lambda sd: sd.update({"module.LocalAdapt.upconv2.weight": torch.zeros(256, 64, 3, 3)}),
-    ) == ("PATH: checkpoint does not match selavpr-vits14 (1 wrong shapes e.g. LocalAdapt.upconv2.weight)")
+    ) == (
+        "PATH: weights do not fit selavpr-vits14 (LocalAdapt.upconv2.weight is (256, 64, 3, 3) in the file "
+        "but (256, 128, 3, 3) in the model)"
+    )
     assert _load_error(tmp_path, "selavpr-vits14", lambda sd: sd.pop("module.backbone.norm.bias")) == (
-        "PATH: checkpoint does not match selavpr-vits14 (1 missing keys e.g. backbone.norm.bias)"
+        "PATH: weights do not fit selavpr-vits14 (missing backbone.norm.bias)"
     )
 
 
@@ -197,7 +200,7 @@ def test_foreign_pickled_objects_are_refused_unless_allowed(tmp_path, monkeypatc
         create("selavpr-vits14", weights=str(path))
     assert str(e.value) == (
         f"{path}: file holds pickled objects that weights_only loading refuses "
-        f"(test_selavpr_checkpoint.Trap); if you trust it, set PLACERANK_ALLOW_PICKLE=1 to load it "
+        f"({__name__}.Trap); if you trust it, set PLACERANK_ALLOW_PICKLE=1 to load it "
         f"with weights_only=False"
     )
     monkeypatch.setenv("PLACERANK_ALLOW_PICKLE", "1")

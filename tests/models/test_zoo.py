@@ -50,7 +50,9 @@ def test_missing_weights_one_line_error(monkeypatch, tmp_path):
 
 
 def test_mismatched_weights_file_is_refused(shared_weights):
-    with pytest.raises(WeightsError, match=r"xfeat.pt: not an tf_efficientnet_lite0 checkpoint in timm layout"):
+    with pytest.raises(
+        WeightsError, match=r"xfeat.pt: weights do not fit tf_efficientnet_lite0 in timm layout \(missing "
+    ):
         models.create("effnet-lite0-gem", weights=shared_weights / "xfeat.pt")
 
 
@@ -74,7 +76,9 @@ def test_dinov2_meta_checkpoint_strict_roundtrip(tmp_path):
         assert torch.allclose(m.backbone(x).feature_map, src(x).feature_map)
     sd.pop("blocks.3.mlp.fc1.weight")
     torch.save(sd, tmp_path / "broken.pth")
-    with pytest.raises(WeightsError, match=r"broken.pth: not a DINOv2 vits14 checkpoint"):
+    with pytest.raises(
+        WeightsError, match=r"broken.pth: weights do not fit DINOv2 vits14 \(missing blocks.3.mlp.fc1.weight\)$"
+    ):
         models.create("dinov2-vits14-gem", weights=tmp_path / "broken.pth")
     assert ref.shape == (1, 384, 16, 16)
 

@@ -81,8 +81,7 @@ def test_real_images_store_bytes_and_same_place_ranking(model, gardens, tmp_path
 
 
 def test_cpu_scorer_equals_batched_torch_scorer():
-    from placerank.rerank.fol_region import mnn_counts_cpu
-    from placerank.rerank.mnn import mnn_counts
+    from placerank.rerank.mutual_nn import mnn_counts, mnn_counts_cpu
 
     rng = np.random.default_rng(0)
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from placerank.data.images import Preprocess
+from placerank.data.places import read_training_places
 from placerank.errors import DataError
-from placerank.rerank.mnn import mnn_counts
-from placerank.train.common import PlaceImageDataset, read_training_places
+from placerank.rerank.mutual_nn import mnn_counts
+from placerank.train.common import PlaceImageDataset
 
 
 def test_error_raised_in_a_dataloader_worker_stays_one_line(tmp_path, gardens):

@@ -182,3 +182,62 @@ def test_train_option_errors(tmp_path, gardens):
     cfg = TrainConfig(method="fol", train=[str(gardens / "day_left")], out=tmp_path / "r", images_per_place=1)
     with pytest.raises(PlaceRankError, match=r"^fol needs --images-per-place >= 2"):
         run_training(cfg)
+
+
+def _held_out_recall(tmp_path, gardens, weights) -> dict[str, float]:
+    """R@N of FoL's global descriptor on GardensPoint frames 100-139 (never trained on):
+    database day_right, queries night_right, |i - j| <= 2."""
+    from placerank.eval.evaluate import EvalConfig, evaluate
+
+    for name, trav in (("db.csv", "day_right"), ("q.csv", "night_right")):
+        rows = "".join(f"{gardens / trav / f'Image{k:03d}.jpg'},{k}\n" for k in range(100, 140))
+        (tmp_path / name).write_text("path,frame\n" + rows)
+    res = evaluate(
+        EvalConfig(
+            database=tmp_path / "db.csv",
+            queries=tmp_path / "q.csv",
+            out=tmp_path / f"ev_{Path(weights).parent.name}",
+            model="fol-effnet-lite0",
+            weights=weights,
+            image_size=(128, 224),
+            frame_tolerance=2,
+            use_cache=False,
+            num_examples=0,
+            device="cpu",
+            num_workers=0,
+        )
+    )
+    return res.recall
+
+
+def test_short_real_run_improves_held_out_recall(tmp_path, gardens):
+    """25 real FoL steps (8 places x 2 views of GardensPoint frames 0-99, the three traversals,
+    lr 3e-4) raise held-out day -> night R@1 over the same model before training (epochs=0
+    saves the untrained start: same seed, same random heads). Measured on 2 cores (~7 s of
+    training when the machine is free), R@1 before -> after for seeds 0-4: 0.475 -> 0.825,
+    0.775 -> 0.925, 0.55 -> 0.90, 0.65 -> 0.80, 0.65 -> 0.975 (gain >= 0.15, after >= 0.80;
+    R@5 0.90-0.975 -> 1.0). The test runs seed 0 with margins that every seed met."""
+    from placerank.train.common import TrainConfig, run_training
+
+    def train(name: str, epochs: int) -> Path:
+        cfg = TrainConfig(
+            method="fol",
+            train=[str(gardens / t) for t in ("day_left", "day_right", "night_right")],
+            out=tmp_path / name,
+            frames=(0, 100),
+            image_size=(128, 224),
+            epochs=epochs,
+            lr=3e-4,
+            device="cpu",
+            num_workers=0,
+            options={"max_steps": "25", "lr_decay_iters": "600"},
+        )
+        return run_training(cfg)
+
+    before = _held_out_recall(tmp_path, gardens, train("untrained", 0))
+    trained = train("trained", 50)
+    steps = [json.loads(l) for l in (tmp_path / "trained" / "log.jsonl").read_text().splitlines() if '"ms"' in l]
+    assert len(steps) == 25
+    after = _held_out_recall(tmp_path, gardens, trained)
+    assert after["1"] >= before["1"] + 0.1, (before, after)
+    assert after["1"] >= 0.7 and after["5"] >= before["5"], (before, after)

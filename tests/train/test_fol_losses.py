@@ -167,7 +167,7 @@ def test_pseudo_correspondence_loss_hand_value():
 
 def test_total_loss_uses_configured_weights(gardens):
     from placerank.data.images import load_tensor
-    from placerank.models.fol import build_fol_cnn
+    from placerank.models.fol_factories import build_fol_cnn
 
     torch.manual_seed(0)
     model = build_fol_cnn(pretrained=True, image_size=(128, 224)).train()

@@ -8,24 +8,20 @@ import numpy as np
 import pytest
 import torch
 
+from placerank.data.places import TrainingPlaces, read_route_places
 from placerank.errors import DataError, PlaceRankError
 from placerank.models import create
 from placerank.train.common import TrainConfig, run_training
 from placerank.train.losses.selavpr import SelaVPRLossConfig
-from placerank.train.selavpr import (
-    FeatureSource,
-    SelaVPROptions,
-    mine_tuples,
-    read_places,
-    train_step,
-)
+from placerank.train.selavpr import SelaVPROptions, train_step
+from placerank.train.selavpr_mining import FeatureSource, mine_tuples
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def test_read_places_keeps_routes_apart(gardens, shared_data, tmp_path):
+def test_read_route_places_keeps_routes_apart(gardens, shared_data, tmp_path):
     nl = shared_data / "nordland_seqslam_64x32"
-    places = read_places(
+    places = read_route_places(
         [gardens / "day_left", gardens / "day_right", nl / "database_summer", nl / "queries_winter"], frames=(0, 5)
     )
     assert len(places.images) == 20
@@ -35,13 +31,12 @@ def test_read_places_keeps_routes_apart(gardens, shared_data, tmp_path):
     assert len(np.unique(places.routes[gp])) == 1 and set(places.frames[gp]) == set(range(5))
     csv = tmp_path / "places.csv"
     csv.write_text("path,place_id\n" + "".join(f"{gardens / 'day_left' / f'Image00{k}.jpg'},a{k}\n" for k in range(3)))
-    p2 = read_places([csv])
+    p2 = read_route_places([csv])
     assert list(p2.routes) == [-1, -1, -1] and len(set(p2.labels.tolist())) == 3
 
 
 def test_mining_picks_nearest_positive_and_negatives_outside_neighbourhood():
     from placerank.data.dataset import ImageSet
-    from placerank.train.selavpr import TrainingPlaces
 
     # one route, frames 0..5 seen twice; image i is frame i % 6
     n = 12
@@ -83,11 +78,14 @@ def test_loss_goes_down_on_real_images(gardens):
 
 
 def test_options_are_checked():
-    assert SelaVPROptions.from_dict({"queries_per_loop": "50"}).queries_per_loop == 50
-    with pytest.raises(PlaceRankError, match=r"^unknown selavpr option 'lr_head'; known: "):
-        SelaVPROptions.from_dict({"lr_head": 1})
+    o = SelaVPROptions.parse(["queries_per_loop=50", "val_frames=80,100"])
+    assert o.queries_per_loop == 50 and o.val_frames == (80, 100)
+    with pytest.raises(PlaceRankError, match=r"^unknown selavpr option 'lr_head'; known: batch_tuples, cache_batch, "):
+        SelaVPROptions.parse({"lr_head": 1})
+    with pytest.raises(PlaceRankError, match=r"^selavpr option margin: expected a number, got 'wide'$"):
+        SelaVPROptions.parse({"margin": "wide"})
     with pytest.raises(PlaceRankError, match=r"^selavpr option batch_tuples must be >= 1, got 0$"):
-        SelaVPROptions.from_dict({"batch_tuples": 0})
+        SelaVPROptions.parse({"batch_tuples": 0})
 
 
 def test_cli_training_run_checkpoints_and_resumes(gardens, tmp_path):

@@ -16,7 +16,8 @@ import torch
 
 from placerank.errors import PlaceRankError
 from placerank.train.common import TrainConfig, run_training
-from placerank.train.sfrs import SFRSOptions, build_sfrs_data
+from placerank.train.sfrs_data import build_sfrs_data
+from placerank.train.sfrs_options import SFRSOptions
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = {
@@ -41,14 +42,14 @@ def _traversals(gardens):
 
 
 def test_options_are_typed_and_checked():
-    o = SFRSOptions.from_dict({"generations": "3", "augment": "false", "temperatures": "0.07,0.06"})
+    o = SFRSOptions.parse({"generations": "3", "augment": "false", "temperatures": "0.07,0.06"})
     assert o.generations == 3 and o.augment is False and o.temperature_list == [0.07, 0.06]
     with pytest.raises(PlaceRankError, match=r"^unknown sfrs option 'gens'; known: augment, batch_tuples, "):
-        SFRSOptions.from_dict({"gens": 2})
-    with pytest.raises(PlaceRankError, match=r"^sfrs option neg_num='many' is not a int$"):
-        SFRSOptions.from_dict({"neg_num": "many"})
+        SFRSOptions.parse({"gens": 2})
+    with pytest.raises(PlaceRankError, match=r"^sfrs option neg_num: expected a whole number, got 'many'$"):
+        SFRSOptions.parse({"neg_num": "many"})
     with pytest.raises(PlaceRankError, match=r"neg_exclusion \(1\) must be >= pos_tolerance \(2\)"):
-        SFRSOptions.from_dict({"pos_tolerance": 2, "neg_exclusion": 1})
+        SFRSOptions.parse({"pos_tolerance": 2, "neg_exclusion": 1})
 
 
 def test_backbone_choice_errors(gardens, tmp_path):
@@ -71,7 +72,7 @@ def test_backbone_choice_errors(gardens, tmp_path):
 
 
 def test_frame_and_place_labels(gardens, shared_data, tmp_path):
-    opts = SFRSOptions.from_dict({"pos_tolerance": 1, "neg_exclusion": 3})
+    opts = SFRSOptions.parse({"pos_tolerance": 1, "neg_exclusion": 3})
     d = build_sfrs_data(_traversals(gardens), (0, 20), opts)
     assert d.kind == "frame" and len(d.paths) == 60 and len(d.queries) == 60
     i = 5  # day_left frame 5; day_right frame k is image 20 + k, night_right frame k is 40 + k
@@ -118,7 +119,7 @@ def test_mining_easiest_positive_hard_negatives_and_cache(gardens, tmp_path):
     rng = np.random.default_rng(0)
     feats = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(n, 16))).float(), dim=1)
     chunk = tr.data.queries[:6]
-    tuples = tr.mine(feats, chunk, 0, np.random.default_rng(1))
+    tuples = tr.miner.mine(feats, chunk, 0, np.random.default_rng(1))
     dist = 2 - 2 * (feats @ feats.T).double().numpy()
     for q, t in zip(chunk, tuples):
         pos = tr.data.positives[q]
@@ -126,18 +127,21 @@ def test_mining_easiest_positive_hard_negatives_and_cache(gardens, tmp_path):
         assert all(tr.data.negative_ok[q, j] for j in t["negs"]) and len(t["negs"]) == 3
         assert np.all(np.diff(dist[q, t["negs"]]) >= 0)  # nearest first
         assert t["diffs"].tolist() == pos[np.argsort(dist[q, pos], kind="stable")][:2].tolist()
-    # the cache: negatives found once stay candidates at the next visit (union with a new pool)
-    first = {t["q"]: set(t["negs"].tolist()) for t in tuples}
-    again = tr.mine(feats, chunk, 0, np.random.default_rng(2))
+    # the cache: negatives found once stay candidates at the next visit (union with a new random
+    # pool of 5), so the hardest negatives never get worse and converge to the 3 nearest allowed
+    # images, which a pool of 5 alone holds all three of only ~2% of the time.
+    worst = {t["q"]: dist[t["q"], t["negs"]].max() for t in tuples}
+    for visit in range(30):
+        again = tr.miner.mine(feats, chunk, 0, np.random.default_rng(2 + visit))
+        for t in again:
+            assert len(t["negs"]) == 3 and dist[t["q"], t["negs"]].max() <= worst[t["q"]] + 1e-12
+            worst[t["q"]] = dist[t["q"], t["negs"]].max()
     for t in again:
-        q = t["q"]
-        allowed = np.flatnonzero(tr.data.negative_ok[q])
-        best3 = allowed[np.argsort(dist[q, allowed], kind="stable")][:3]
-        # never worse than the cached ones: each new negative is at most as far as the cached third
-        assert dist[q, t["negs"]].max() <= max(dist[q, list(first[q])]) + 1e-12
-        assert set(best3.tolist()) >= set() and len(t["negs"]) == 3
+        allowed = np.flatnonzero(tr.data.negative_ok[t["q"]])
+        best3 = allowed[np.argsort(dist[t["q"], allowed], kind="stable")][:3]
+        assert sorted(t["negs"].tolist()) == sorted(best3.tolist())
     # generation >= 1: difficult positives are a subset of the pool, chosen by re-ranking
-    g1 = tr.mine(feats, chunk, 1, np.random.default_rng(3))
+    g1 = tr.miner.mine(feats, chunk, 1, np.random.default_rng(3))
     for q, t in zip(chunk, g1):
         assert set(t["diffs"].tolist()) <= set(tr.data.positives[q].tolist()) and len(t["diffs"]) <= 2
 
@@ -151,6 +155,11 @@ def test_mining_easiest_positive_hard_negatives_and_cache(gardens, tmp_path):
 
 
 OPTS = {**TINY, "augment": True, "save_untrained": True}
+# Held-out R@1 (GardensPoint day_right -> night_right frames 100-119, |i-j| <= 2) of the tiny
+# two-generation run below: measured 0.35 (R@5 0.60, R@10 0.95), the same as its untrained start
+# (4 steps move nothing measurable). Chance is ~0.23 (5 positives in 20); collapsed, identical
+# descriptors score 0.15. The floor keeps one query of margin under the measured value.
+MEASURED_FLOOR = 0.3
 
 
 @pytest.fixture(scope="module")
@@ -216,20 +225,25 @@ def test_train_generations_resume_and_model_pt(resumed_run, gardens, tmp_path):
             w = csv.writer(f)
             w.writerow(["path", "frame"])
             w.writerows([(str(gardens / trav / f"Image{k:03d}.jpg"), k) for k in range(100, 120)])
-    res = evaluate(
-        EvalConfig(
-            database=tmp_path / "db.csv",
-            queries=tmp_path / "q.csv",
-            out=tmp_path / "ev",
-            model="sfrs-effnet-lite0",
-            weights=out / "model.pt",
-            frame_tolerance=2,
-            use_cache=False,
-            num_examples=0,
-            device="cpu",
+
+    def held_out(weights):
+        return evaluate(
+            EvalConfig(
+                database=tmp_path / "db.csv",
+                queries=tmp_path / "q.csv",
+                out=tmp_path / f"ev_{weights.stem}",
+                model="sfrs-effnet-lite0",
+                weights=weights,
+                frame_tolerance=2,
+                use_cache=False,
+                num_examples=0,
+                device="cpu",
+            )
         )
-    )
-    assert res.model["descriptor_dim"] == 8 and 0.0 <= res.recall["1"] <= 1.0
+
+    res = held_out(out / "model.pt")
+    assert res.model["descriptor_dim"] == 8
+    assert res.recall["1"] >= MEASURED_FLOOR and res.recall["10"] >= 0.9, res.recall
 
 
 def test_ddp_two_processes_give_the_one_process_result(resumed_run, gardens, tmp_path):

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from placerank.errors import PlaceRankError
-from placerank.models.localfeat.base import LocalFeatureNet, RawFeatures, register_features, strict_load
+from placerank.models.checkpoints import strict_load
+from placerank.models.localfeat.base import LocalFeatureNet, RawFeatures, register_features
 
 
 class ALIKED(LocalFeatureNet):

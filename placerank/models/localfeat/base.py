@@ -13,7 +13,7 @@ for a verifier).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +21,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from placerank.errors import PlaceRankError, WeightsError
+from placerank.errors import PlaceRankError
+from placerank.models.checkpoints import read_weights
 from placerank.models.weights import resolve_weights
 from placerank.registry import Registry
 from placerank.utils import file_sha256
@@ -65,7 +66,7 @@ class LocalFeatureNet(nn.Module):
     def load_weights(self, weights: str | Path | None = None) -> LocalFeatureNet:
         """Resolve (explicit path, $PLACERANK_WEIGHTS, ../shared/weights) and strictly load."""
         path = resolve_weights(self.weights_file, weights, self.display_name)
-        state = read_checkpoint(path)
+        state = read_weights(path)
         self.load_checkpoint_state(state, path)
         self.weights_source = f"{path.name} sha256:{file_sha256(path)[:12]}"
         self.weights_sha256 = file_sha256(path)
@@ -78,55 +79,6 @@ class LocalFeatureNet(nn.Module):
     @property
     def display_name(self) -> str:
         return {"xfeat": "XFeat", "aliked": "ALIKED-n16", "disk": "DISK"}.get(self.kind, self.kind)
-
-
-def read_checkpoint(path: Path) -> object:
-    """``torch.load`` with ``weights_only=True``; unreadable files become one-line errors."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise WeightsError(f"{path}: cannot read weights file ({type(e).__name__}: {first[:160]})") from None
-
-
-def _abbrev(names: Sequence[str], n: int = 3) -> str:
-    names = sorted(names)
-    shown = ", ".join(names[:n])
-    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
-
-
-def strict_load(module: nn.Module, state: object, path: Path, what: str, computed_buffers: Sequence[str] = ()) -> None:
-    """Load ``state`` into ``module`` with ``strict=True`` after checking names and shapes.
-
-    ``computed_buffers`` are buffers the architecture derives from its configuration (a
-    coordinate grid, confidence thresholds) that checkpoints do not carry; they are taken from
-    the freshly built module, never from the file, and the file may not contain them either.
-    """
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(f"{path}: weights do not fit {what} (expected a state_dict of tensors)")
-    own = module.state_dict()
-    expected = {k: v for k, v in own.items() if k not in set(computed_buffers)}
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {_abbrev(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {_abbrev(unexpected)}")
-        raise WeightsError(f"{path}: weights do not fit {what} ({'; '.join(parts)})")
-    bad = sorted(k for k in expected if tuple(state[k].shape) != tuple(expected[k].shape))
-    if bad:
-        k = bad[0]
-        more = f"; {len(bad) - 1} more tensors differ" if len(bad) > 1 else ""
-        raise WeightsError(
-            f"{path}: weights do not fit {what} ({k} is {tuple(state[k].shape)} in the file but "
-            f"{tuple(expected[k].shape)} in the model{more})"
-        )
-    full = dict(state)
-    for k in computed_buffers:
-        full[k] = own[k]
-    module.load_state_dict(full, strict=True)
 
 
 def to_original_pixels(kpts: np.ndarray, input_hw: tuple[int, int], original_hw: tuple[int, int]) -> np.ndarray:

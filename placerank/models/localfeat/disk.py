@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from placerank.errors import WeightsError
-from placerank.models.localfeat.base import LocalFeatureNet, RawFeatures, register_features, strict_load
+from placerank.models.checkpoints import strict_load
+from placerank.models.localfeat.base import LocalFeatureNet, RawFeatures, register_features
 
 
 class DISK(LocalFeatureNet):

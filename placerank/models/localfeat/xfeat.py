@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from placerank.models.localfeat.base import LocalFeatureNet, RawFeatures, register_features, strict_load
+from placerank.models.checkpoints import strict_load
+from placerank.models.localfeat.base import LocalFeatureNet, RawFeatures, register_features
 
 DETECTION_THRESHOLD = 0.05
 NMS_KERNEL = 5

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from placerank.train.losses.mnn import mnn_mean_similarity
+from placerank.rerank.mutual_nn import mnn_mean_similarity
 
 
 @dataclass
@@ -52,14 +52,6 @@ class FoLLossConfig:
     ws_scale: float = 0.01
     ws_drop_first_anchor: bool = True  # official quirk, kept for parity
     seed: int = 0  # CEL partner choice
-
-    def update(self, options: dict) -> FoLLossConfig:
-        """Copy with the keys of ``options`` that name fields of this config."""
-        fields = asdict(self)
-        for k, v in options.items():
-            if k in fields:
-                fields[k] = type(fields[k])(v)
-        return FoLLossConfig(**fields)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +186,7 @@ def local_triplet_loss(
     """L_local of §3.4: Σ_triplets max(0, sim(a, n) − sim(a, p) + margin), where sim is the mean
     cosine of the mutual nearest neighbours with cosine > ``threshold`` between two region sets
     (fallback to the position-aligned mean when at most one pair survives — the official quirk,
-    see :func:`placerank.train.losses.mnn.mnn_mean_similarity`)."""
+    see :func:`placerank.rerank.mutual_nn.mnn_mean_similarity`)."""
     a, p, n = triplets
     terms = []
     for ai, pi, ni in zip(a.tolist(), p.tolist(), n.tolist()):
@@ -310,12 +302,12 @@ def pseudo_correspondence_loss(
         return attn_thr.new_zeros(()), 0
     dev = patch_feats.device
     t = torch.tensor([(i, a, j, b) for i, a, j, b, _ in rows], dtype=torch.long, device=dev)
-    s1 = torch.tensor([r[4] for r in rows], dtype=torch.float32, device=dev)
+    sims = torch.tensor([r[4] for r in rows], dtype=torch.float32, device=dev)
     ri, ci = patch_to_local_cell(t[:, 1] // w, t[:, 1] % w, grid, local_grid)
     rj, cj = patch_to_local_cell(t[:, 3] // w, t[:, 3] % w, grid, local_grid)
     li = cell_descriptors(t[:, 0], ri, ci)
     lj = cell_descriptors(t[:, 2], rj, cj)
-    per = s1 * (1.0 - F.cosine_similarity(li.float(), lj.float(), dim=1)) * cfg.ws_scale
+    per = sims * (1.0 - F.cosine_similarity(li.float(), lj.float(), dim=1)) * cfg.ws_scale
     return per.sum() / len(rows), len(rows)
 
 
@@ -365,7 +357,7 @@ class FoLCriterion:
             out.attention_thr.detach(),
             cells,
             out.grid,
-            tuple(local_map_normed.shape[-2:]),
+            (int(local_map_normed.shape[-2]), int(local_map_normed.shape[-1])),
             next_partner(lab),
             cfg,
         )

@@ -6,7 +6,7 @@ A batch holds B tuples (query, positive, n negatives); every (q, p, n_j) is a tr
   with PyTorch ``triplet_margin_loss`` semantics (its pairwise distance adds eps = 1e-6).
 - Local: ``L_l = sum_triplets max(0, sim(Q, N) - sim(Q, P)) / (B n)`` where ``sim`` is the mean
   cosine of the mutual-nearest-neighbour pairs between two dense feature sets
-  (:func:`placerank.train.losses.mnn.mnn_mean_similarity`; the argmax selection is not
+  (:func:`placerank.rerank.mutual_nn.mnn_mean_similarity`; the argmax selection is not
   differentiated, gradients flow through the selected dot products).
 - Total: ``L = L_g + local_weight * L_l`` (official weight 1, local margin 0).
 """
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from placerank.train.losses.mnn import mutual_nn_pairs
+from placerank.rerank.mutual_nn import mnn_mean_similarity
 
 
 @dataclass(frozen=True)
@@ -26,25 +26,6 @@ class SelaVPRLossConfig:
     margin: float = 0.1  # global triplet margin
     local_margin: float = 0.0  # local hinge margin (official: 0)
     local_weight: float = 1.0  # weight of the local loss (official: 1)
-
-
-def mnn_mean_similarity(f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Mean cosine of the mutual-NN pairs of unit-vector sets f (n, D), g (m, D).
-
-    Same value and gradient as :func:`placerank.train.losses.mnn.mnn_mean_similarity`, but the
-    n x m similarity matrix is computed without autograd (it is only used for the argmax) and
-    only the selected pairs' dot products are recomputed with gradients: the backward pass
-    costs O(|M| D) instead of a second and third n x m x D matrix product.
-    Fallback when at most one pair is mutual (the official code's quirk): the mean of
-    ``f_k . g_k`` over the common index range.
-    """
-    with torch.no_grad():
-        sim = f.detach() @ g.detach().t()
-        i, j = mutual_nn_pairs(sim)
-    if i.numel() <= 1:
-        n = min(f.shape[0], g.shape[0])
-        return (f[:n] * g[:n]).sum(dim=1).mean()
-    return (f[i] * g[j]).sum(dim=1).mean()
 
 
 def global_triplet_loss(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor, margin: float = 0.1) -> torch.Tensor:

@@ -1,0 +1,238 @@
+"""The extract stage's output: a descriptor folder the search stage reads.
+
+``DIR/descriptors.npy`` (N, D) float32 L2-normalised global descriptors, row i = ``paths[i]``;
+``DIR/descriptors.json`` {format, kind, model, weights, weights_id, preprocess, descriptor_dim,
+count, paths, keys, fingerprint, local}; ``DIR/local/<re-ranker namespace>/`` the local-feature
+stores (:class:`~placerank.descriptors.local_store.LocalFeatureStore`) of the re-rankers it was
+extracted for. The arrays are written first and the JSON last, both atomically, so a folder with a
+JSON is complete. ``fingerprint`` identifies the content (model, weights, preprocessing and every
+image's path + mtime + size): the next stage records it, and a rerun whose fingerprint matches
+skips the work. See ``docs/pipeline.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from placerank.descriptors.cache import image_key
+from placerank.descriptors.extract import extract_features, local_store_for
+from placerank.errors import PlaceRankError
+from placerank.utils import save_npy_atomic, write_json_atomic
+
+FORMAT = 1
+KIND = "placerank-descriptors"
+
+
+def fingerprint(model: str, weights_id: str, preprocess: str, keys: list[str]) -> str:
+    h = hashlib.sha256(f"{model}|{weights_id}|{preprocess}".encode())
+    for k in keys:
+        h.update(k.encode())
+    return h.hexdigest()[:32]
+
+
+@dataclass
+class DescriptorSet:
+    """Global descriptors of an image set, with what made them."""
+
+    descriptors: np.ndarray
+    paths: list[str]
+    keys: list[str]
+    model: str
+    weights_id: str
+    preprocess: str
+    weights: str | None = None
+    input_size: tuple[int, int] | None = None
+    local: list[dict] = field(default_factory=list)  # [{"reranker", "signature", "store"}]
+    folder: Path | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.model, self.weights_id, self.preprocess, self.keys)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def meta(self) -> dict:
+        return {
+            "format": FORMAT,
+            "kind": KIND,
+            "model": self.model,
+            "weights": self.weights,
+            "weights_id": self.weights_id,
+            "preprocess": self.preprocess,
+            "input_size": list(self.input_size) if self.input_size else None,
+            "descriptor_dim": int(self.descriptors.shape[1]),
+            "count": len(self.paths),
+            "fingerprint": self.fingerprint,
+            "local": self.local,
+            "paths": self.paths,
+            "keys": self.keys,
+        }
+
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_npy_atomic(folder / "descriptors.npy", np.ascontiguousarray(self.descriptors, dtype=np.float32))
+        write_json_atomic(folder / "descriptors.json", self.meta())
+        self.folder = folder
+
+
+def _bad(folder: Path, why: str) -> PlaceRankError:
+    return PlaceRankError(f"{folder}: not a usable descriptor folder ({why}); rerun `placerank extract`")
+
+
+def read_meta(folder: str | Path) -> dict:
+    folder = Path(folder)
+    meta_path = folder / "descriptors.json"
+    if not meta_path.is_file():
+        raise _bad(folder, "descriptors.json missing")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError as e:
+        raise _bad(folder, f"descriptors.json is not JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("kind") != KIND:
+        raise _bad(folder, "descriptors.json is not a placerank descriptor file")
+    if meta.get("format") != FORMAT:
+        raise _bad(folder, f"format {meta.get('format')} is not supported (expected {FORMAT})")
+    need = ("model", "weights_id", "preprocess", "descriptor_dim", "count", "paths", "keys", "fingerprint")
+    missing = [k for k in need if k not in meta]
+    if missing:
+        raise _bad(folder, f"descriptors.json lacks {', '.join(missing)}")
+    return meta
+
+
+def load_descriptors(folder: str | Path) -> DescriptorSet:
+    """Read and validate a descriptor folder; every inconsistency is one :class:`PlaceRankError`."""
+    folder = Path(folder)
+    meta = read_meta(folder)
+    npy = folder / "descriptors.npy"
+    if not npy.is_file():
+        raise _bad(folder, "descriptors.npy missing")
+    try:
+        desc = np.load(npy, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise _bad(folder, f"descriptors.npy is unreadable: {e}") from None
+    count, dim = int(meta["count"]), int(meta["descriptor_dim"])
+    if desc.dtype != np.float32 or desc.shape != (count, dim):
+        raise _bad(
+            folder, f"descriptors.npy is {desc.dtype} {desc.shape}, descriptors.json says float32 ({count}, {dim})"
+        )
+    if len(meta["paths"]) != count or len(meta["keys"]) != count:
+        raise _bad(folder, f"descriptors.json lists {len(meta['paths'])} paths for {count} descriptors")
+    ds = DescriptorSet(
+        descriptors=np.asarray(desc),
+        paths=[str(p) for p in meta["paths"]],
+        keys=[str(k) for k in meta["keys"]],
+        model=str(meta["model"]),
+        weights_id=str(meta["weights_id"]),
+        preprocess=str(meta["preprocess"]),
+        weights=meta.get("weights"),
+        input_size=tuple(meta["input_size"]) if meta.get("input_size") else None,
+        local=list(meta.get("local") or []),
+        folder=folder,
+    )
+    if ds.fingerprint != meta["fingerprint"]:
+        raise _bad(folder, "descriptors.json fingerprint does not match its contents")
+    return ds
+
+
+def extract_descriptors(
+    model,
+    paths: list[str] | list[Path],
+    device: torch.device,
+    batch_size: int = 16,
+    num_workers: int | None = None,
+    use_cache: bool = True,
+    reranker=None,
+    store=None,
+    weights: str | None = None,
+    desc: str = "extract",
+) -> DescriptorSet:
+    """The extract stage: global descriptors of ``paths`` (and, with ``reranker`` + ``store``,
+    their local features in ``store``, in the same backbone pass when the re-ranker uses the
+    model's own head)."""
+    d, keys = extract_features(
+        model, paths, device, batch_size, num_workers, use_cache, reranker=reranker, store=store, desc=desc
+    )
+    local = []
+    if reranker is not None and store is not None:
+        local.append({"reranker": reranker.name, "signature": reranker.signature(), "store": str(store.folder)})
+    return DescriptorSet(
+        descriptors=d,
+        paths=[str(p) for p in paths],
+        keys=keys,
+        model=model.name,
+        weights_id=model.weights_id,
+        preprocess=model.preprocess.signature(),
+        weights=None if weights is None else str(weights),
+        input_size=tuple(model.preprocess.size),
+        local=local,
+    )
+
+
+def up_to_date(folder: str | Path, model, paths: list[Path], reranker=None) -> bool:
+    """True when ``folder`` already holds this model's descriptors of exactly these images (same
+    content) and, with ``reranker``, a complete local-feature store for it: a rerun skips them."""
+    try:
+        meta = read_meta(folder)
+    except PlaceRankError:
+        return False
+    keys = [image_key(p) for p in paths]
+    if meta["fingerprint"] != fingerprint(model.name, model.weights_id, model.preprocess.signature(), keys):
+        return False
+    if not (Path(folder) / "descriptors.npy").is_file():
+        return False
+    if reranker is None:
+        return True
+    if not any(e.get("signature") == reranker.signature() for e in meta.get("local") or []):
+        return False
+    store = local_store_for(reranker, Path(folder) / "local")
+    try:
+        return all(k in store for k in keys)
+    finally:
+        store.close()
+
+
+def extract_to_folder(
+    folder: str | Path,
+    model,
+    paths: list[Path],
+    device: torch.device,
+    reranker=None,
+    batch_size: int = 16,
+    num_workers: int | None = None,
+    use_cache: bool = True,
+    weights: str | None = None,
+) -> tuple[DescriptorSet, bool]:
+    """``placerank extract``: the extract stage written to ``folder`` (local features, with
+    ``reranker``, in ``folder/local/``). Returns (descriptors, skipped): a folder that already
+    holds exactly this is left as it is."""
+    folder = Path(folder)
+    paths = [Path(p) for p in paths]
+    if up_to_date(folder, model, paths, reranker):
+        return load_descriptors(folder), True
+    store = local_store_for(reranker, folder / "local") if reranker is not None else None
+    try:
+        ds = extract_descriptors(
+            model, paths, device, batch_size, num_workers, use_cache, reranker=reranker, store=store, weights=weights
+        )
+    finally:
+        if store is not None:
+            store.close()
+    for entry in ds.local:
+        entry["store"] = str(Path(entry["store"]).relative_to(folder))
+    try:  # keep the stores other re-rankers already have for these same images
+        old = read_meta(folder)
+        if old["fingerprint"] == ds.fingerprint:
+            mine = {e["signature"] for e in ds.local}
+            ds.local = [e for e in old.get("local") or [] if e.get("signature") not in mine] + ds.local
+    except PlaceRankError:
+        pass
+    ds.save(folder)
+    return ds, False

@@ -1,0 +1,219 @@
+"""The search stage and its output, the candidates file the re-rank stage reads.
+
+``DIR/candidates.npz`` holds ``ids`` (Q, K) int64 database rows, best first (-1 = no candidate),
+``similarities`` (Q, K) float32 first-stage inner products of those rows, and after re-ranking
+``scores`` (Q, top_k) float64 re-ranker scores of the first ``top_k`` in the new order.
+``DIR/candidates.json`` says what they are: {format, kind, stage ("search" | "rerank"), model,
+weights_id, num_queries, num_database, depth, arrays_sha256, database / queries {descriptors
+folder, fingerprint, paths}, rerank {name, signature, top_k, options, input fingerprint} or null,
+fingerprint}. Arrays first, JSON last, both atomic. Loading checks every shape, id range and the
+arrays' hash, so a file from another run is refused in one line. See ``docs/pipeline.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from placerank.errors import PlaceRankError
+from placerank.index.flat import FlatIndex
+from placerank.utils import atomic_path, write_json_atomic
+
+FORMAT = 1
+KIND = "placerank-candidates"
+
+
+@dataclass
+class Candidates:
+    """Top-K database candidates per query, with where they came from."""
+
+    ids: np.ndarray
+    similarities: np.ndarray
+    database_paths: list[str]
+    query_paths: list[str]
+    model: str = ""
+    weights_id: str = ""
+    database: dict = field(default_factory=dict)  # {"descriptors": folder, "fingerprint": ...}
+    queries: dict = field(default_factory=dict)
+    scores: np.ndarray | None = None
+    rerank: dict | None = None
+
+    @property
+    def stage(self) -> str:
+        return "search" if self.rerank is None else "rerank"
+
+    @property
+    def depth(self) -> int:
+        return int(self.ids.shape[1])
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        arrays: dict[str, np.ndarray] = {
+            "ids": np.ascontiguousarray(self.ids, dtype=np.int64),
+            "similarities": np.ascontiguousarray(self.similarities, dtype=np.float32),
+        }
+        if self.scores is not None:
+            arrays["scores"] = np.ascontiguousarray(self.scores, dtype=np.float64)
+        return arrays
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for name, a in sorted(self._arrays().items()):
+            h.update(name.encode())
+            h.update(a.tobytes())
+        h.update(json.dumps([self.database.get("fingerprint"), self.queries.get("fingerprint"), self.rerank]).encode())
+        return h.hexdigest()[:32]
+
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        np.savez(buf, **self._arrays())  # type: ignore[arg-type]
+        data = buf.getvalue()
+        with atomic_path(folder / "candidates.npz") as tmp:
+            tmp.write_bytes(data)
+        meta = {
+            "format": FORMAT,
+            "kind": KIND,
+            "stage": self.stage,
+            "model": self.model,
+            "weights_id": self.weights_id,
+            "num_queries": int(self.ids.shape[0]),
+            "num_database": len(self.database_paths),
+            "depth": self.depth,
+            "arrays_sha256": hashlib.sha256(data).hexdigest(),
+            "fingerprint": self.fingerprint(),
+            "rerank": self.rerank,
+            "database": {**self.database, "paths": self.database_paths},
+            "queries": {**self.queries, "paths": self.query_paths},
+        }
+        write_json_atomic(folder / "candidates.json", meta)
+
+
+def _bad(folder: Path, why: str) -> PlaceRankError:
+    return PlaceRankError(f"{folder}: not a usable candidates folder ({why})")
+
+
+def read_candidates_meta(folder: str | Path) -> dict:
+    folder = Path(folder)
+    path = folder / "candidates.json"
+    if not path.is_file():
+        raise _bad(folder, "candidates.json missing")
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as e:
+        raise _bad(folder, f"candidates.json is not JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("kind") != KIND:
+        raise _bad(folder, "candidates.json is not a placerank candidates file")
+    if meta.get("format") != FORMAT:
+        raise _bad(folder, f"format {meta.get('format')} is not supported (expected {FORMAT})")
+    need = ("stage", "num_queries", "num_database", "depth", "arrays_sha256", "database", "queries", "fingerprint")
+    missing = [k for k in need if k not in meta]
+    if missing:
+        raise _bad(folder, f"candidates.json lacks {', '.join(missing)}")
+    return meta
+
+
+def load_candidates(folder: str | Path) -> Candidates:
+    """Read and validate a candidates folder; every inconsistency is one :class:`PlaceRankError`."""
+    folder = Path(folder)
+    meta = read_candidates_meta(folder)
+    npz = folder / "candidates.npz"
+    if not npz.is_file():
+        raise _bad(folder, "candidates.npz missing")
+    data = npz.read_bytes()
+    if hashlib.sha256(data).hexdigest() != meta["arrays_sha256"]:
+        raise _bad(folder, "candidates.npz does not belong to candidates.json (hash differs)")
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (ValueError, OSError) as e:
+        raise _bad(folder, f"candidates.npz is unreadable: {e}") from None
+    q, n, k = int(meta["num_queries"]), int(meta["num_database"]), int(meta["depth"])
+    ids, sims = arrays.get("ids"), arrays.get("similarities")
+    if ids is None or sims is None or ids.shape != (q, k) or sims.shape != (q, k):
+        raise _bad(folder, f"arrays do not have the ({q}, {k}) shape candidates.json gives")
+    if ids.size and (ids.min() < -1 or ids.max() >= n):
+        raise _bad(folder, f"candidate ids outside the {n} database images")
+    db_paths, q_paths = meta["database"].get("paths", []), meta["queries"].get("paths", [])
+    if len(db_paths) != n or len(q_paths) != q:
+        raise _bad(folder, "candidates.json path lists do not match its counts")
+    scores = arrays.get("scores")
+    if meta["stage"] == "rerank" and (scores is None or meta.get("rerank") is None):
+        raise _bad(folder, "re-ranked candidates without scores")
+    return Candidates(
+        ids=ids,
+        similarities=sims,
+        database_paths=[str(p) for p in db_paths],
+        query_paths=[str(p) for p in q_paths],
+        model=str(meta.get("model", "")),
+        weights_id=str(meta.get("weights_id", "")),
+        database={k: v for k, v in meta["database"].items() if k != "paths"},
+        queries={k: v for k, v in meta["queries"].items() if k != "paths"},
+        scores=scores,
+        rerank=meta.get("rerank"),
+    )
+
+
+def search(database, queries, depth: int) -> Candidates:
+    """The search stage: top-``depth`` database rows per query by inner product (FAISS flat,
+    chunked over queries). ``database`` / ``queries`` are
+    :class:`~placerank.descriptors.files.DescriptorSet` of the same model and weights."""
+    made = [(d.model, d.weights_id, d.preprocess) for d in (database, queries)]
+    if made[0] != made[1]:
+        a, b = (f"{m} (weights {w}, input {p.split('-')[0]})" for m, w, p in made)
+        raise PlaceRankError(
+            f"database descriptors are {a} but query descriptors are {b}: extract both with the same model, "
+            "weights and input size"
+        )
+    if database.descriptors.shape[1] != queries.descriptors.shape[1]:
+        raise PlaceRankError(
+            f"database descriptors are {database.descriptors.shape[1]}-d, queries {queries.descriptors.shape[1]}-d"
+        )
+    index = FlatIndex.build(np.asarray(database.descriptors), database.model, database.weights_id)
+    sims, ids = index.search(np.asarray(queries.descriptors), depth)
+
+    def side(ds) -> dict:
+        return {"descriptors": str(ds.folder) if ds.folder is not None else None, "fingerprint": ds.fingerprint}
+
+    return Candidates(
+        ids=ids,
+        similarities=sims,
+        database_paths=list(database.paths),
+        query_paths=list(queries.paths),
+        model=database.model,
+        weights_id=database.weights_id,
+        database=side(database),
+        queries=side(queries),
+    )
+
+
+def search_folders(database: str | Path, queries: str | Path, depth: int, out: str | Path) -> tuple[Candidates, bool]:
+    """``placerank search``: descriptor folders -> candidates folder ``out``. Returns
+    (candidates, skipped): an ``out`` that already holds this search is left as it is."""
+    from placerank.descriptors.files import load_descriptors
+
+    db, q = load_descriptors(database), load_descriptors(queries)
+    depth = min(int(depth), len(db))
+    if depth < 1:
+        raise PlaceRankError(f"--top-k must be >= 1, got {depth}")
+    out = Path(out)
+    try:
+        meta = read_candidates_meta(out)
+        same = (
+            meta["stage"] == "search"
+            and meta["database"].get("fingerprint") == db.fingerprint
+            and meta["queries"].get("fingerprint") == q.fingerprint
+            and int(meta["depth"]) == depth
+        )
+        if same:
+            return load_candidates(out), True
+    except PlaceRankError:
+        pass
+    candidates = search(db, q, depth)
+    candidates.save(out)
+    return candidates, False

@@ -1,0 +1,148 @@
+"""The database's use of the shared extraction (:mod:`placerank.descriptors.extract`): global
+descriptors of new photos, and re-ranker local features kept in a LocalFeatureStore inside the
+database folder (``DB/local/<name>-<hash>/``, keyed by photo sha256, so a moved or copied photo
+is never extracted twice).
+
+Photos are described in chunks of a few batches; each chunk is committed by the caller before the
+next starts, so an interrupted run keeps every finished chunk. A chunk that holds an unreadable
+photo is retried photo by photo, so the others still get in and each failure has its reason."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from placerank.descriptors.cache import image_key, namespace
+from placerank.descriptors.extract import extract_global, extract_local
+from placerank.descriptors.local_store import LocalFeatureStore
+from placerank.errors import DataError
+from placerank.models.base import LocalFeatures
+
+CHUNK_BATCHES = 4  # batches per committed chunk
+
+
+def _reason(path: Path, e: Exception) -> str:
+    if isinstance(e, DataError):
+        return str(e)
+    return f"{path}: cannot read file ({getattr(e, 'strerror', None) or e})"
+
+
+def _chunks(paths: Sequence[Path], size: int, fn: Callable[[list[Path]], object]) -> Iterator[tuple[list, list, list]]:
+    """(indices done, their results, [(index, reason)] failed) per chunk of ``size`` paths."""
+    for start in range(0, len(paths), size):
+        part = list(range(start, min(start + size, len(paths))))
+        failed: list[tuple[int, str]] = []
+        try:
+            result = fn([paths[i] for i in part])
+            done, outs = part, [result]
+        except (DataError, OSError):  # one bad photo: find it (and keep the others)
+            done, outs = [], []
+            for i in part:
+                try:
+                    outs.append(fn([paths[i]]))
+                    done.append(i)
+                except (DataError, OSError) as e:
+                    failed.append((i, _reason(paths[i], e)))
+        yield done, outs, failed
+
+
+def describe(
+    model, paths: Sequence[Path], device, batch_size: int, num_workers: int | None
+) -> Iterator[tuple[list[int], np.ndarray, list[tuple[int, str]]]]:
+    """Global descriptors of ``paths`` chunk by chunk: (indices, (n, D) descriptors, failures)."""
+
+    def run(part: list[Path]) -> np.ndarray:
+        return extract_global(model, part, device, batch_size, num_workers, use_cache=False, desc="index")
+
+    for done, outs, failed in _chunks(list(paths), max(1, batch_size) * CHUNK_BATCHES, run):
+        descs = np.concatenate(outs) if outs else np.zeros((0, model.descriptor_dim), np.float32)
+        yield done, descs, failed
+
+
+def image_sizes(paths: Sequence[Path]) -> list[tuple[int, int]]:
+    """(H, W) of each photo as decoded (EXIF orientation applied), from its header only."""
+    from PIL import Image
+
+    out = []
+    for p in paths:
+        with Image.open(p) as im:
+            w, h = im.size
+            try:
+                turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+            except Exception:  # a damaged EXIF block: the pixels were readable, keep their size
+                turned = False
+        out.append((w, h) if turned else (h, w))
+    return out
+
+
+class _ByContent:
+    """A sha256-keyed store seen through the extraction's path keys (``image_key``)."""
+
+    def __init__(self, store: LocalFeatureStore, sha_of: dict[str, str]):
+        self.store, self.sha_of = store, sha_of
+
+    def __contains__(self, key: str) -> bool:
+        return self.sha_of[key] in self.store
+
+    def add_many(self, items: list[tuple[str, LocalFeatures]]) -> None:
+        self.store.add_many([(self.sha_of[k], f) for k, f in items])
+
+
+class MemoryStore(dict):
+    """Local features of photos that are not stored (the query; candidates indexed without them)."""
+
+    def add_many(self, items: list[tuple[str, LocalFeatures]]) -> None:
+        self.update(items)
+
+
+def extract_now(reranker, paths: Sequence[Path], device) -> list[LocalFeatures]:
+    mem = MemoryStore()
+    keys = extract_local(reranker, list(paths), mem, device, batch_size=max(1, len(paths)), num_workers=0)
+    return [mem[k] for k in keys]
+
+
+class LocalFeatureCache:
+    """Re-rankers built for one database (by name + options) and their stores in ``DB/local/``."""
+
+    def __init__(self, folder: Path, model: Callable, device):
+        self.folder, self._model, self.device = folder, model, device
+        self._built: dict[tuple, object] = {}
+
+    def reranker(self, name: str, options: dict | None):
+        key = (name, json.dumps(options or {}, sort_keys=True, default=str))
+        if key not in self._built:
+            from placerank.rerank.base import create_reranker
+
+            self._built[key] = create_reranker(name, model=self._model(), **(options or {})).to(self.device)
+        return self._built[key]
+
+    def store(self, reranker, create: bool) -> LocalFeatureStore | None:
+        folder = self.folder / "local" / namespace(reranker.name, reranker.signature())
+        if not create and not (folder / "meta.json").exists():
+            return None
+        return LocalFeatureStore(folder, reranker.signature(), reranker.dim)
+
+    def fill(self, reranker, need: dict[str, str], num_workers: int | None) -> tuple[int, list[tuple[str, str]]]:
+        """Store local features for ``need`` (sha256 -> a path with that content); returns
+        (photos extracted, [(path, reason)] failed)."""
+        store = self.store(reranker, create=True)
+        assert store is not None
+        try:
+            todo = {sha: Path(p) for sha, p in need.items() if sha not in store}
+            paths = list(todo.values())
+            view = _ByContent(store, {image_key(p): sha for sha, p in todo.items()})
+            done = 0
+            failures: list[tuple[str, str]] = []
+
+            def run(part: list[Path]) -> None:
+                extract_local(reranker, part, view, self.device, batch_size=8, num_workers=num_workers)
+
+            for ok, _, failed in _chunks(paths, 8 * CHUNK_BATCHES, run):
+                done += len(ok)
+                failures += [(str(paths[i]), why) for i, why in failed]
+            return done, failures
+        finally:
+            store.close()

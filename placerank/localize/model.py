@@ -1,0 +1,101 @@
+"""The VPR model a database was built with: built from its stored name, weights file and input
+size, and checked against the stored weights hash and preprocessing, so descriptors from another
+model never meet the stored ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from placerank.errors import IndexMismatchError, PlaceRankError
+
+
+def build_model(model, weights, image_size, device):
+    """``model``: a registry name (built with ``weights``/``image_size``) or a built VPRModel."""
+    if not isinstance(model, str):
+        return model.to(device).eval()
+    from placerank.models import create
+
+    kwargs = (
+        {"image_size": tuple(image_size) if not isinstance(image_size, int) else (image_size, image_size)}
+        if image_size is not None
+        else {}
+    )
+    return create(model, weights=weights, **kwargs).to(device).eval()
+
+
+def model_meta(m, weights, radius: float, created: str) -> dict[str, str]:
+    """The ``meta`` rows of a new database built with model ``m``."""
+    if m.needs_data_init:
+        # Its k-means initialisation depends on data and is not part of any weights file, so a
+        # database built with it could never be reopened with the same model.
+        raise PlaceRankError(
+            f"model '{m.name}' needs data-driven initialisation (NetVLAD k-means) before a database can store "
+            f"its descriptors; train or initialise it, save a placerank checkpoint and pass it with --weights"
+        )
+    from placerank.localize.metadata import FORMAT
+
+    return {
+        "format": str(FORMAT),
+        "created": created,
+        "model": m.name,
+        "weights_id": m.weights_id,
+        "weights_source": m.weights_source,
+        "weights_path": str(Path(weights).resolve()) if isinstance(weights, (str, Path)) else "",
+        "descriptor_dim": str(m.descriptor_dim),
+        "preprocess": m.preprocess.signature(),
+        "image_size": f"{m.preprocess.size[0]},{m.preprocess.size[1]}",
+        "frame": "",
+        "radius": repr(float(radius)),
+        "generation": "0",
+        "rerankers": "{}",
+    }
+
+
+def check_request(folder: Path, meta: dict[str, str], model, image_size) -> None:
+    """Refuse at open a model name or input size other than the stored ones (cheap: no model
+    is built)."""
+    from placerank.localize.metadata import FORMAT
+
+    if meta.get("format") != str(FORMAT):
+        raise IndexMismatchError(f"{folder}: database format {meta.get('format')} is not supported (expected {FORMAT})")
+    name = model if isinstance(model, str) else getattr(model, "name", None)
+    if name is not None and name != meta["model"]:
+        raise IndexMismatchError(
+            f"{folder}: database was built with model '{meta['model']}', not '{name}'; use a new --db for another model"
+        )
+    if image_size is not None and (model is None or isinstance(model, str)):
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(v) for v in image_size)
+        stored = tuple(int(v) for v in meta["image_size"].split(","))
+        if size != stored:
+            raise IndexMismatchError(
+                f"{folder}: database was built at image size {stored[0]}x{stored[1]}, not {size[0]}x{size[1]}"
+            )
+
+
+def load_model(folder: Path, meta: dict[str, str], req_model, req_weights, device):
+    """The database's model: the requested one (an object, or the stored name with the requested
+    weights) or the stored one; refused unless name, weights hash and preprocessing all match."""
+    size = tuple(int(v) for v in meta["image_size"].split(","))
+    if req_model is not None and not isinstance(req_model, str):
+        m = build_model(req_model, None, None, device)
+    else:
+        weights = req_weights if req_weights is not None else (meta["weights_path"] or None)
+        if weights is not None and not Path(weights).exists():
+            raise PlaceRankError(
+                f"{folder}: the weights file it was built with is gone ({weights}); pass --weights with a copy of it"
+            )
+        m = build_model(meta["model"], weights, size, device)
+    if m.name != meta["model"]:
+        raise IndexMismatchError(
+            f"{folder}: database was built with model '{meta['model']}', not '{m.name}'; use a new --db for another model"
+        )
+    if m.weights_id != meta["weights_id"]:
+        raise IndexMismatchError(
+            f"{folder}: database was built with other weights (id {meta['weights_id']}) than the ones "
+            f"given ({m.weights_id}, {m.weights_source}); use the original weights or a new --db"
+        )
+    if m.preprocess.signature() != meta["preprocess"]:
+        raise IndexMismatchError(
+            f"{folder}: database was built with preprocessing {meta['preprocess']}, not {m.preprocess.signature()}"
+        )
+    return m

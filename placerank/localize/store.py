@@ -1,0 +1,96 @@
+"""SQLite rows and the FAISS index kept in step: every change is one SQLite transaction that
+bumps the generation, then the same change in the in-memory index, which is saved (stamped with
+that generation) by the writer at the end of its run. Readers take no lock: SQLite gives them a
+consistent snapshot and, when the saved index is not the current generation's, they rebuild it in
+memory (and save it when no writer is busy)."""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from placerank.data.positions import Position
+from placerank.index.idmap import IdMapIndex, IdMapSchema
+from placerank.localize.lock import WriterSlot
+from placerank.localize.metadata import Images, Metadata
+
+
+@dataclass
+class NewPhoto:
+    """A photo about to become a row: its file, content, position and descriptor."""
+
+    path: Path
+    sha: str
+    mtime_ns: int
+    size: int
+    pos: Position | None
+    source: str
+    old_id: int | None  # the row it replaces (content changed), if any
+    desc: np.ndarray | None = None
+    hw: tuple[int, int] = (0, 0)
+
+
+class Store:
+    def __init__(self, folder: Path, conn: sqlite3.Connection):
+        self.folder = folder
+        self.meta = Metadata(conn)
+        self.images = Images(conn)
+        self.slot = WriterSlot(folder)
+        self._index: IdMapIndex | None = None
+        self._saved = -1  # generation of the index file on disk, as far as this object knows
+        self.index_rebuilt = False  # True when the last index load had to rebuild from SQLite
+
+    def index(self) -> IdMapIndex:
+        """The in-memory index for the database's current generation (loaded, or rebuilt from
+        the stored descriptors when the file is missing, stale or damaged)."""
+        if self._index is not None and self._index.generation == self.meta.generation:
+            return self._index
+        m = self.meta
+        with m.snapshot():
+            ids = self.images.ids()
+            expected = IdMapSchema(
+                int(m.get("descriptor_dim")), m.get("model"), m.get("weights_id"), len(ids), m.generation
+            )
+            index, rebuilt = IdMapIndex.open(self.folder, expected, ids, self.images.descriptor_chunks)
+        self._index, self.index_rebuilt = index, rebuilt
+        self._saved = -1 if rebuilt else index.generation
+        if rebuilt:
+            with self.slot.try_hold() as holding:
+                if holding and self.meta.generation == index.generation:
+                    self.save_index()
+        return index
+
+    def save_index(self) -> None:
+        """By the writer, after its changes (also when interrupted); a no-op when unchanged."""
+        if self._index is not None and self._index.generation != self._saved:
+            self._index.save(self.folder)
+            self._saved = self._index.generation
+
+    def add(self, photos: list[NewPhoto]) -> None:
+        """One transaction for a batch of described photos, then the same change in the index."""
+        index = self.index()
+        new_ids: list[int] = []
+        with self.meta.transaction():
+            old_ids = [p.old_id for p in photos if p.old_id is not None]
+            self.images.delete_ids(old_ids)
+            for p in photos:
+                new_ids.append(
+                    self.images.insert(str(p.path), p.sha, p.mtime_ns, p.size, p.pos, p.source, p.hw, p.desc)
+                )
+            gen = self.meta.bump_generation()
+        index.remove(old_ids)
+        index.add(new_ids, np.stack([np.asarray(p.desc, dtype=np.float32) for p in photos]))
+        index.generation = gen
+
+    def remove(self, paths: list[str]) -> list[str]:
+        """Drop the rows of ``paths`` (one transaction) and their index entries."""
+        index = self.index()
+        with self.meta.transaction():
+            ids = self.images.delete_paths(paths)
+            gen = self.meta.bump_generation()
+        index.remove(ids)
+        index.generation = gen
+        return paths

@@ -1,0 +1,128 @@
+"""SelaVPR hard mining (spec §4.2) on cached global descriptors: the frozen-prefix feature
+source, the descriptor pass and the tuple miner of ``placerank train --method selavpr``."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import numpy as np
+import torch
+
+from placerank.data.images import check_batch_errors, make_loader
+from placerank.data.places import TrainingPlaces
+from placerank.models.selavpr import SelaVPRModel
+
+
+class FeatureSource:
+    """Inputs of the trainable part of the model, per training image.
+
+    For a backbone with a frozen prefix (EfficientNet: the stages before the first adapter),
+    the prefix output of each image is computed once and kept in RAM (up to ``limit_mb``):
+    SelaVPR trains without augmentation and the prefix is frozen (BatchNorm in eval mode), so it
+    never changes, and both mining passes and training steps then only run the adapted stages.
+    For ViTs (adapters in every block) this is just the preprocessed image, not cached.
+    """
+
+    def __init__(
+        self,
+        model: SelaVPRModel,
+        paths,
+        device,
+        limit_mb: float = 2048.0,
+        batch_size: int = 16,
+        num_workers: int | None = None,
+    ):
+        self.model = model
+        self.paths = paths
+        self.device = device
+        self.enabled = bool(getattr(model.backbone, "frozen_prefix", False))
+        self.limit = float(limit_mb) * 2**20 if self.enabled else 0.0
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.cache: dict[int, torch.Tensor] = {}
+        self.bytes = 0
+
+    @torch.no_grad()
+    def _compute(self, indices: list[int]) -> dict[int, torch.Tensor]:
+        out = {}
+        loader = make_loader(
+            [self.paths[i] for i in indices],
+            self.model.preprocess,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+        )
+        for idx, images, _, errors in loader:
+            check_batch_errors(errors)
+            prefix = cast(Any, self.model.backbone).forward_prefix(images.to(self.device))
+            for k, t in zip(idx.tolist(), prefix):
+                out[indices[k]] = t
+        return out
+
+    def get(self, indices) -> torch.Tensor:
+        """(n, ...) prefix inputs of images ``indices`` on the device."""
+        indices = [int(i) for i in indices]
+        missing = sorted({i for i in indices if i not in self.cache})
+        fresh = self._compute(missing) if missing else {}
+        for i, t in fresh.items():
+            size = t.numel() * t.element_size()
+            if self.bytes + size <= self.limit:
+                self.cache[i] = t.cpu()
+                self.bytes += size
+        return torch.stack([(fresh[i] if i in fresh else self.cache[i]).to(self.device) for i in indices])
+
+
+@torch.no_grad()
+def compute_descriptors(
+    model: SelaVPRModel, source: FeatureSource, indices: np.ndarray, batch_size: int = 16
+) -> np.ndarray:
+    """Global descriptors of training images with the current model (eval mode, no grad)."""
+    was_training = model.training
+    model.eval()
+    out = np.zeros((len(indices), model.descriptor_dim), dtype=np.float32)
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start : start + batch_size]
+        out[start : start + len(chunk)] = model.global_from_prefix(source.get(chunk)).cpu().numpy()
+    model.train(was_training)
+    return out
+
+
+def mine_tuples(
+    places: TrainingPlaces,
+    descriptors: dict[int, np.ndarray],
+    queries: np.ndarray,
+    pool: np.ndarray,
+    num_negatives: int,
+    exclusion: int,
+) -> np.ndarray:
+    """(T, 2 + num_negatives) image indices: query, nearest positive, nearest negatives.
+
+    ``descriptors`` maps image index -> L2-normalised global descriptor for every query, every
+    positive of a query and every pool image. Queries without a positive or without enough
+    negatives in the pool are dropped.
+    """
+    labels, routes, frames = places.labels, places.routes, places.frames
+    members: dict[int, list[int]] = {}
+    for i, l in enumerate(labels.tolist()):
+        members.setdefault(l, []).append(i)
+    by_place = {k: np.array(v, dtype=np.int64) for k, v in members.items()}
+    P = np.stack([descriptors[int(i)] for i in pool]) if len(pool) else np.zeros((0, 1), np.float32)
+    tuples = []
+    for q in queries.tolist():
+        pos = by_place[int(labels[q])]
+        pos = pos[pos != q]
+        if len(pos) == 0:
+            continue
+        dq = descriptors[q]
+        Dp = np.stack([descriptors[int(i)] for i in pos])
+        best_pos = int(pos[np.argmin(((Dp - dq) ** 2).sum(1))])
+        ok = (labels[pool] != labels[q]) & (pool != q)
+        if exclusion > 0 and routes[q] >= 0:
+            near = (routes[pool] == routes[q]) & (np.abs(frames[pool] - frames[q]) <= exclusion)
+            ok &= ~near
+        cand = pool[ok]
+        if len(cand) < num_negatives:
+            continue
+        d = ((P[ok] - dq) ** 2).sum(1)
+        nearest = np.argsort(d, kind="stable")[:num_negatives]
+        tuples.append([q, best_pos, *[int(cand[i]) for i in nearest]])
+    return np.array(tuples, dtype=np.int64).reshape(-1, 2 + num_negatives)
