@@ -21,6 +21,7 @@ index in memory. **Your photos are only read.**
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 from collections.abc import Sequence
@@ -44,7 +45,7 @@ __all__ = ["DEFAULT_MODEL", "Database", "DatabaseBusyError", "WriteLock", "list_
 DEFAULT_MODEL = "effnet-lite0-gem"
 
 
-class Database:
+class Database(contextlib.AbstractContextManager):
     """A folder of geotagged photos indexed once, then used to localize new photos.
 
     ``Database.create(path, model=...)`` / ``Database.open(path)`` / ``Database.open_or_create``;
@@ -119,7 +120,7 @@ class Database:
     ) -> Database:
         if metadata.is_initialised(Path(path).resolve()):
             db = cls.open(path, model, weights, image_size, device)
-            if radius is not None and float(radius) != db.radius:
+            if radius is not None and float(radius) != db.info()["radius_m"]:
                 db.set_radius(radius)
             return db
         return cls.create(
@@ -134,23 +135,12 @@ class Database:
     def close(self) -> None:
         self.store.images.conn.close()
 
-    def __enter__(self) -> Database:
-        return self
-
     def __exit__(self, *exc) -> None:
         self.close()
 
     # -- what it holds ----------------------------------------------------------------------------
     def meta(self) -> dict[str, str]:
         return self.store.meta.all()
-
-    @property
-    def radius(self) -> float:
-        return float(self.store.meta.get("radius") or 25.0)
-
-    @property
-    def frame(self) -> str:
-        return self.store.meta.get("frame")
 
     def __len__(self) -> int:
         return self.store.images.count()
@@ -261,6 +251,3 @@ class Database:
         (optionally re-ranked), then a score-weighted position of those that agree with the best
         one (see :mod:`placerank.localize.estimate`)."""
         return localize(self.store, self.features, self.model, image, top_k, rerank, radius, rerank_options, estimate)
-
-    def localize_many(self, images: Sequence[str | Path], **kwargs) -> list[LocalizeResult]:
-        return [self.localize(p, **kwargs) for p in images]

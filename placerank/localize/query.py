@@ -1,5 +1,6 @@
 """``localize``: one photo against the database, through the shared stages: describe it
-(:func:`~placerank.descriptors.extract.extract_global`), search the id-mapped index, optionally
+(:func:`~placerank.descriptors.extract.extract_features`: global descriptor, and local features
+when re-ranking, in one backbone pass for a re-ranker on the model's own head), search the id-mapped index, optionally
 re-rank the top-K (:func:`~placerank.rerank.topk.rerank_topk` on stored local features), then
 estimate the position from the matches that agree (:mod:`placerank.localize.estimate`)."""
 
@@ -13,10 +14,10 @@ import numpy as np
 
 from placerank.data.exif import GpsReading, read_gps
 from placerank.data.positions import LOCAL, WGS84, project_latlon, unproject, utm_label
-from placerank.descriptors.extract import extract_global
+from placerank.descriptors.extract import extract_features
 from placerank.errors import DataError, PlaceRankError
 from placerank.localize.estimate import EstimateConfig, estimate_position
-from placerank.localize.features import LocalFeatureCache, extract_now
+from placerank.localize.features import LocalFeatureCache, MemoryStore, extract_now
 from placerank.localize.metadata import Row
 from placerank.localize.results import LocalizeResult, Match, QueryGps
 from placerank.localize.store import Store
@@ -38,10 +39,9 @@ def common_frame(rows: list[Row], ref_epsg: int | None) -> np.ndarray:
     return out
 
 
-def rerank(features: LocalFeatureCache, query: Path, cand: list[Row], name: str, options, notes: list[str]):
-    """(order, scores in that order, extras for the pictures) of the candidates re-ranked by ``name``."""
-    reranker = features.reranker(name, options)
-    query_lf = extract_now(reranker, [query], features.device)[0]
+def rerank(features: LocalFeatureCache, reranker, query_lf, cand: list[Row], name: str, notes: list[str]):
+    """(order, scores in that order, extras for the pictures) of the candidates re-ranked by
+    ``reranker`` against the query's local features ``query_lf``."""
     store = features.store(reranker, create=False)
     try:
         stored = {r.sha256 for r in cand if store is not None and r.sha256 in store}
@@ -92,7 +92,21 @@ def localize(
         raise PlaceRankError(f"{store.folder}: the database is empty; index photos first")
     if not path.is_file():
         raise DataError(f"{path}: image file does not exist")
-    q = extract_global(model, [path], features.device, batch_size=1, num_workers=0, use_cache=False, desc="query")
+    # The query's global descriptor and, when re-ranking, its local features: one backbone pass
+    # when the re-ranker scores the model's own local head.
+    reranker = features.reranker(rerank_name, rerank_options) if rerank_name else None
+    mem = MemoryStore() if reranker is not None else None
+    q, keys = extract_features(
+        model,
+        [path],
+        features.device,
+        1,
+        0,
+        use_cache=False,
+        reranker=reranker,
+        store=mem,  # type: ignore[arg-type]  # duck-typed: `in` and add_many, as extract_local takes
+        desc="query",
+    )
     timing["describe"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     sims, ids = index.search(q, top_k)
@@ -105,9 +119,9 @@ def localize(
 
     rerank_scores = None
     extras: dict = {}
-    if rerank_name:
+    if reranker is not None and mem is not None and rerank_name:
         t2 = time.perf_counter()
-        order, rerank_scores, extras = rerank(features, path, cand, rerank_name, rerank_options, notes)
+        order, rerank_scores, extras = rerank(features, reranker, mem[keys[0]], cand, rerank_name, notes)
         cand = [cand[j] for j in order]
         cand_sims = cand_sims[order]
         timing["rerank"] = time.perf_counter() - t2
