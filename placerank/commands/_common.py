@@ -55,21 +55,3 @@ def rerank_options_arg(name: str | None, values: list[str]) -> dict:
             raise PlaceRankError("--rerank-option needs --rerank NAME")
         return {}
     return reranker_options(name, values)
-
-
-def parse_option(text: str) -> tuple[str, object]:
-    """``key=value`` -> (key, value) with ints, floats and booleans converted.
-
-    Untyped; kept only for ``placerank train --option`` until it moves to
-    :func:`placerank.options.parse_options`."""
-    if "=" not in text:
-        raise SystemExit(f"expected key=value, got '{text}'")
-    k, v = text.split("=", 1)
-    for cast in (int, float):
-        try:
-            return k, cast(v)
-        except ValueError:
-            pass
-    if v.lower() in ("true", "false"):
-        return k, v.lower() == "true"
-    return k, v

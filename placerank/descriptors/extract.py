@@ -85,7 +85,9 @@ def extract_features(
                 if k in hits:
                     out[i] = hits[k]
                     need_global.discard(i)
-        need_local = {i for i, k in enumerate(keys) if k not in store} if store is not None and options else set()
+        need_local = (
+            {i for i, k in enumerate(keys) if k not in store} if store is not None and options is not None else set()
+        )
         todo = sorted(need_global | need_local)
         if todo:
             model.eval()

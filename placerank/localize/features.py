@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from placerank.descriptors.cache import image_key, namespace
-from placerank.descriptors.extract import extract_global, extract_local
+from placerank.descriptors.extract import extract_features, extract_local, shared_local_options
 from placerank.descriptors.local_store import LocalFeatureStore
 from placerank.errors import DataError
 from placerank.models.base import LocalFeatures
@@ -50,12 +50,16 @@ def _chunks(paths: Sequence[Path], size: int, fn: Callable[[list[Path]], object]
 
 
 def describe(
-    model, paths: Sequence[Path], device, batch_size: int, num_workers: int | None
+    model, paths: Sequence[Path], device, batch_size: int, num_workers: int | None, reranker=None, store=None
 ) -> Iterator[tuple[list[int], np.ndarray, list[tuple[int, str]]]]:
-    """Global descriptors of ``paths`` chunk by chunk: (indices, (n, D) descriptors, failures)."""
+    """Global descriptors of ``paths`` chunk by chunk: (indices, (n, D) descriptors, failures).
+    With a ``reranker`` on the model's own local head and its ``store``, the same backbone pass
+    also stores the photos' local features."""
 
     def run(part: list[Path]) -> np.ndarray:
-        return extract_global(model, part, device, batch_size, num_workers, use_cache=False, desc="index")
+        return extract_features(
+            model, part, device, batch_size, num_workers, use_cache=False, reranker=reranker, store=store, desc="index"
+        )[0]
 
     for done, outs, failed in _chunks(list(paths), max(1, batch_size) * CHUNK_BATCHES, run):
         descs = np.concatenate(outs) if outs else np.zeros((0, model.descriptor_dim), np.float32)
@@ -118,6 +122,23 @@ class LocalFeatureCache:
 
             self._built[key] = create_reranker(name, model=self._model(), **(options or {})).to(self.device)
         return self._built[key]
+
+    def one_pass(self, reranker, model, sha_of_path: dict[Path, str]):
+        """(store, view for the extraction) when ``reranker`` scores ``model``'s own local head,
+        so indexing stores local features in the same backbone pass; else (None, None)."""
+        if shared_local_options(model, reranker) is None:
+            return None, None
+        store = self.store(reranker, create=True)
+        assert store is not None
+        return store, _ByContent(store, {image_key(p): sha for p, sha in sha_of_path.items()})
+
+    def count(self, reranker) -> int:
+        store = self.store(reranker, create=True)
+        assert store is not None
+        try:
+            return len(store)
+        finally:
+            store.close()
 
     def store(self, reranker, create: bool) -> LocalFeatureStore | None:
         folder = self.folder / "local" / namespace(reranker.name, reranker.signature())

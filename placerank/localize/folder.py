@@ -106,6 +106,8 @@ class FolderIndexer:
         store = self.store
         rows = store.images.files()
         plan = self._plan(files, rows, csv_pos, positions, allow_no_gps, report)
+        reranker = self.features.reranker(rerank, rerank_options) if rerank else None
+        stored_before = self.features.count(reranker) if reranker is not None else 0
         if plan.touched or plan.moved or (plan.frame and plan.frame != store.meta.get("frame")):
             with store.meta.transaction():
                 for row_id, mtime, size in plan.touched:
@@ -114,7 +116,7 @@ class FolderIndexer:
                     store.images.set_position(row_id, pos, source)
                 store.meta.set("frame", plan.frame)
         try:
-            self._add(plan, report, batch_size, num_workers)
+            self._add(plan, report, batch_size, num_workers, reranker)
             if plan.stale:  # changed on disk into something unindexable: the old descriptor is wrong now
                 report.removed.extend(store.remove(plan.stale))
             if root is not None:
@@ -125,8 +127,9 @@ class FolderIndexer:
                     report.missing_on_disk = gone
         finally:
             store.save_index()  # what was committed, also when interrupted
-        if rerank:
-            report.local_extracted = self._local(rerank, rerank_options, report, num_workers)
+        if reranker is not None:
+            self._local(reranker, report, num_workers)
+            report.local_extracted = self.features.count(reranker) - stored_before
         return report
 
     def _files(self, folder, positions, report: IndexReport, prune: bool):
@@ -230,7 +233,7 @@ class FolderIndexer:
             )
         return plan
 
-    def _add(self, plan: _Plan, report: IndexReport, batch_size: int, num_workers: int | None) -> None:
+    def _add(self, plan: _Plan, report: IndexReport, batch_size: int, num_workers: int | None, reranker) -> None:
         """Add the planned photos: known content reuses its descriptor, the rest is extracted."""
         store = self.store
         fresh = []
@@ -246,8 +249,21 @@ class FolderIndexer:
             return
         model = self.model()
         self.say(f"extracting {len(fresh)} photo(s) with {model.name} on {self.features.device}")
+        local, view = (None, None)
+        if reranker is not None:  # one backbone pass for both when it scores the model's own local head
+            local, view = self.features.one_pass(reranker, model, {it.path: it.sha for it in fresh})
+        try:
+            self._describe(
+                fresh, model, report, plan, batch_size, num_workers, reranker if view is not None else None, view
+            )
+        finally:
+            if local is not None:
+                local.close()
+
+    def _describe(self, fresh, model, report, plan, batch_size, num_workers, reranker, view) -> None:
         paths = [it.path for it in fresh]
-        for done, descs, failed in describe(model, paths, self.features.device, batch_size, num_workers):
+        device = self.features.device
+        for done, descs, failed in describe(model, paths, device, batch_size, num_workers, reranker, view):
             for i, why in failed:
                 report.failed.append((str(paths[i]), why))
                 if fresh[i].old_id is not None:
@@ -264,8 +280,7 @@ class FolderIndexer:
         for it in items:
             (report.updated if it.old_id is not None else report.added).append(str(it.path))
 
-    def _local(self, name: str, options: dict | None, report: IndexReport, num_workers: int | None) -> int:
-        reranker = self.features.reranker(name, options)
+    def _local(self, reranker, report: IndexReport, num_workers: int | None) -> None:
         need = self.store.images.contents()
         store = self.features.store(reranker, create=True)
         assert store is not None
@@ -275,7 +290,7 @@ class FolderIndexer:
             store.close()
         if missing:
             self.say(f"extracting local features ({reranker.name}) for {missing} photo(s)")
-        done, failed = self.features.fill(reranker, need, num_workers)
+        _, failed = self.features.fill(reranker, need, num_workers)
         report.failed.extend(failed)
         meta = self.store.meta
         known = json.loads(meta.get("rerankers") or "{}")
@@ -283,4 +298,3 @@ class FolderIndexer:
             known[reranker.name] = reranker.signature()
             with meta.transaction():
                 meta.set("rerankers", json.dumps(known))
-        return done

@@ -146,7 +146,10 @@ def test_trained_head_rerank_beats_global_on_held_out_gardenspoint(gardens, tmp_
         reranked = np.stack(
             [top[q][rerank_order(rr.score(_lf(dense[40 + q]), [_lf(dense[j]) for j in top[q]]))] for q in range(40)]
         )
-        r1 = lambda ids: float(np.mean(np.abs(ids[:, 0] - np.arange(40)) <= 2))
+
+        def r1(ids):
+            return float(np.mean(np.abs(ids[:, 0] - np.arange(40)) <= 2))
+
         return r1(top), r1(reranked)
 
     g0, rr0 = recalls(untrained)
