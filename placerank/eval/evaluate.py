@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-import placerank
 from placerank.data.readers import load_dataset
 from placerank.descriptors.cache import image_key
 from placerank.descriptors.extract import local_store_for
@@ -25,6 +24,7 @@ from placerank.index.candidates import search
 from placerank.rerank.base import shares_model_head
 from placerank.rerank.stage import rerank_candidates
 from placerank.utils import Timer, atomic_path, peak_memory_mb, resolve_device
+from placerank.version import __version__
 from placerank.viz.examples import draw_example, pick_example_queries, plot_recall_curve
 
 
@@ -145,7 +145,7 @@ def evaluate(config: EvalConfig, model=None) -> EvalResult:
         model=model.describe(),
         rerank=rerank_info,
         device=str(device),
-        placerank_version=placerank.__version__,
+        placerank_version=__version__,
     )
     out.mkdir(parents=True, exist_ok=True)
     result.save(out / "results.json")
