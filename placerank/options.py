@@ -134,7 +134,7 @@ def parse_options(
 def options_dataclass(factory: Callable[..., Any], name: str) -> type:
     """The keyword parameters of ``factory`` that have defaults, as a dataclass (typed by their
     annotations, else by their defaults). Parameters the pipeline passes itself (``model``,
-    ``device``, ``weights``) are not user options."""
+    ``device``) are not user options; ``weights`` is one (a re-ranker's feature weights file)."""
     sig = inspect.signature(factory)
     try:
         hints = typing.get_type_hints(factory)
@@ -144,7 +144,7 @@ def options_dataclass(factory: Callable[..., Any], name: str) -> type:
     for p in sig.parameters.values():
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.default is p.empty:
             continue
-        if p.name in ("model", "device", "weights"):
+        if p.name in ("model", "device"):
             continue
         tp = hints.get(p.name, type(p.default) if p.default is not None else Any)
         fields.append((p.name, tp, dataclasses.field(default=p.default)))

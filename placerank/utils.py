@@ -9,7 +9,7 @@ import os
 import resource
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,3 +128,26 @@ class Timer:
             yield
         finally:
             self.totals[stage] = self.totals.get(stage, 0.0) + time.perf_counter() - t0
+
+
+def read_stage_json(
+    path: str | os.PathLike, kind: str, fmt: int, required: Sequence[str], bad: Callable[[str], Exception]
+) -> dict:
+    """Read the JSON half of a stage file (descriptors, candidates, ...) and validate what every
+    such file shares: it exists, parses, says ``kind`` and ``format == fmt``, and has every key in
+    ``required``. ``bad(why)`` builds the one-line error the caller raises for its own folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise bad(f"{path.name} missing")
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as e:
+        raise bad(f"{path.name} is not JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("kind") != kind:
+        raise bad(f"{path.name} is not a {kind.replace('-', ' ')} file")
+    if meta.get("format") != fmt:
+        raise bad(f"format {meta.get('format')} is not supported (expected {fmt})")
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise bad(f"{path.name} lacks {', '.join(missing)}")
+    return meta

@@ -4,33 +4,42 @@ from __future__ import annotations
 
 import argparse
 
+from placerank.errors import PlaceRankError
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="effnet-lite0-gem", help="registered model name (see `placerank models`)")
-    p.add_argument(
-        "--weights", default=None, help="weights file (default: resolved from $PLACERANK_WEIGHTS or ../shared/weights)"
-    )
-    p.add_argument(
-        "--image-size",
-        type=int,
-        nargs="+",
-        default=None,
-        metavar="PX",
-        help="input size: one value (square) or HEIGHT WIDTH (default: the model's)",
-    )
+DEFAULT_MODEL = "effnet-lite0-gem"
+
+
+def add_model_args(
+    p: argparse.ArgumentParser,
+    for_database: bool = False,
+) -> None:
+    """``--model --weights --image-size --device`` (+ ``--batch-size --workers``). With
+    ``for_database`` (index / localize) the model defaults to what the database was built with."""
+    if for_database:
+        p.add_argument(
+            "--model", default=None, help=f"model name (new database: {DEFAULT_MODEL}; existing: must match)"
+        )
+        p.add_argument("--weights", default=None, help="weights file (existing database: the one it was built with)")
+        size_help = "model input: one value (square) or HEIGHT WIDTH (new database only)"
+    else:
+        p.add_argument("--model", default=DEFAULT_MODEL, help="registered model name (see `placerank models`)")
+        p.add_argument(
+            "--weights", default=None, help="weights file (default: from $PLACERANK_WEIGHTS or ../shared/weights)"
+        )
+        size_help = "input size: one value (square) or HEIGHT WIDTH (default: the model's)"
+    p.add_argument("--image-size", type=int, nargs="+", default=None, metavar="PX", help=size_help)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: min(4, CPUs))")
+    if not for_database:
+        p.add_argument("--batch-size", type=int, default=16)
+        p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: min(4, CPUs))")
 
 
-def image_size_arg(values):
+def image_size_arg(values: list[int] | None) -> tuple[int, int] | None:
     if values is None:
         return None
-    if len(values) == 1:
-        return (values[0], values[0])
-    if len(values) == 2:
-        return (values[0], values[1])
-    raise SystemExit("--image-size takes one value or HEIGHT WIDTH")
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise PlaceRankError("--image-size takes one positive value or HEIGHT WIDTH")
+    return (values[0], values[0]) if len(values) == 1 else (values[0], values[1])
 
 
 def add_rerank_args(p: argparse.ArgumentParser, top_k: int = 20) -> None:
@@ -47,7 +56,6 @@ def add_rerank_args(p: argparse.ArgumentParser, top_k: int = 20) -> None:
 
 def rerank_options_arg(name: str | None, values: list[str]) -> dict:
     """``--rerank-option`` strings -> the re-ranker's typed keyword arguments (one-line errors)."""
-    from placerank.errors import PlaceRankError
     from placerank.rerank.base import reranker_options
 
     if name is None:

@@ -5,24 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from placerank.commands._common import image_size_arg
-
-
-def add_db_model_args(p) -> None:
-    """Model options whose default is 'what the database was built with' (new: effnet-lite0-gem)."""
-    p.add_argument("--model", default=None, help="model name (new database: effnet-lite0-gem; existing: must match)")
-    p.add_argument(
-        "--weights", default=None, help="weights file (existing database: must be the one it was built with)"
-    )
-    p.add_argument(
-        "--image-size",
-        type=int,
-        nargs="+",
-        default=None,
-        metavar="PX",
-        help="model input: one value (square) or HEIGHT WIDTH (new database only)",
-    )
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+from placerank.commands._common import add_model_args, image_size_arg
 
 
 def register(sub) -> None:
@@ -60,7 +43,7 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: min(4, CPUs))")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_db_model_args(p)
+    add_model_args(p, for_database=True)
     p.set_defaults(func=run)
 
 

@@ -6,7 +6,7 @@ import csv
 import sys
 from pathlib import Path
 
-from placerank.commands.index import add_db_model_args
+from placerank.commands._common import add_model_args
 
 
 def register(sub) -> None:
@@ -32,7 +32,7 @@ def register(sub) -> None:
     )
     p.add_argument("--no-pictures", action="store_true", help="write only the JSON files")
     p.add_argument("--show", type=int, default=5, help="top matches printed per photo (default 5)")
-    add_db_model_args(p)
+    add_model_args(p, for_database=True)
     p.set_defaults(func=run)
 
 

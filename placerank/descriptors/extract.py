@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -22,6 +23,16 @@ from tqdm.auto import tqdm
 from placerank.data.images import check_batch_errors, make_loader
 from placerank.descriptors.cache import DescriptorCache, cache_root, image_key, namespace
 from placerank.descriptors.local_store import LocalFeatureStore
+from placerank.models.base import LocalFeatures
+
+
+class FeatureSink(Protocol):
+    """Where extraction puts local features: the on-disk :class:`LocalFeatureStore`, or an
+    in-memory mapping (a query that is localized, not stored)."""
+
+    def __contains__(self, key: str, /) -> bool: ...
+
+    def add_many(self, items: list[tuple[str, LocalFeatures]]) -> None: ...
 
 
 def descriptor_cache_for(model) -> DescriptorCache:
@@ -63,15 +74,16 @@ def extract_features(
     num_workers: int | None = None,
     use_cache: bool = True,
     reranker=None,
-    store: LocalFeatureStore | None = None,
+    store: FeatureSink | None = None,
     desc: str = "extract",
+    progress: bool = True,
 ) -> tuple[np.ndarray, list[str]]:
     """(N, D) float32 L2-normalised descriptors of ``paths`` in order, and the images' keys.
 
     Cached images are read from the descriptor cache, the rest extracted and committed batch by
     batch (an interrupted run resumes after the last finished batch). With ``reranker`` and
     ``store``, every image also gets its local features in ``store`` (images already there are
-    not extracted again)."""
+    not extracted again). ``progress=False`` hides the progress bar."""
     paths = [Path(p) for p in paths]
     out = np.zeros((len(paths), model.descriptor_dim), dtype=np.float32)
     keys = [image_key(p) for p in paths]
@@ -94,7 +106,7 @@ def extract_features(
             loader = make_loader(
                 [paths[i] for i in todo], model.preprocess, batch_size, num_workers, pin_memory=device.type == "cuda"
             )
-            bar = tqdm(total=len(todo), desc=f"{desc} ({model.name})", unit="img", leave=False)
+            bar = tqdm(total=len(todo), desc=f"{desc} ({model.name})", unit="img", leave=False, disable=not progress)
             for idx, images, sizes, errors in loader:
                 check_batch_errors(errors)
                 rows = [todo[int(i)] for i in idx]
@@ -115,7 +127,7 @@ def extract_features(
         if cache is not None:
             cache.close()
     if store is not None and reranker is not None and options is None:
-        extract_local(reranker, paths, store, device, num_workers=num_workers, desc=f"{desc} local")
+        extract_local(reranker, paths, store, device, num_workers=num_workers, desc=f"{desc} local", progress=progress)
     return out, keys
 
 
@@ -127,20 +139,22 @@ def extract_global(
     num_workers: int | None = None,
     use_cache: bool = True,
     desc: str = "extract",
+    progress: bool = True,
 ) -> np.ndarray:
     """(N, D) float32 L2-normalised global descriptors of ``paths`` in order (cached, resumable)."""
-    return extract_features(model, paths, device, batch_size, num_workers, use_cache, desc=desc)[0]
+    return extract_features(model, paths, device, batch_size, num_workers, use_cache, desc=desc, progress=progress)[0]
 
 
 @torch.inference_mode()
 def extract_local(
     reranker,
     paths: Sequence[str | Path],
-    store,
+    store: FeatureSink,
     device: torch.device,
     batch_size: int = 8,
     num_workers: int | None = None,
     desc: str = "local features",
+    progress: bool = True,
 ) -> list[str]:
     """Make sure every image in ``paths`` has local features in ``store``; returns their keys."""
     paths = [Path(p) for p in paths]
@@ -150,7 +164,7 @@ def extract_local(
         loader = make_loader(
             [paths[i] for i in todo], reranker.preprocess, batch_size, num_workers, pin_memory=device.type == "cuda"
         )
-        bar = tqdm(total=len(todo), desc=f"{desc} ({reranker.name})", unit="img", leave=False)
+        bar = tqdm(total=len(todo), desc=f"{desc} ({reranker.name})", unit="img", leave=False, disable=not progress)
         for idx, images, sizes, errors in loader:
             check_batch_errors(errors)
             feats = reranker.extract(images.to(device), [tuple(int(v) for v in s) for s in sizes])

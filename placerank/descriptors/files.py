@@ -13,7 +13,6 @@ skips the work. See ``docs/pipeline.md``.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 from placerank.descriptors.cache import image_key
 from placerank.descriptors.extract import extract_features, local_store_for
 from placerank.errors import PlaceRankError
-from placerank.utils import save_npy_atomic, write_json_atomic
+from placerank.utils import read_stage_json, save_npy_atomic, write_json_atomic
 
 FORMAT = 1
 KIND = "placerank-descriptors"
@@ -89,22 +88,8 @@ def _bad(folder: Path, why: str) -> PlaceRankError:
 
 def read_meta(folder: str | Path) -> dict:
     folder = Path(folder)
-    meta_path = folder / "descriptors.json"
-    if not meta_path.is_file():
-        raise _bad(folder, "descriptors.json missing")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except ValueError as e:
-        raise _bad(folder, f"descriptors.json is not JSON: {e}") from None
-    if not isinstance(meta, dict) or meta.get("kind") != KIND:
-        raise _bad(folder, "descriptors.json is not a placerank descriptor file")
-    if meta.get("format") != FORMAT:
-        raise _bad(folder, f"format {meta.get('format')} is not supported (expected {FORMAT})")
     need = ("model", "weights_id", "preprocess", "descriptor_dim", "count", "paths", "keys", "fingerprint")
-    missing = [k for k in need if k not in meta]
-    if missing:
-        raise _bad(folder, f"descriptors.json lacks {', '.join(missing)}")
-    return meta
+    return read_stage_json(folder / "descriptors.json", KIND, FORMAT, need, lambda why: _bad(folder, why))
 
 
 def load_descriptors(folder: str | Path) -> DescriptorSet:

@@ -22,7 +22,7 @@ import numpy as np
 
 from placerank.errors import PlaceRankError
 from placerank.index.flat import FlatIndex
-from placerank.utils import atomic_path, write_json_atomic
+from placerank.utils import atomic_path, read_stage_json, write_json_atomic
 
 FORMAT = 1
 KIND = "placerank-candidates"
@@ -100,22 +100,8 @@ def _bad(folder: Path, why: str) -> PlaceRankError:
 
 def read_candidates_meta(folder: str | Path) -> dict:
     folder = Path(folder)
-    path = folder / "candidates.json"
-    if not path.is_file():
-        raise _bad(folder, "candidates.json missing")
-    try:
-        meta = json.loads(path.read_text())
-    except ValueError as e:
-        raise _bad(folder, f"candidates.json is not JSON: {e}") from None
-    if not isinstance(meta, dict) or meta.get("kind") != KIND:
-        raise _bad(folder, "candidates.json is not a placerank candidates file")
-    if meta.get("format") != FORMAT:
-        raise _bad(folder, f"format {meta.get('format')} is not supported (expected {FORMAT})")
     need = ("stage", "num_queries", "num_database", "depth", "arrays_sha256", "database", "queries", "fingerprint")
-    missing = [k for k in need if k not in meta]
-    if missing:
-        raise _bad(folder, f"candidates.json lacks {', '.join(missing)}")
-    return meta
+    return read_stage_json(folder / "candidates.json", KIND, FORMAT, need, lambda why: _bad(folder, why))
 
 
 def load_candidates(folder: str | Path) -> Candidates:

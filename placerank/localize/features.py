@@ -50,7 +50,14 @@ def _chunks(paths: Sequence[Path], size: int, fn: Callable[[list[Path]], object]
 
 
 def describe(
-    model, paths: Sequence[Path], device, batch_size: int, num_workers: int | None, reranker=None, store=None
+    model,
+    paths: Sequence[Path],
+    device,
+    batch_size: int,
+    num_workers: int | None,
+    reranker=None,
+    store=None,
+    progress: bool = True,
 ) -> Iterator[tuple[list[int], np.ndarray, list[tuple[int, str]]]]:
     """Global descriptors of ``paths`` chunk by chunk: (indices, (n, D) descriptors, failures).
     With a ``reranker`` on the model's own local head and its ``store``, the same backbone pass
@@ -58,7 +65,16 @@ def describe(
 
     def run(part: list[Path]) -> np.ndarray:
         return extract_features(
-            model, part, device, batch_size, num_workers, use_cache=False, reranker=reranker, store=store, desc="index"
+            model,
+            part,
+            device,
+            batch_size,
+            num_workers,
+            use_cache=False,
+            reranker=reranker,
+            store=store,
+            desc="index",
+            progress=progress,
         )[0]
 
     for done, outs, failed in _chunks(list(paths), max(1, batch_size) * CHUNK_BATCHES, run):
@@ -104,7 +120,9 @@ class MemoryStore(dict):
 
 def extract_now(reranker, paths: Sequence[Path], device) -> list[LocalFeatures]:
     mem = MemoryStore()
-    keys = extract_local(reranker, list(paths), mem, device, batch_size=max(1, len(paths)), num_workers=0)
+    keys = extract_local(
+        reranker, list(paths), mem, device, batch_size=max(1, len(paths)), num_workers=0, progress=False
+    )
     return [mem[k] for k in keys]
 
 
@@ -146,7 +164,9 @@ class LocalFeatureCache:
             return None
         return LocalFeatureStore(folder, reranker.signature(), reranker.dim)
 
-    def fill(self, reranker, need: dict[str, str], num_workers: int | None) -> tuple[int, list[tuple[str, str]]]:
+    def fill(
+        self, reranker, need: dict[str, str], num_workers: int | None, progress: bool = True
+    ) -> tuple[int, list[tuple[str, str]]]:
         """Store local features for ``need`` (sha256 -> a path with that content); returns
         (photos extracted, [(path, reason)] failed)."""
         store = self.store(reranker, create=True)
@@ -159,7 +179,9 @@ class LocalFeatureCache:
             failures: list[tuple[str, str]] = []
 
             def run(part: list[Path]) -> None:
-                extract_local(reranker, part, view, self.device, batch_size=8, num_workers=num_workers)
+                extract_local(
+                    reranker, part, view, self.device, batch_size=8, num_workers=num_workers, progress=progress
+                )
 
             for ok, _, failed in _chunks(paths, 8 * CHUNK_BATCHES, run):
                 done += len(ok)

@@ -263,7 +263,9 @@ class FolderIndexer:
     def _describe(self, fresh, model, report, plan, batch_size, num_workers, reranker, view) -> None:
         paths = [it.path for it in fresh]
         device = self.features.device
-        for done, descs, failed in describe(model, paths, device, batch_size, num_workers, reranker, view):
+        for done, descs, failed in describe(
+            model, paths, device, batch_size, num_workers, reranker, view, progress=self.progress
+        ):
             for i, why in failed:
                 report.failed.append((str(paths[i]), why))
                 if fresh[i].old_id is not None:
@@ -290,7 +292,7 @@ class FolderIndexer:
             store.close()
         if missing:
             self.say(f"extracting local features ({reranker.name}) for {missing} photo(s)")
-        _, failed = self.features.fill(reranker, need, num_workers)
+        _, failed = self.features.fill(reranker, need, num_workers, progress=self.progress)
         report.failed.extend(failed)
         meta = self.store.meta
         known = json.loads(meta.get("rerankers") or "{}")

@@ -104,8 +104,9 @@ def localize(
         0,
         use_cache=False,
         reranker=reranker,
-        store=mem,  # type: ignore[arg-type]  # duck-typed: `in` and add_many, as extract_local takes
+        store=mem,
         desc="query",
+        progress=False,
     )
     timing["describe"] = time.perf_counter() - t0
     t1 = time.perf_counter()

@@ -10,7 +10,6 @@ and appear in ``placerank eval --rerank NAME`` and ``benchmarks/rerank.py`` auto
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -103,17 +102,12 @@ def reranker_options(name: str, values: Mapping[str, Any] | Iterable[str] | None
     """``--rerank-option KEY=VALUE`` strings (or a dict) -> the keyword arguments of re-ranker
     ``name``, each converted to the type of its option (:mod:`placerank.options`); an unknown key
     or a bad value is one :class:`PlaceRankError` line. Only the keys given are returned, so the
-    re-ranker's own defaults apply to the rest. ``weights`` (a file path) is a re-ranker option
-    where the factory takes it (the RANSAC features' weights)."""
+    re-ranker's own defaults apply to the rest (``weights``, where a factory takes it, is the
+    path of its feature network's weights)."""
     values = (
         split_key_values(values, "--rerank-option")
         if values is not None and not isinstance(values, Mapping)
         else dict(values or {})
     )
-    entry = RERANKERS.get(name)
-    extra = {}
-    if "weights" in values and "weights" in inspect.signature(entry.factory).parameters:
-        weights = values.pop("weights")
-        extra["weights"] = None if weights is None else str(weights)
-    parsed = parse_options(entry.options(), values, what=f"{name} option")
-    return {**{k: getattr(parsed, k) for k in values}, **extra}
+    parsed = parse_options(RERANKERS.get(name).options(), values, what=f"{name} option")
+    return {k: getattr(parsed, k) for k in values}
