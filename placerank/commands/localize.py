@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import sys
 from pathlib import Path
 
@@ -41,22 +40,6 @@ def _short(path: str) -> str:
     return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
 
 
-def _photos(items: list[Path]) -> list[Path]:
-    from placerank.errors import DataError
-    from placerank.localize.folder import list_photos
-
-    out: list[Path] = []
-    for item in items:
-        if item.is_dir():
-            found = list_photos(item)
-            if not found:
-                raise DataError(f"{item}: no .jpg/.jpeg/.png photos found")
-            out.extend(found)
-        else:
-            out.append(item)  # a missing or unreadable file is reported per photo
-    return out
-
-
 def print_result(r, show: int = 5) -> None:
     from placerank.localize.outputs import format_distance
 
@@ -89,10 +72,9 @@ def run(args) -> int:
     from placerank.commands._common import image_size_arg
     from placerank.errors import DataError
     from placerank.localize.database import Database
-    from placerank.localize.outputs import unique_stem, write_outputs
-    from placerank.utils import atomic_path
+    from placerank.localize.outputs import expand_photos, summary_row, unique_stem, write_outputs, write_summary
 
-    photos = _photos(args.photos)
+    photos = expand_photos(args.photos)
     db = Database.open(
         args.db, model=args.model, weights=args.weights, image_size=image_size_arg(args.image_size), device=args.device
     )
@@ -111,39 +93,9 @@ def run(args) -> int:
             written = write_outputs(db, r, args.out, stem=stem, pictures=not args.no_pictures)
             print_result(r, args.show)
             print(f"  wrote {written[0]}" + "".join(f", {w.name}" for w in written[1:]))
-            best = r.matches[0] if r.matches else None
-            rows.append(
-                [
-                    str(photo),
-                    r.lat,
-                    r.lon,
-                    r.easting,
-                    r.northing,
-                    r.utm_zone,
-                    r.confidence,
-                    best.path if best else "",
-                    best.similarity if best else "",
-                    written[0].name,
-                ]
-            )
+            rows.append(summary_row(photo, r, written))
     if rows:
-        with atomic_path(args.out / "summary.csv") as tmp, open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(
-                [
-                    "photo",
-                    "lat",
-                    "lon",
-                    "easting",
-                    "northing",
-                    "utm_zone",
-                    "confidence",
-                    "best_match",
-                    "best_similarity",
-                    "json",
-                ]
-            )
-            w.writerows(rows)
+        write_summary(args.out, rows)
     if failures:
         print(f"{failures} of {len(photos)} photo(s) could not be localized", file=sys.stderr)
         return 1

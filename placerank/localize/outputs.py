@@ -4,11 +4,27 @@ matches, green = agrees with the estimate), ``<stem>_inliers.png`` (with a re-ra
 
 from __future__ import annotations
 
+import csv
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from placerank.errors import DataError
+from placerank.utils import atomic_path
+
+SUMMARY_COLUMNS = [
+    "photo",
+    "lat",
+    "lon",
+    "easting",
+    "northing",
+    "utm_zone",
+    "confidence",
+    "best_match",
+    "best_similarity",
+    "json",
+]
 
 
 def format_distance(metres: float | None) -> str:
@@ -30,6 +46,50 @@ def unique_stem(out_dir: Path, stem: str, taken: set[str]) -> str:
         name = f"{stem}-{k}"
     taken.add(name)
     return name
+
+
+def expand_photos(items: Sequence[Path]) -> list[Path]:
+    """Photos named on the command line, folders expanded (an empty folder is one-line error; a
+    missing or unreadable file is left for the per-photo report)."""
+    from placerank.localize.folder import list_photos
+
+    out: list[Path] = []
+    for item in items:
+        if item.is_dir():
+            found = list_photos(item)
+            if not found:
+                raise DataError(f"{item}: no .jpg/.jpeg/.png photos found")
+            out.extend(found)
+        else:
+            out.append(item)
+    return out
+
+
+def summary_row(photo: Path, result, written: list[Path]) -> list:
+    """One ``summary.csv`` row (:data:`SUMMARY_COLUMNS`) for a localized photo."""
+    best = result.matches[0] if result.matches else None
+    return [
+        str(photo),
+        result.lat,
+        result.lon,
+        result.easting,
+        result.northing,
+        result.utm_zone,
+        result.confidence,
+        best.path if best else "",
+        best.similarity if best else "",
+        written[0].name,
+    ]
+
+
+def write_summary(out_dir: str | Path, rows: list[list]) -> Path:
+    """``OUT/summary.csv``: one row per localized photo, written atomically."""
+    path = Path(out_dir) / "summary.csv"
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(SUMMARY_COLUMNS)
+        w.writerows(rows)
+    return path
 
 
 def write_outputs(
