@@ -3,7 +3,10 @@ a clear message, never skip, when it is missing."""
 
 from __future__ import annotations
 
+import csv
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 # Two cores shared by torch's threads and DataLoader workers: spinning OpenMP threads waste the
@@ -56,3 +59,57 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tum(shared_data) -> Path:
+    return _require(shared_data / "tum_rgbd_fr1_desk")
+
+
+@pytest.fixture(scope="session")
+def tum_positions(tum, tmp_path_factory) -> Callable[..., Path]:
+    """Factory: ``tum_positions("db.csv", start, stop, step)`` writes a positions CSV (``path,
+    easting, northing`` in metres, the TUM frame's tx/ty) for database frames
+    ``[start:stop:step]`` and returns its path. Positions come from the dataset's poses.csv."""
+    rows = [r for r in csv.DictReader(open(tum / "poses.csv")) if r["split"] == "database"]
+    root = tmp_path_factory.mktemp("tum_positions")
+
+    def write(name: str = "db.csv", start: int = 0, stop: int | None = None, step: int = 1) -> Path:
+        path = root / name
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "easting", "northing"])
+            for r in rows[start:stop:step]:
+                w.writerow([str(tum / r["file"]), r["tx"], r["ty"]])
+        return path
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def make_model(shared_weights) -> Callable[..., torch.nn.Module]:
+    """Factory: a registered model with the shared weights, in eval mode, e.g.
+    ``make_model("effnet-lite0-gem", image_size=(240, 320))``. Models with random heads (FoL,
+    SelaVPR) are seeded first so every test sees the same ones."""
+    from placerank.models import create
+
+    def build(name: str = "effnet-lite0-gem", seed: int = 0, **kwargs) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("PLACERANK_WEIGHTS", str(shared_weights))
+            return create(name, **kwargs).eval()
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def shared_copy(shared_data, tmp_path_factory) -> Callable[[str], Path]:
+    """Factory: ``shared_copy("geotagged_photos")`` copies that shared folder into a new temporary
+    folder and returns the copy (tests that write beside the photos never touch ../shared)."""
+
+    def copy(name: str) -> Path:
+        dest = tmp_path_factory.mktemp("shared_copy") / name
+        shutil.copytree(_require(shared_data / name), dest)
+        return dest
+
+    return copy

@@ -43,12 +43,14 @@ def _snapshot(folder: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory, shared_data, shared_weights):
+def site(tmp_path_factory, shared_data, shared_weights, shared_copy, make_model):
     src = shared_data / "geotagged_photos"
     root = tmp_path_factory.mktemp("geotagged")
     photos, held, bad = root / "photos", root / "held", root / "bad"
-    shutil.copytree(src / "opensfm_berlin", photos / "opensfm_berlin", copy_function=shutil.copy2)
-    shutil.copytree(src / "exif_samples_arezzo", photos / "exif_samples_arezzo", copy_function=shutil.copy2)
+    copy = shared_copy("geotagged_photos")
+    photos.mkdir()
+    for folder in ("opensfm_berlin", "exif_samples_arezzo"):  # the photos, not the README / CSVs
+        shutil.move(copy / folder, photos / folder)
     held.mkdir()
     shutil.move(photos / "opensfm_berlin/01.jpg", held / "01.jpg")
     shutil.move(photos / "exif_samples_arezzo/DSCN0038.jpg", held / "DSCN0038.jpg")
@@ -68,7 +70,7 @@ def site(tmp_path_factory, shared_data, shared_weights):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PLACERANK_WEIGHTS", str(shared_weights))
         rc, out, err = _run_cli(["index", str(photos), "--db", str(db), "--quiet"])
-        model = create_model("effnet-lite0-gem")
+    model = make_model("effnet-lite0-gem")
     assert rc == 0, err
     return {
         "root": root,

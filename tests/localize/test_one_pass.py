@@ -4,37 +4,26 @@
 
 from __future__ import annotations
 
-import csv
-
 import pytest
-import torch
 
 import placerank
-from placerank.models import create
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def test_fol_region_database_runs_the_backbone_once_per_photo(shared_data, tmp_path):
-    tum = shared_data / "tum_rgbd_fr1_desk"
-    rows = [r for r in csv.DictReader(open(tum / "poses.csv")) if r["split"] == "database"][0:96:12]
-    with open(tmp_path / "db.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "easting", "northing"])
-        for r in rows:
-            w.writerow([str(tum / r["file"]), r["tx"], r["ty"]])
-    torch.manual_seed(0)  # ImageNet backbone, seeded random heads
-    model = create("fol-effnet-lite0", image_size=(128, 224)).eval()
+def test_fol_region_database_runs_the_backbone_once_per_photo(tum, tum_positions, make_model, tmp_path):
+    positions = tum_positions("one_pass.csv", 0, 96, 12)
+    model = make_model("fol-effnet-lite0", image_size=(128, 224))  # ImageNet backbone, seeded random heads
     seen = {"images": 0}
     model.backbone.register_forward_hook(lambda m, inp, out: seen.__setitem__("images", seen["images"] + len(inp[0])))
 
     with placerank.Database.create(tmp_path / "db", model=model, radius=0.3) as db:
-        rep = db.add_folder(positions=tmp_path / "db.csv", rerank="fol-region", progress=False)
+        rep = db.add_folder(positions=positions, rerank="fol-region", progress=False)
         assert len(rep.added) == 8 and rep.extracted == 8 and rep.local_extracted == 8 and rep.failed == []
         assert seen["images"] == 8  # global descriptor + region features: one pass per photo
         assert len(list((tmp_path / "db" / "local").glob("fol-region-*/meta.json"))) == 1
 
-        rep = db.add_folder(positions=tmp_path / "db.csv", rerank="fol-region", progress=False)
+        rep = db.add_folder(positions=positions, rerank="fol-region", progress=False)
         assert (rep.unchanged, rep.extracted, rep.local_extracted, seen["images"]) == (8, 0, 0, 8)
 
         seen["images"] = 0

@@ -25,7 +25,6 @@ import placerank
 import placerank.localize.lock as lock_mod
 from placerank.localize import DatabaseBusyError, WriteLock
 from placerank.localize.features import CHUNK_BATCHES
-from placerank.models import create as create_model
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE = (120, 160)  # tiny input: these tests are about storage, not accuracy
@@ -54,28 +53,13 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.fixture(scope="module")
-def tum(shared_data, tmp_path_factory, shared_weights):
-    base = shared_data / "tum_rgbd_fr1_desk"
-    root = tmp_path_factory.mktemp("tum_safety")
-    rows = [r for r in csv.DictReader(open(base / "poses.csv")) if r["split"] == "database"]
-
-    def write(name, frames):
-        with open(root / name, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["path", "easting", "northing"])
-            for r in frames:
-                w.writerow([str(base / r["file"]), r["tx"], r["ty"]])
-        return root / name
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PLACERANK_WEIGHTS", str(shared_weights))
-        model = create_model("effnet-lite0-gem", image_size=SIZE)
+def inputs(tum, tum_positions, make_model):
     return {
-        "all": write("all.csv", rows[::5]),
-        "first": write("first.csv", rows[:10]),
-        "more": write("more.csv", rows[10:15]),
-        "model": model,
-        "query": base / "queries" / "0400_1305031466.127640.jpg",
+        "all": tum_positions("all.csv", step=5),
+        "first": tum_positions("first.csv", 0, 10),
+        "more": tum_positions("more.csv", 10, 15),
+        "model": make_model("effnet-lite0-gem", image_size=SIZE),
+        "query": tum / "queries" / "0400_1305031466.127640.jpg",
     }
 
 
@@ -141,16 +125,16 @@ def _consistent(db_path: Path, model) -> placerank.Database:
     return db
 
 
-def test_second_writer_refused_and_interrupted_runs_recover(tum, tmp_path):
+def test_second_writer_refused_and_interrupted_runs_recover(inputs, tmp_path):
     db_path = tmp_path / "db"
-    total = sum(1 for _ in open(tum["all"])) - 1
+    total = sum(1 for _ in open(inputs["all"])) - 1
     assert total == 60
 
     # Process 1 writes; this process (the second writer) is refused while it holds the lock.
-    writer = _Writer(db_path, tum["all"])
+    writer = _Writer(db_path, inputs["all"])
     writer.wait_stopped()
     with pytest.raises(DatabaseBusyError) as e:
-        placerank.Database.open(db_path).add_folder(positions=tum["all"])
+        placerank.Database.open(db_path).add_folder(positions=inputs["all"])
     assert str(e.value) == (
         f"{db_path.resolve()}: another placerank process (pid {writer.proc.pid}) is writing to this "
         f"database now; wait for it to finish or pass --wait SECONDS"
@@ -161,38 +145,38 @@ def test_second_writer_refused_and_interrupted_runs_recover(tum, tmp_path):
     assert err.strip().endswith("placerank: interrupted; finished work is saved and a re-run resumes")
     n1 = _count(db_path)
     assert n1 == 2 * CHUNK
-    db = _consistent(db_path, tum["model"])
+    db = _consistent(db_path, inputs["model"])
     assert not db.store.index_rebuilt  # the interrupted run saved its index on the way out
     db.close()
 
     # Process 2 resumes, then is killed outright (no chance to save its FAISS index).
-    writer = _Writer(db_path, tum["all"])
+    writer = _Writer(db_path, inputs["all"])
     writer.wait_stopped()
     rc, _ = writer.signal(signal.SIGKILL)
     assert rc == -signal.SIGKILL
     n2 = _count(db_path)
     assert n2 == n1 + 2 * CHUNK
-    db = _consistent(db_path, tum["model"])
+    db = _consistent(db_path, inputs["model"])
     assert db.store.index_rebuilt  # the index file was stale: rebuilt from SQLite, and saved again
     gen = int(db.meta()["generation"])
     assert [p.name for p in db_path.glob("index.g*.faiss")] == [f"index.g{gen}.faiss"]
 
     # The lock died with the killed process; a re-run adds exactly the rest.
     with db:
-        rep = db.add_folder(positions=tum["all"], progress=False)
+        rep = db.add_folder(positions=inputs["all"], progress=False)
         assert rep.unchanged == n2 and len(rep.added) == total - n2 and rep.extracted == total - n2
         assert len(db) == total and len(db.store.index()) == total
-        assert db.localize(tum["query"]).found
+        assert db.localize(inputs["query"]).found
 
 
-def test_stale_damaged_foreign_or_missing_index_file_is_rebuilt(tum, tmp_path):
+def test_stale_damaged_foreign_or_missing_index_file_is_rebuilt(inputs, tmp_path):
     db_path = tmp_path / "db"
-    with placerank.Database.create(db_path, model=tum["model"], radius=0.3) as db:
-        db.add_folder(positions=tum["first"], progress=False)
+    with placerank.Database.create(db_path, model=inputs["model"], radius=0.3) as db:
+        db.add_folder(positions=inputs["first"], progress=False)
         old_bytes = next(db_path.glob("index.g*.faiss")).read_bytes()
-        db.add_folder(positions=tum["more"], progress=False)
+        db.add_folder(positions=inputs["more"], progress=False)
         gen = int(db.meta()["generation"])
-        reference = db.localize(tum["query"], top_k=15)
+        reference = db.localize(inputs["query"], top_k=15)
     current = db_path / f"index.g{gen}.faiss"
     schema = db_path / "index.json"
     assert current.exists() and schema.exists()
@@ -208,8 +192,8 @@ def test_stale_damaged_foreign_or_missing_index_file_is_rebuilt(tum, tmp_path):
             schema.unlink()
         elif damage == "missing":
             current.unlink()
-        with placerank.Database.open(db_path, model=tum["model"]) as db:
-            res = db.localize(tum["query"], top_k=15)
+        with placerank.Database.open(db_path, model=inputs["model"]) as db:
+            res = db.localize(inputs["query"], top_k=15)
             assert db.store.index_rebuilt, damage
             assert len(db.store.index()) == 15
         assert schema.read_text() == good_schema, damage  # saved again
@@ -220,10 +204,10 @@ def test_stale_damaged_foreign_or_missing_index_file_is_rebuilt(tum, tmp_path):
         assert not db.store.index_rebuilt
 
 
-def test_waiting_writer_gets_the_lock(tum, tmp_path, monkeypatch):
+def test_waiting_writer_gets_the_lock(inputs, tmp_path, monkeypatch):
     db_path = tmp_path / "db"
-    with placerank.Database.create(db_path, model=tum["model"], radius=0.3) as db:
-        db.add_folder(positions=tum["first"], progress=False)
+    with placerank.Database.create(db_path, model=inputs["model"], radius=0.3) as db:
+        db.add_folder(positions=inputs["first"], progress=False)
     held, release, released = threading.Event(), threading.Event(), threading.Event()
 
     def hold():
@@ -249,14 +233,14 @@ def test_waiting_writer_gets_the_lock(tum, tmp_path, monkeypatch):
         with placerank.Database.open(db_path) as db:
             wake_holder = False
             with pytest.raises(DatabaseBusyError) as e:  # the holder never lets go: refused after 0.3 s
-                db.remove([tum["first"]], wait=0.3)
+                db.remove([inputs["first"]], wait=0.3)
             assert str(e.value).endswith(
                 "is writing to this database after waiting 0.3 s; wait for it to finish or pass --wait SECONDS"
             )
             assert retries and not released.is_set()
             retries.clear()
             wake_holder = True  # now the holder lets go once the writer is waiting
-            first = next(csv.DictReader(open(tum["first"])))["path"]
+            first = next(csv.DictReader(open(inputs["first"])))["path"]
             rep = db.remove([first], wait=300)
             assert retries and released.is_set()  # it waited, and got the lock when it was let go
             assert rep.removed == [str(Path(first).resolve())] and len(db) == 9

@@ -14,26 +14,17 @@ import pytest
 
 import placerank
 from placerank.localize import write_outputs
-from placerank.models import create as create_model
 
 
 @pytest.fixture(scope="module")
-def tum_run(tmp_path_factory, shared_data, shared_weights):
-    tum = shared_data / "tum_rgbd_fr1_desk"
+def tum_run(tmp_path_factory, tum, tum_positions, make_model):
     root = tmp_path_factory.mktemp("tum")
+    db_csv = tum_positions("tum_db.csv", step=5)
     poses = {r["file"]: r for r in csv.DictReader(open(tum / "poses.csv"))}
-    with open(root / "db.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "easting", "northing"])
-        for r in poses.values():
-            if r["split"] == "database" and int(r["index"]) % 5 == 0:
-                w.writerow([str(tum / r["file"]), r["tx"], r["ty"]])
     queries = [r["query_file"] for r in csv.DictReader(open(tum / "ground_truth.csv")) if r["has_positive"] == "1"][::4]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PLACERANK_WEIGHTS", str(shared_weights))
-        model = create_model("effnet-lite0-gem", image_size=(240, 320))
+    model = make_model("effnet-lite0-gem", image_size=(240, 320))
     db = placerank.Database.create(root / "db", model=model, radius=0.3)
-    report = db.add_folder(positions=root / "db.csv", progress=False)
+    report = db.add_folder(positions=db_csv, progress=False)
     results = [db.localize(tum / q, top_k=10) for q in queries]
     truth = np.array([[float(poses[q]["tx"]), float(poses[q]["ty"])] for q in queries])
     written = write_outputs(db, results[0], root / "out")
@@ -41,7 +32,7 @@ def tum_run(tmp_path_factory, shared_data, shared_weights):
     # Re-ranking with geometric verification on every 3rd of these queries (13), local features at
     # 240x320 stored in the database first.
     opts = {"image_size": (240, 320)}
-    rr_report = db.add_folder(positions=root / "db.csv", rerank="ransac-xfeat", rerank_options=opts, progress=False)
+    rr_report = db.add_folder(positions=db_csv, rerank="ransac-xfeat", rerank_options=opts, progress=False)
     reranked = [db.localize(tum / q, top_k=5, rerank="ransac-xfeat", rerank_options=opts) for q in queries[::3]]
     db.close()
     return {
