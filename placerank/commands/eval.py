@@ -7,19 +7,35 @@ from pathlib import Path
 
 from placerank.commands._common import add_model_args, add_rerank_args, image_size_arg, rerank_options_arg
 
+# placerank.data.layouts.LAYOUTS and msls.SUBTASKS, spelled out to keep `placerank --help` light
+LAYOUT_CHOICES = ["auto", "csv", "utm", "frames", "traversal", "unlabelled", "msls", "netvlad-mat"]
+LAYOUT_CHOICES += ["vpr-downloader", "patchnetvlad"]
+MSLS_SUBTASKS = ["all", "summer2winter", "winter2summer", "day2night", "night2day", "old2new", "new2old"]
+
 
 def register(sub) -> None:
     p = sub.add_parser("eval", help="evaluate retrieval (+ re-ranking) on a database and a query set")
     p.add_argument(
-        "--database", required=True, help="database folder (@UTM@ names or a frame-aligned traversal) or CSV"
+        "--database", help="database folder (@UTM@ names, MSLS <city>/database, plain = unlabelled) or CSV manifest"
     )
-    p.add_argument("--queries", required=True, help="query folder or CSV")
+    p.add_argument("--queries", help="query folder or CSV")
+    p.add_argument(
+        "--dataset",
+        metavar="NAME:ROOT|ROOT",
+        help="a named benchmark split (pitts30k-test:ROOT, msls-val:ROOT, ...; `placerank models` lists them) or a"
+        " dataset root (MSLS, NetVLAD .mat, images/test/{database,queries} tree, Patch-NetVLAD .npz)",
+    )
     add_model_args(p)
     add_rerank_args(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--radius", type=float, default=None, help="positive radius in metres (default 25 for positions)")
-    g.add_argument("--frame-tolerance", type=int, default=None, help="positives are frames with |i-j| <= N")
-    p.add_argument("--layout", default="auto", choices=["auto", "csv", "utm", "traversal"])
+    g.add_argument(
+        "--frame-tolerance", type=int, default=None, help="frame-aligned folders: positives are frames with |i-j| <= N"
+    )
+    p.add_argument("--layout", default="auto", choices=LAYOUT_CHOICES, help="default: recognised by its files")
+    p.add_argument("--msls-subtask", default="all", choices=MSLS_SUBTASKS, help="MSLS subtask (default all)")
+    p.add_argument("--queries-subset", default=None, help="query subset: day|sunset|night (Tokyo 24/7), v1|night|...")
+    p.add_argument("--images-root", type=Path, default=None, help="image root for .mat / Patch-NetVLAD lists")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the descriptor cache")
     p.add_argument("--examples", type=int, default=8, help="example pictures to draw")
     p.add_argument("--out", required=True, type=Path, help="output folder (results.json, recall_curve.png, examples/)")
@@ -27,9 +43,24 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from placerank.errors import PlaceRankError
     from placerank.eval.evaluate import EvalConfig, evaluate
 
     options = rerank_options_arg(args.rerank, args.rerank_option)  # checked before any work
+    if args.dataset is None and (args.database is None or args.queries is None):
+        raise PlaceRankError("give --database and --queries, or --dataset NAME:ROOT (or a dataset root)")
+    benchmark, root = None, args.dataset
+    if args.dataset is not None:
+        from placerank.presets.benchmarks import split_dataset_arg
+
+        benchmark, root = split_dataset_arg(args.dataset)
+    dataset = None
+    if benchmark is not None:
+        if args.database or args.queries:
+            raise PlaceRankError(f"--dataset {args.dataset} names the database and queries; drop --database/--queries")
+        if args.frame_tolerance is not None:
+            raise PlaceRankError(f"--frame-tolerance does not apply to {benchmark.name} (positives by metres)")
+        dataset = benchmark.load(root, radius=args.radius, images_root=args.images_root)
     cfg = EvalConfig(
         database=args.database,
         queries=args.queries,
@@ -41,6 +72,10 @@ def run(args) -> int:
         radius=args.radius,
         frame_tolerance=args.frame_tolerance,
         layout=args.layout,
+        dataset=root if benchmark is None else None,
+        msls_subtask=args.msls_subtask,
+        queries_subset=args.queries_subset,
+        images_root=args.images_root,
         image_size=image_size_arg(args.image_size),
         device=args.device,
         batch_size=args.batch_size,
@@ -49,12 +84,25 @@ def run(args) -> int:
         num_examples=args.examples,
         rerank_options=options,
     )
-    result = evaluate(cfg)
+    result = evaluate(cfg, dataset=dataset)
     print_summary(result, args.out)
     return 0
 
 
+def unlabelled_line(result, out) -> str:
+    """The one line eval prints for unlabelled data (no positions, so no recall)."""
+    return (
+        f"unlabelled: {result.dataset.get('database')} and {result.dataset.get('queries')} carry no positions"
+        f" (no @UTM@ names, manifest or known layout), so no recall; wrote the top-5 of {result.num_queries}"
+        f" queries to {Path(out) / 'predictions.csv'} (for frame-aligned folders pass --layout frames"
+        " or --frame-tolerance N)"
+    )
+
+
 def print_summary(result, out) -> None:
+    if not result.labelled:
+        print(unlabelled_line(result, out))
+        return
     first = result.recall_first_stage
     print(
         f"{result.model.get('name')} on {result.num_queries} queries x {result.num_database} database images"

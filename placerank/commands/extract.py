@@ -15,7 +15,7 @@ from placerank.commands._common import add_model_args, image_size_arg, rerank_op
 def register(sub) -> None:
     p = sub.add_parser("extract", help="images -> descriptor folder (+ local features with --rerank)")
     p.add_argument("--images", required=True, help="image folder or CSV manifest")
-    p.add_argument("--layout", default="auto", choices=["auto", "csv", "utm", "traversal"])
+    p.add_argument("--layout", default="auto", choices=["auto", "csv", "utm", "frames", "traversal", "unlabelled"])
     add_model_args(p)
     p.add_argument("--rerank", default=None, help="also store this re-ranker's local features (OUT/local/)")
     p.add_argument("--rerank-option", action="append", default=[], metavar="KEY=VALUE", help="re-ranker option")

@@ -2,7 +2,8 @@
 
 An :class:`ImageSet` is an ordered list of images with *where* each was taken, given in exactly
 one of three ways: metric positions (UTM easting/northing in metres), frame indices of a
-frame-aligned traversal, or place identifiers. A :class:`Dataset` pairs a database set with a
+frame-aligned traversal, or place identifiers; or not at all (``kind='none'``: unlabelled images,
+which eval retrieves for but never scores). A :class:`Dataset` pairs a database set with a
 query set and a :class:`PositiveRule`; ground truth is always *computed* from the positions by
 that rule (see :mod:`placerank.data.positives`), never read from opaque arrays.
 """
@@ -25,7 +26,7 @@ class ImageSet:
     """Images plus their positions, in a fixed order (index i = ``paths[i]``).
 
     ``positions`` is ``(N, 2)`` float64 metres for ``kind='utm'``, ``(N,)`` int64 for ``'frame'``
-    and ``(N,)`` of strings/ints for ``'place'``. ``utm_zone`` is kept when positions came from
+    ``(N,)`` of strings/ints for ``'place'`` and ``(N,)`` zeros for ``'none'`` (unlabelled). ``utm_zone`` is kept when positions came from
     lat/lon, because distances across zones are meaningless. ``latlon`` is ``(N, 2)`` WGS84
     degrees where known (for maps and localisation output).
     """
@@ -61,12 +62,14 @@ class ImageSet:
 
 @dataclass
 class Dataset:
-    """A database set, a query set and the rule that links them."""
+    """A database set, a query set and the rule that links them. ``protocol`` records what the
+    reader applied (layout, query subset, radius, positives rule) for ``results.json``."""
 
     database: ImageSet
     queries: ImageSet
     rule: PositiveRule
     name: str = "dataset"
+    protocol: dict = field(default_factory=dict)
     _positives: list[np.ndarray] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -81,6 +84,14 @@ class Dataset:
             )
         if self.rule.kind != self.database.kind:
             raise DataError(f"positive rule '{self.rule.kind}' does not fit '{self.database.kind}' positions")
+
+    @property
+    def labelled(self) -> bool:
+        return self.rule.kind != "none"
+
+    def describe(self) -> dict:
+        """The protocol for ``results.json``: what the reader applied, plus the positives rule."""
+        return {**self.protocol, "positives": self.rule.describe(), "labelled": self.labelled}
 
     @property
     def positives(self) -> list[np.ndarray]:

@@ -176,9 +176,12 @@ def read_training_set(
     frames: tuple[int, int] | None = None,
     gsv_cities: Sequence[str] | None = None,
     gsv_min_images: int = 4,
+    gsv_images_per_place: int | None = None,
 ) -> ImageSet:
     """Place-labelled images from traversal folders / CSVs / Nordland roots and GSV-Cities roots
-    (``gsv_cities``: city names to use, default all); sets are kept apart by a ``k:`` prefix."""
+    (``gsv_cities``: city names to use, default all; ``gsv_images_per_place``: keep that many most
+    recent images per place, FoL's official choice, None: all); sets are kept apart by a ``k:``
+    prefix."""
     from placerank.data.gsv_cities import is_gsv_cities_root, read_gsv_cities
 
     gsv = [s for s in specs if is_gsv_cities_root(s)]
@@ -187,7 +190,9 @@ def read_training_set(
     if other:
         sets.append(read_training_places(other, frames))
     for root in gsv:
-        sets.append(read_gsv_cities(root, list(gsv_cities) if gsv_cities else None, gsv_min_images))
+        sets.append(
+            read_gsv_cities(root, list(gsv_cities) if gsv_cities else None, gsv_min_images, gsv_images_per_place)
+        )
     if len(sets) == 1:
         return sets[0]
     paths = [p for s in sets for p in s.paths]

@@ -12,7 +12,7 @@ from typing import Literal, Protocol
 import numpy as np
 from scipy.spatial import cKDTree
 
-PositionKind = Literal["utm", "frame", "place"]
+PositionKind = Literal["utm", "frame", "place", "none"]
 
 
 class Positioned(Protocol):
@@ -28,7 +28,8 @@ class PositiveRule:
 
     - ``utm``: Euclidean distance <= ``radius`` metres (same UTM zone when zones are known);
     - ``frame``: ``|i - j| <= frame_tolerance``;
-    - ``place``: equal place identifiers.
+    - ``place``: equal place identifiers;
+    - ``none``: unlabelled images (no positions): no positives, so no recall.
     """
 
     kind: PositionKind
@@ -40,6 +41,8 @@ class PositiveRule:
             return f"distance <= {self.radius:g} m"
         if self.kind == "frame":
             return f"|i-j| <= {self.frame_tolerance}"
+        if self.kind == "none":
+            return "unlabelled"
         return "same place_id"
 
 
@@ -51,6 +54,8 @@ def compute_positives(
         return _radius_positives(database, queries, rule.radius, chunk)
     if rule.kind == "frame":
         return _frame_positives(database.positions, queries.positions, rule.frame_tolerance)
+    if rule.kind == "none":
+        return [np.zeros(0, dtype=np.int64) for _ in range(len(queries.positions))]
     return _place_positives(database.positions, queries.positions)
 
 

@@ -1,13 +1,18 @@
 """Readers that turn a folder or a CSV into an :class:`ImageSet`.
 
-Supported layouts (auto-detected by :func:`read_image_set`):
+Supported per-folder layouts (:func:`read_image_set`; labels are never guessed):
 
 - **CSV manifest**: a ``path`` column (relative to the CSV's folder) plus exactly one position
   group: ``easting,northing`` (metres), ``lat,lon`` (WGS84, converted to UTM with pyproj),
   ``frame`` (int) or ``place_id``.
 - **@UTM@ folder** (gmberton layout): file names ``@UTM_east@UTM_north@...@.jpg``.
-- **Frame-aligned traversal folder** (GardensPoint, Nordland, corridor): the k-th image in
-  sorted file-name order is frame k, so the same index is the same place in every traversal.
+- **Frame-aligned traversal folder** (GardensPoint, Nordland, corridor), only when asked for
+  (``layout="frames"`` or a frame tolerance): the k-th image in sorted file-name order is frame k.
+- **Unlabelled folder**: anything else; eval retrieves and reports no recall.
+
+``<folder>_images_paths.txt`` beside a folder (VPR-datasets-downloader) lists its images.
+Benchmark layouts that span both sides (MSLS, NetVLAD ``.mat``, ...) are in
+:mod:`placerank.data.layouts`.
 """
 
 from __future__ import annotations
@@ -95,8 +100,28 @@ def parse_utm_name(path: Path) -> tuple[float, float] | None:
         return None
 
 
+def images_paths_file(folder: Path) -> Path:
+    """``<folder>_images_paths.txt`` beside ``folder`` (VPR-datasets-downloader / gmberton's
+    test sets): one path per line, relative to ``folder``; when present it replaces globbing."""
+    return folder.parent / f"{folder.name}_images_paths.txt"
+
+
+def list_folder_images(folder: str | Path) -> list[Path]:
+    """The folder's images: from ``<folder>_images_paths.txt`` when it exists, else a sorted glob."""
+    folder = Path(folder)
+    listing = images_paths_file(folder)
+    if not listing.exists():
+        return list_images(folder)
+    names = [line.strip() for line in listing.read_text(encoding="utf-8").splitlines() if line.strip()]
+    paths = [folder / n for n in names]
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise DataError(f"{listing}: {len(missing)} listed image(s) do not exist, e.g. {missing[0]}")
+    return paths
+
+
 def read_utm_folder(folder: str | Path) -> ImageSet:
-    files = list_images(folder)
+    files = list_folder_images(folder)
     if not files:
         raise DataError(f"{folder}: no images found")
     pos = []
@@ -109,15 +134,33 @@ def read_utm_folder(folder: str | Path) -> ImageSet:
 
 
 def read_traversal_folder(folder: str | Path) -> ImageSet:
+    """Frame-aligned traversal (asked for with ``--layout frames`` or ``--frame-tolerance``):
+    the k-th image in file-name order is frame k."""
     files = list_images(folder, recursive=False)
     if not files:
         raise DataError(f"{folder}: no images found")
     return ImageSet(files, "frame", np.arange(len(files), dtype=np.int64), source=str(folder))
 
 
+def read_unlabelled_folder(folder: str | Path) -> ImageSet:
+    """Images without positions: eval retrieves for them but reports no recall."""
+    files = list_folder_images(folder)
+    if not files:
+        raise DataError(f"{folder}: no images found")
+    return ImageSet(files, "none", np.zeros(len(files), dtype=np.int64), source=str(folder))
+
+
+FOLDER_LAYOUTS = ("auto", "csv", "utm", "frames", "traversal", "unlabelled")
+
+
 def read_image_set(spec: str | Path, layout: str = "auto") -> ImageSet:
-    """Read a folder or CSV. ``layout``: auto | csv | utm | traversal."""
+    """Read a folder or CSV. ``layout``: auto | csv | utm | frames (alias traversal) | unlabelled.
+
+    ``auto`` never guesses labels: a CSV is a manifest, a folder whose names are all ``@UTM@``
+    is metric, a folder with no such name is unlabelled, and a folder mixing both is an error."""
     spec = Path(spec)
+    if layout not in FOLDER_LAYOUTS:
+        raise DataError(f"unknown layout '{layout}' for {spec}; known: {', '.join(FOLDER_LAYOUTS)}")
     if layout == "csv" or (layout == "auto" and spec.suffix.lower() == ".csv"):
         return read_csv_manifest(spec)
     if not spec.exists():
@@ -126,14 +169,23 @@ def read_image_set(spec: str | Path, layout: str = "auto") -> ImageSet:
         raise DataError(f"{spec}: expected a folder of images or a .csv manifest")
     if layout == "utm":
         return read_utm_folder(spec)
-    if layout == "traversal":
+    if layout in ("frames", "traversal"):
         return read_traversal_folder(spec)
-    files = list_images(spec)
+    if layout == "unlabelled":
+        return read_unlabelled_folder(spec)
+    files = list_folder_images(spec)
     if not files:
         raise DataError(f"{spec}: no images found")
-    if all(parse_utm_name(p) is not None for p in files):
+    named = [parse_utm_name(p) is not None for p in files]
+    if all(named):
         return read_utm_folder(spec)
-    return read_traversal_folder(spec)
+    if any(named):
+        bad = files[named.index(False)]
+        raise DataError(
+            f"{spec}: mixed layout: {sum(named)} of {len(files)} images have @UTM@ names but {bad.name} has not; "
+            "rename or remove the odd ones, or pass --layout unlabelled"
+        )
+    return read_unlabelled_folder(spec)
 
 
 def make_rule(kind: str, radius: float | None = None, frame_tolerance: int | None = None) -> PositiveRule:
@@ -141,6 +193,8 @@ def make_rule(kind: str, radius: float | None = None, frame_tolerance: int | Non
         return PositiveRule("utm", radius=25.0 if radius is None else float(radius))
     if kind == "frame":
         return PositiveRule("frame", frame_tolerance=0 if frame_tolerance is None else int(frame_tolerance))
+    if kind == "none":
+        return PositiveRule("none")
     return PositiveRule("place")
 
 
@@ -152,14 +206,35 @@ def load_dataset(
     layout: str = "auto",
     name: str | None = None,
 ) -> Dataset:
-    """Read both sides and build the positive rule that fits their positions."""
+    """Read both sides and build the positive rule that fits their positions.
+
+    Frame alignment is used only when asked for: ``layout="frames"`` (alias ``"traversal"``) or
+    an explicit ``frame_tolerance`` (a plain folder then reads as a traversal). Otherwise a plain
+    folder is unlabelled."""
     if radius is not None and frame_tolerance is not None:
         raise DataError("give either --radius (metres) or --frame-tolerance (frames), not both")
-    db = read_image_set(database, layout)
-    q = read_image_set(queries, layout)
+    db = _read_side(database, layout, frame_tolerance)
+    q = _read_side(queries, layout, frame_tolerance)
     if radius is not None and db.kind != "utm":
         raise DataError(f"--radius needs metric positions, but {database} has '{db.kind}' positions")
     if frame_tolerance is not None and db.kind != "frame":
         raise DataError(f"--frame-tolerance needs frame indices, but {database} has '{db.kind}' positions")
+    if db.kind != q.kind and "none" in (db.kind, q.kind):
+        labelled, bare = (database, queries) if q.kind == "none" else (queries, database)
+        raise DataError(
+            f"mixed layout: {labelled} has '{db.kind if q.kind == 'none' else q.kind}' positions but {bare} has "
+            "none (no @UTM@ names, manifest or known layout); give both sides positions, or neither"
+        )
     rule = make_rule(db.kind, radius, frame_tolerance)
-    return Dataset(db, q, rule, name=name or f"{Path(database).name}->{Path(queries).name}")
+    layout_name = {"utm": "utm", "frame": "frames", "place": "csv", "none": "unlabelled"}[db.kind]
+    if Path(database).suffix.lower() == ".csv":
+        layout_name = "csv"
+    protocol = {"layout": layout_name, "database": str(database), "queries": str(queries)}
+    return Dataset(db, q, rule, name=name or f"{Path(database).name}->{Path(queries).name}", protocol=protocol)
+
+
+def _read_side(spec: str | Path, layout: str, frame_tolerance: int | None) -> ImageSet:
+    images = read_image_set(spec, layout)
+    if images.kind == "none" and frame_tolerance is not None and layout == "auto":
+        return read_traversal_folder(spec)  # --frame-tolerance asks for frame alignment
+    return images

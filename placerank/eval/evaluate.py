@@ -7,39 +7,41 @@ keeping their outputs in memory, and adds the report."""
 
 from __future__ import annotations
 
-import csv
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from placerank.data.readers import load_dataset
-from placerank.descriptors.cache import image_key
+from placerank.data.dataset import Dataset
+from placerank.data.layouts import LayoutOptions, open_dataset
 from placerank.descriptors.extract import local_store_for
 from placerank.descriptors.files import extract_descriptors
-from placerank.eval.recall import DEFAULT_NS, hits_matrix, ns_for, recall_at_n
+from placerank.eval.recall import DEFAULT_NS, ns_for, recall_at_n
+from placerank.eval.report import write_examples, write_predictions
 from placerank.eval.results import EvalResult
 from placerank.index.candidates import search
 from placerank.rerank.base import shares_model_head
 from placerank.rerank.stage import rerank_candidates
-from placerank.utils import Timer, atomic_path, peak_memory_mb, resolve_device
+from placerank.utils import Timer, peak_memory_mb, resolve_device
 from placerank.version import __version__
-from placerank.viz.examples import draw_example, pick_example_queries, plot_recall_curve
+from placerank.viz.examples import plot_recall_curve
 
 
 @dataclass
 class EvalConfig:
-    database: str | Path
-    queries: str | Path
-    out: str | Path
+    database: str | Path | None = None
+    queries: str | Path | None = None
+    out: str | Path = "runs/eval"
     model: str = "effnet-lite0-gem"
     weights: str | Path | None = None
     rerank: str | None = None
     top_k: int = 20  # candidates re-ranked per query
     radius: float | None = None  # metres, for positions in metres
-    frame_tolerance: int | None = None  # frames, for frame-aligned traversals
-    layout: str = "auto"
+    frame_tolerance: int | None = None  # frames, for frame-aligned traversals (asks for frame alignment)
+    layout: str = "auto"  # see placerank.data.layouts.LAYOUTS
+    dataset: str | Path | None = None  # a dataset root (MSLS, .mat, downloader tree, .npz)
+    msls_subtask: str = "all"
+    queries_subset: str | None = None
+    images_root: str | Path | None = None
     image_size: tuple[int, int] | None = None
     device: str = "auto"
     batch_size: int = 16
@@ -57,21 +59,28 @@ def load_model(name: str, weights, image_size, device):
     return model.to(device).eval()
 
 
-def evaluate(config: EvalConfig, model=None) -> EvalResult:
+def open_eval_dataset(config: EvalConfig) -> Dataset:
+    options = LayoutOptions(
+        layout=config.layout,
+        radius=config.radius,
+        frame_tolerance=config.frame_tolerance,
+        msls_subtask=config.msls_subtask,
+        queries_subset=config.queries_subset,
+        images_root=config.images_root,
+    )
+    return open_dataset(config.database, config.queries, config.dataset, options)
+
+
+def evaluate(config: EvalConfig, model=None, dataset: Dataset | None = None) -> EvalResult:
     """Run the whole evaluation and write ``results.json``, ``recall_curve.png``,
     ``predictions.csv`` and ``examples/*.png`` under ``config.out``. A pre-built ``model`` may be
-    passed (benchmarks, recipes) instead of a registry name."""
+    passed (benchmarks, recipes) instead of a registry name, and a pre-read ``dataset`` (a named
+    benchmark split) instead of paths. Unlabelled data: predictions and pictures, no recall."""
     timer = Timer()
     t_start = time.perf_counter()
     out = Path(config.out)
     device = resolve_device(config.device)
-    ds = load_dataset(
-        config.database,
-        config.queries,
-        radius=config.radius,
-        frame_tolerance=config.frame_tolerance,
-        layout=config.layout,
-    )
+    ds = dataset if dataset is not None else open_eval_dataset(config)
     positives = ds.positives
     if model is None:
         model = load_model(config.model, config.weights, config.image_size, device)
@@ -110,7 +119,7 @@ def evaluate(config: EvalConfig, model=None) -> EvalResult:
         candidates = search(db_desc, q_desc, depth)
     ids = candidates.ids
     ns = ns_for(depth)
-    recall_first = recall_at_n(ids, positives, ns)
+    recall_first = recall_at_n(ids, positives, ns) if ds.labelled else {}
     first_stage_ids = ids.copy()
 
     rerank_info = None
@@ -128,7 +137,7 @@ def evaluate(config: EvalConfig, model=None) -> EvalResult:
             **reranked.timing_summary(),
             "ties": "broken by first-stage rank (stable sort)",
         }
-    recall = recall_at_n(ids, positives, ns)
+    recall = recall_at_n(ids, positives, ns) if ds.labelled else {}
 
     timing = {k: round(v, 3) for k, v in timer.totals.items()}
     timing.setdefault("rerank", 0.0)
@@ -141,81 +150,28 @@ def evaluate(config: EvalConfig, model=None) -> EvalResult:
         num_queries_with_positives=int(sum(len(p) > 0 for p in positives)),
         timing_s=timing,
         peak_memory_mb=round(peak_memory_mb(), 1),
-        dataset={"database": str(config.database), "queries": str(config.queries), "rule": ds.rule.describe()},
+        dataset={
+            "database": str(ds.protocol.get("database", config.database)),
+            "queries": str(ds.protocol.get("queries", config.queries)),
+            "name": ds.name,
+            "rule": ds.rule.describe(),
+            "protocol": ds.describe(),
+        },
         model=model.describe(),
         rerank=rerank_info,
         device=str(device),
         placerank_version=__version__,
+        labelled=ds.labelled,
     )
     out.mkdir(parents=True, exist_ok=True)
     result.save(out / "results.json")
-    _write_predictions(out / "predictions.csv", ds, ids, positives)
-    curves = {"global retrieval": recall_first}
-    if config.rerank:
-        curves[f"+ re-rank {config.rerank} (top-{(rerank_info or {}).get('top_k')})"] = recall
-    plot_recall_curve(
-        curves,
-        out / "recall_curve.png",
-        title=f"{model.name} | {Path(config.database).name} -> {Path(config.queries).name} | {ds.rule.describe()}",
-    )
-    _write_examples(out / "examples", ds, first_stage_ids, ids, positives, config.num_examples, reranker, store)
+    write_predictions(out / "predictions.csv", ds, ids, positives)
+    if ds.labelled:
+        curves = {"global retrieval": recall_first}
+        if config.rerank:
+            curves[f"+ re-rank {config.rerank} (top-{(rerank_info or {}).get('top_k')})"] = recall
+        plot_recall_curve(curves, out / "recall_curve.png", title=f"{model.name} | {ds.name} | {ds.rule.describe()}")
+    write_examples(out / "examples", ds, first_stage_ids, ids, positives, config.num_examples, reranker, store)
     if store is not None:
         store.close()
     return result
-
-
-def _write_predictions(path: Path, ds, ids: np.ndarray, positives) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["query", "correct_at_1", "first_positive_rank", "top5"])
-        hits = hits_matrix(ids[:, :5], positives)
-        full = hits_matrix(ids, positives)
-        for q in range(len(ids)):
-            rank = int(np.argmax(full[q])) + 1 if full[q].any() else -1
-            w.writerow(
-                [ds.queries.paths[q], int(hits[q, 0]), rank, " ".join(str(ds.database.paths[j]) for j in ids[q, :5])]
-            )
-
-
-def _write_examples(
-    folder: Path, ds, before: np.ndarray, after: np.ndarray, positives, n: int, reranker, store
-) -> None:
-    if n <= 0:
-        return
-    hb = hits_matrix(before[:, :1], positives)[:, 0]
-    ha = hits_matrix(after[:, :1], positives)[:, 0]
-    folder.mkdir(parents=True, exist_ok=True)
-    chosen = pick_example_queries(hb, ha, n)
-    top = min(5, after.shape[1])
-    for q in chosen:
-        cands = after[q, :top]
-        correct = np.isin(cands, positives[q])
-        name = Path(ds.queries.paths[q]).stem
-        draw_example(
-            ds.queries.paths[q],
-            [ds.database.paths[j] for j in cands],
-            correct.tolist(),
-            folder / f"query_{q:05d}_{name}.png",
-            labels=[Path(ds.database.paths[j]).name for j in cands],
-            title=f"query {q}: {Path(ds.queries.paths[q]).name} — top-{top}"
-            f"{' after re-ranking' if reranker is not None else ''}",
-        )
-    if reranker is not None and hasattr(reranker, "matches"):
-        try:
-            from placerank.viz.matches import draw_matches
-        except ImportError:
-            return
-        for q in chosen[:3]:
-            j = int(after[q, 0])
-            qlf = store.get(image_key(ds.queries.paths[q]))
-            clf = store.get(image_key(ds.database.paths[j]))
-            pairs = reranker.matches(qlf, clf)
-            draw_matches(
-                ds.queries.paths[q],
-                ds.database.paths[j],
-                qlf.keypoints,
-                clf.keypoints,
-                pairs,
-                folder / f"matches_{q:05d}.png",
-                title=f"{reranker.name}: {len(pairs)} matches, query {q} vs top-1 {Path(ds.database.paths[j]).name}",
-            )

@@ -24,6 +24,7 @@ class EvalResult:
     rerank: dict | None = None
     device: str = "cpu"
     placerank_version: str = ""
+    labelled: bool = True  # False: unlabelled data, ``recall`` is empty (never guessed)
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -96,15 +96,20 @@ class Database(contextlib.AbstractContextManager):
         return cls(folder, conn, device, model, weights, built=m)
 
     @classmethod
-    def open(cls, path: str | Path, model=None, weights=None, image_size=None, device: str = "auto") -> Database:
+    def open(
+        cls, path: str | Path, model=None, weights=None, image_size=None, device: str = "auto", read_only: bool = False
+    ) -> Database:
         """Open an existing database. ``model``/``weights``/``image_size``, when given, must be the
-        ones it was built with (refused otherwise); left out, the stored ones are used."""
+        ones it was built with (refused otherwise); left out, the stored ones are used.
+        ``read_only``: nothing is ever written (SQLite ``mode=ro``; a stale index is rebuilt in
+        memory only); add/remove/set_radius are refused."""
         folder = Path(path).resolve()
         if not metadata.is_initialised(folder):
             raise PlaceRankError(
                 f"{folder}: no placerank database here (build one with `placerank index FOLDER --db {path}`)"
             )
-        db = cls(folder, metadata.connect(folder), device, model, weights)
+        db = cls(folder, metadata.connect(folder, read_only=read_only), device, model, weights)
+        db.store.read_only = read_only
         try:
             meta = db.meta()
         except sqlite3.DatabaseError as e:
@@ -175,7 +180,12 @@ class Database(contextlib.AbstractContextManager):
         return self._model
 
     # -- changing it ------------------------------------------------------------------------------
+    def _check_writable(self) -> None:
+        if self.store.read_only:
+            raise PlaceRankError(f"{self.folder}: opened read-only; open it without read_only to change it")
+
     def set_radius(self, radius: float, wait: float = 0.0) -> None:
+        self._check_writable()
         if radius <= 0:
             raise PlaceRankError(f"radius must be > 0 metres, got {radius}")
         with self.store.slot.hold(wait), self.store.meta.transaction():
@@ -199,6 +209,7 @@ class Database(contextlib.AbstractContextManager):
         photos of a ``positions`` CSV (those under ``folder`` when both are given). Only new or
         changed photos are read; with ``rerank`` their local features are stored too.
         ``log``: callable for one-line progress notes (the CLI passes ``print``)."""
+        self._check_writable()
         indexer = FolderIndexer(self.store, self.features, lambda: self.model, log or (lambda msg: None), progress)
         with self.store.slot.hold(wait):
             self.store.index()
@@ -214,6 +225,7 @@ class Database(contextlib.AbstractContextManager):
         """Drop photos (or every photo under a folder) from the database. The photos themselves
         are not touched. Their local features stay in the store (keyed by content) until the
         database is rebuilt."""
+        self._check_writable()
         report = RemoveReport()
         with self.store.slot.hold(wait):
             self.store.index()

@@ -102,11 +102,15 @@ def is_initialised(folder: Path) -> bool:
         raise PlaceRankError(f"{path}: not a readable placerank database ({e})") from None
 
 
-def connect(folder: Path) -> sqlite3.Connection:
+def connect(folder: Path, read_only: bool = False) -> sqlite3.Connection:
+    """The database's connection; ``read_only``: SQLite's ``mode=ro`` (every write is refused)."""
     try:
-        conn = sqlite3.connect(folder / DB_FILE, timeout=60, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
+        if read_only:
+            conn = sqlite3.connect(f"file:{folder / DB_FILE}?mode=ro", uri=True, timeout=60, isolation_level=None)
+        else:
+            conn = sqlite3.connect(folder / DB_FILE, timeout=60, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
     except sqlite3.DatabaseError as e:
         raise PlaceRankError(f"{folder / DB_FILE}: not a readable placerank database ({e})") from None

@@ -165,6 +165,7 @@ def localize(
                 easting=r.easting,
                 northing=r.northing,
                 utm_zone=utm_label(r.epsg),
+                id=r.id,
             )
         )
     query_gps = None

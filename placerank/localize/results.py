@@ -61,6 +61,7 @@ class Match:
     easting: float | None
     northing: float | None
     utm_zone: str
+    id: int | None = None  # the database row id (``placerank serve``'s /v1/places/{id})
 
 
 @dataclass

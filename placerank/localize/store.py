@@ -42,6 +42,7 @@ class Store:
         self._index: IdMapIndex | None = None
         self._saved = -1  # generation of the index file on disk, as far as this object knows
         self.index_rebuilt = False  # True when the last index load had to rebuild from SQLite
+        self.read_only = False  # True: a rebuilt index stays in memory (nothing is written)
 
     def index(self) -> IdMapIndex:
         """The in-memory index for the database's current generation (loaded, or rebuilt from
@@ -57,7 +58,7 @@ class Store:
             index, rebuilt = IdMapIndex.open(self.folder, expected, ids, self.images.descriptor_chunks)
         self._index, self.index_rebuilt = index, rebuilt
         self._saved = -1 if rebuilt else index.generation
-        if rebuilt:
+        if rebuilt and not self.read_only:
             with self.slot.try_hold() as holding:
                 if holding and self.meta.generation == index.generation:
                     self.save_index()

@@ -26,15 +26,18 @@ top level, so state-dict keys match the official table.
 Local features (fixes the official padded 3600 x 128 sets, issue #10): variable-length sets with
 pixel positions and region scores, one of three ``local_mode`` s:
 
-- ``"pool3"`` (default): one 128-d feature per selected patch, the mean of the L2-normalised
-  up-conv cells in the 3 x 3 window at the patch centre (the descriptor FoL's
-  pseudo-correspondence loss trains). 225 x (256 + 12) B = 60 KB per image in the float16 store.
+- ``"dense"`` (default of ``fol-vit*``, :data:`VIT_LOCAL_MODE`): every up-conv cell whose
+  nearest patch is selected — the official set (~9-16 cells per patch, ~3,000-3,600 per image,
+  ~0.8-0.9 MB in float16), so the official weights re-rank as the paper does.
+- ``"pool3"`` (default of the CNN, :data:`CNN_LOCAL_MODE`): one 128-d feature per selected
+  patch, the mean of the L2-normalised up-conv cells in the 3 x 3 window at the patch centre
+  (the descriptor FoL's pseudo-correspondence loss trains). 225 x (256 + 12) B = 60 KB per image
+  in the float16 store.
 - ``"center"``: one feature per selected patch, the single up-conv cell at the patch centre
   (cell (4r, 4c), which depends on that patch alone: computed without the dense map). Same size.
-- ``"dense"``: every up-conv cell whose nearest patch is selected (the official set, ~9-16 per
-  patch, ~3,000+ per image, ~0.8 MB in float16); kept for parity measurements.
 
-On held-out GardensPoint (docs/fol.md) ``pool3`` re-ranks best at the 60 KB budget.
+On held-out GardensPoint (docs/fol.md) ``pool3`` keeps R@1 0.95-0.975 of dense's 1.000 at 15x
+less storage and ~235x less scoring time, hence the CNN recipe's default.
 
 Modules: :mod:`~placerank.models.fol_backbones`, :mod:`~placerank.models.fol_aggregator`, this one
 (the model), :mod:`~placerank.models.fol_checkpoints` (official files, §7) and
@@ -59,12 +62,23 @@ from placerank.models.fol_aggregator import LOCAL_MODES, FoLAggregator, FoLConfi
 from placerank.models.local_head import UpConvLocalHead
 from placerank.options import parse_options
 
-__all__ = ["LOCAL_MODES", "FoLConfig", "FoLLocalOptions", "FoLModel", "FoLOutput", "RegionSet"]
+__all__ = [
+    "CNN_LOCAL_MODE",
+    "LOCAL_MODES",
+    "VIT_LOCAL_MODE",
+    "FoLConfig",
+    "FoLLocalOptions",
+    "FoLModel",
+    "FoLOutput",
+    "RegionSet",
+]
 
 VIT_PREPROCESS = Preprocess(size=(504, 504))  # ImageNet mean/std, hard square resize (§2.2)
 CNN_PREPROCESS = Preprocess(size=(360, 640), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))  # timm tf_ stats
 ARCH_LABEL = {"vits14": "ViT-S/14", "vitb14": "ViT-B/14", "vitl14": "ViT-L/14"}
 OFFICIAL_FILES = {"vitl14": "FoL_large.pth", "vitb14": "FoL_base.pth"}
+VIT_LOCAL_MODE = "dense"  # the official re-ranking cell set (spec §2.6, §5)
+CNN_LOCAL_MODE = "pool3"  # the CPU recipe's compact set (docs/fol.md, measured)
 
 # ---------------------------------------------------------------------------------------------
 # The model

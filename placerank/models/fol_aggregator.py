@@ -29,7 +29,7 @@ class FoLConfig:
     sinkhorn_iters: int = 3
     attention_threshold: float = 0.01  # Ã = A where A >= 0.01, else 0 (§2.4)
     num_regions: int = 225  # top-N patches of the region score (§2.5)
-    local_mode: str = "pool3"
+    local_mode: str = "pool3"  # the CNN default; fol-vit* builders pass "dense" (the official set)
     train_blocks: int = 4  # trainable last blocks (ViT blocks / CNN inverted-residual blocks)
     clip_fraction: float = 0.05  # percentile clipping position (§2.5)
     clip_top: int = 3

@@ -16,6 +16,7 @@ from placerank.models.fol import (
     CNN_PREPROCESS,
     LOCAL_MODES,
     OFFICIAL_FILES,
+    VIT_LOCAL_MODE,
     VIT_PREPROCESS,
     FoLConfig,
     FoLModel,
@@ -71,11 +72,13 @@ def build_fol_vit(
     train_blocks: int | None = None,
     name: str | None = None,
 ) -> FoLModel:
-    """Randomly initialised FoL ViT (under ``torch.device('meta')`` it allocates nothing)."""
+    """Randomly initialised FoL ViT (under ``torch.device('meta')`` it allocates nothing).
+    ``local_mode`` None: ``"dense"``, the official cell set (every up-conv cell of the top-225
+    patches), so the official weights re-rank as the paper does."""
     size = normalize_image_size(image_size) or (VIT_PREPROCESS.size if arch != "vitb14" else (322, 322))
     if size[0] % 14 or size[1] % 14:
         raise WeightsError(f"DINOv2 input size must be a multiple of 14 px, got {size[0]}x{size[1]}")
-    cfg = _config(num_regions, local_mode, train_blocks)
+    cfg = _config(num_regions, VIT_LOCAL_MODE if local_mode is None else local_mode, train_blocks)
     return FoLModel(
         name or f"fol-{arch}",
         FoLViTBackbone(arch, cfg.train_blocks),

@@ -5,15 +5,22 @@ cosine > 0.7 between the query's and the candidate's region features; candidates
 by that count, ties by first-stage rank (global similarity is not fused, as in the official
 code). The region is the top-N (225) patches of the aggregator's keep-mass map Mᵃ.
 
-Storage (the difference from the official code): the official code keeps every up-conv cell
-inside the region, zero-padded to 3600 x 128 float32 = 1.84 MB per image, with no positions.
-Here each image stores a variable-length set with pixel positions in the float16
-:class:`LocalFeatureStore` — by default (``mode="pool3"``) one 128-d feature per selected
-patch, the mean of the normalised up-conv cells in the 3 x 3 window at the patch centre:
-225 x (256 B desc + 8 B position + 4 B score) = 60.3 KB per image, read (memory-mapped) only
-for the candidates. ``mode="center"`` (the single centre cell, same size) and ``mode="dense"``
-(the official cell set, ~0.8 MB per image in float16) are there for comparison; the model's
-``local_mode`` is the default. Scoring is one batched matrix product per chunk of
+The region's features follow the model's ``local_mode`` (the ``mode`` option overrides it):
+
+- ``dense`` (default of ``fol-vit*``, so official weights re-rank as the paper does): every
+  up-conv cell of the top-225 patches, the official set (~3,000-3,600 features, ~0.8-0.9 MB per
+  image in float16 with positions; the official code zero-pads to 3600 x 128 float32 = 1.84 MB
+  without positions — zero rows never pass the 0.7 threshold nor take a mutual match above it,
+  so the counts are the same, tested);
+- ``pool3`` (default of ``fol-effnet-lite0``): one 128-d feature per selected patch, the mean of
+  the normalised up-conv cells in the 3 x 3 window at the patch centre: 225 x (256 B desc + 8 B
+  position + 4 B score) = 60.3 KB per image (measured in docs/fol.md: R@1 0.975 vs dense's
+  1.000 at 15x less storage, ~235x faster scoring);
+- ``center``: the single centre cell per patch, same size as pool3.
+
+Every surviving mutual pair counts (``min_matches=0``, the official behaviour). Features are
+read (memory-mapped) from the float16 :class:`LocalFeatureStore` only for the candidates.
+Scoring is one batched matrix product per chunk of
 candidates: on GPU :func:`placerank.rerank.mutual_nn.mnn_counts` (``bmm``), on CPU
 :func:`~placerank.rerank.mutual_nn.mnn_counts_cpu` (one GEMM + numpy argmaxes, same counts).
 """
@@ -101,7 +108,8 @@ class FoLRegionReranker(Reranker):
 
 @register_reranker(
     "fol-region",
-    "FoL: count of mutual NNs (cos > 0.7) between top-225 region features (60 KB/image); needs a fol-* model",
+    "FoL: count of mutual NNs (cos > 0.7) between top-225 region features (official dense cells for "
+    "fol-vit*, 60 KB/image pool3 for the CNN); needs a fol-* model",
     needs_model=True,
 )
 def _fol_region(

@@ -61,20 +61,38 @@ def mutual_nn_pairs(
 
 
 def mnn_mean_similarity(f: torch.Tensor, g: torch.Tensor, threshold: float | None = None) -> torch.Tensor:
-    """Mean cosine of the mutual-NN pairs of unit-vector sets f (n, D), g (m, D), with gradient.
+    """Mean cosine of the mutual-NN pairs of unit-vector sets f (n, D), g (m, D), with gradient:
+    the training similarity of the official SelaVPR / FoL ``match_batch_tensor``.
 
     The n x m similarity matrix is computed without autograd (it only selects the pairs); the
     selected pairs' dot products are recomputed with gradients, so the backward pass costs
     O(|M| D), not two more n x m x D products. Value and gradient equal those of
-    ``(f @ g.t())[i, j].mean()`` (tested). Fallback when at most one pair survives (the official
-    code's quirk): the mean of ``f_k . g_k`` over the common index range, which keeps a gradient.
+    ``(f @ g.t())[i, j].mean()`` (tested). Edge cases, as the official code behaves:
+
+    - exactly one mutual pair *before* the threshold (the official index tensor is then 0-d, a
+      quirk): the mean of ``f_k . g_k`` over the common index range, with gradient (SelaVPR,
+      threshold None: ``|M| = 1``; ``M`` is never empty for non-empty sets);
+    - with ``threshold`` (FoL, 0.7): the mean over the pairs with cosine > threshold; one
+      surviving pair gives its cosine; **none gives NaN** (the official mean of an empty set), a
+      constant with no graph so the caller can drop the term
+      (:func:`placerank.train.losses.fol.local_triplet_loss` does);
+    - an empty set: NaN (no pair exists).
     """
+    nan = torch.full((), float("nan"), dtype=torch.float32, device=f.device)
+    if f.shape[0] == 0 or g.shape[0] == 0:
+        return nan
     with torch.no_grad():
         sim = f.detach() @ g.detach().t()
-        i, j = mutual_nn_indices(sim, threshold)
-    if i.numel() <= 1:
+        i, j = mutual_nn_indices(sim)
+        single = i.numel() <= 1
+        if not single and threshold is not None:
+            keep = sim[i, j] > threshold
+            i, j = i[keep], j[keep]
+    if single:
         n = min(f.shape[0], g.shape[0])
         return (f[:n] * g[:n]).sum(dim=1).mean()
+    if i.numel() == 0:
+        return nan
     return (f[i] * g[j]).sum(dim=1).mean()
 
 
@@ -91,7 +109,10 @@ def mnn_counts(
 
     Candidates are compared ``chunk`` at a time with one ``bmm``, zero-padded per chunk; padded
     rows are masked to -inf so they can never be mutual. ``min_matches``: counts below it become
-    0 (SelaVPR/FoL score exactly one match as 0; pass 2 to reproduce that quirk).
+    0. SelaVPR (no threshold) officially scores a single mutual pair as 0: ``min_matches=2``.
+    FoL (threshold 0.7) officially counts every surviving pair, one included:
+    ``min_matches=0``. (The official FoL code scores 0 only when exactly one mutual pair exists
+    *before* the threshold, which needs near-degenerate sets; not reproduced, docs/fol.md.)
     """
     device = torch.device(device)
     q = _tensor(query).to(device, torch.float32)

@@ -158,8 +158,10 @@ class ValidationSet:
     Recall@``select_n`` (ties: the better R@1, then R@5, then the earlier epoch) becomes ``model.pt``.
 
     Why: the CPU recipes train on a few hundred images, and recall on unseen frames peaks and
-    then slips as the model over-fits; picking the epoch on validation frames (never the test
-    frames) is how the official SelaVPR and SFRS code choose their released models (best R@5).
+    then slips as the model over-fits. The official code also picks its released models by
+    validation R@5: SelaVPR on the **re-ranked** R@5 with patience 3 (``--method selavpr``
+    passes ``rerank`` to :meth:`recall`), SFRS on the global R@5. Here the validation frames are
+    never the test frames.
     """
 
     dataset: Dataset
@@ -196,14 +198,26 @@ class ValidationSet:
             raise DataError(f"validation pair {database} / {queries}: no query has a positive in the database")
         return cls(ds, select_n)
 
-    def recall(self, database: np.ndarray, queries: np.ndarray) -> dict[str, float]:
+    def recall(
+        self,
+        database: np.ndarray,
+        queries: np.ndarray,
+        rerank: Callable[[np.ndarray], np.ndarray] | None = None,
+        top_k: int = 100,
+    ) -> dict[str, float]:
         """Recall@1/5/10 of L2-normalised descriptors by inner product (exact flat search in
-        query chunks, as eval: no queries x database matrix)."""
+        query chunks, as eval: no queries x database matrix).
+
+        ``rerank`` (ids (Q, K) -> re-ordered ids): the first-stage top-``top_k`` candidates are
+        re-ordered before recall is counted — the official SelaVPR selects its model on the
+        re-ranked R@5 (spec selavpr.md §4.3); SFRS selects on the global recall."""
         from placerank.eval.recall import recall_at_n
         from placerank.index.flat import FlatIndex
 
-        depth = min(10, len(database))
+        depth = min(max(10, top_k) if rerank is not None else 10, len(database))
         _, ids = FlatIndex.build(np.asarray(database, dtype=np.float32)).search(queries, depth)
+        if rerank is not None:
+            ids = rerank(ids)
         return recall_at_n(ids, self.dataset.positives, [n for n in (1, 5, 10) if n <= depth])
 
     def key(self, recall: dict[str, float]) -> tuple[float, float, float]:

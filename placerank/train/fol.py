@@ -12,9 +12,11 @@ Training data: CSV manifests / traversal folders / Nordland roots and GSV-Cities
 (``Dataframes/`` + ``Images/``), read by :func:`placerank.data.places.read_training_set`.
 
 ``--option KEY=VALUE`` keys: ``num_regions``, ``local_mode`` (test-time region features:
-pool3 | center | dense), ``train_local_mode`` (the triplet loss's, default center),
+pool3 | center | dense; default dense for fol-vit*, pool3 for the CNN), ``train_local_mode``
+(the triplet loss's; default dense for fol-vit* as the official code, center for the CNN),
 ``train_blocks``, ``weight_decay``, ``lr_decay_iters``, ``lr_final_factor``, ``amp``,
-``max_steps``, ``gsv_cities`` (comma-separated city names), ``gsv_min_images``, and every field
+``max_steps``, ``gsv_cities`` (comma-separated city names), ``gsv_min_images``, ``gsv_recent``
+(GSV-Cities: the K most recent images per place, official; default true), and every field
 of :class:`FoLLossConfig` (``w_ms``, ``w_local``, ``w_sal``, ``w_cel``, ``w_ws``, thresholds …).
 Deviation from the official script, recorded here: images are normalised with the model's
 preprocessing (the official training feeds raw [0, 1] pixels but evaluates normalised ones,
@@ -61,8 +63,12 @@ class FoLTrainOptions:
     """Method-specific options (``--option KEY=VALUE``)."""
 
     num_regions: int = 225
-    local_mode: str = "pool3"  # the model's test-time region features (stored in model.pt)
-    train_local_mode: str = "center"  # region features of the local triplet loss during training
+    # The model's test-time region features (stored in model.pt). "": the model's default —
+    # dense (the official cell set) for fol-vit*, pool3 for the CNN.
+    local_mode: str = ""
+    # Region features of the local triplet loss. "": dense for fol-vit* (official: every region
+    # cell, with gradient), center for the CNN (the CPU step; measured in docs/fol.md).
+    train_local_mode: str = ""
     train_blocks: int = 4
     weight_decay: float = 9.5e-9
     lr_decay_iters: int = 10000
@@ -71,6 +77,9 @@ class FoLTrainOptions:
     max_steps: int = 0  # 0: no limit
     gsv_cities: str = ""  # comma-separated dataframe names; empty: all
     gsv_min_images: int = 4
+    # GSV-Cities: keep the --images-per-place most recent images of each place by (year, month,
+    # lat) — the official deterministic choice; false: every image, K drawn at random per epoch.
+    gsv_recent: bool = True
 
 
 @dataclass
@@ -95,9 +104,26 @@ def model_name_for(backbone: str) -> str:
 
 
 def read_places(config: TrainConfig, opts: FoLTrainOptions) -> ImageSet:
-    """Place-labelled images from traversal folders / CSVs / Nordland and GSV-Cities roots."""
+    """Place-labelled images from traversal folders / CSVs / Nordland and GSV-Cities roots
+    (GSV-Cities: the ``--images-per-place`` most recent images per place, as the official code,
+    unless ``gsv_recent=false``)."""
     cities = [c for c in opts.gsv_cities.split(",") if c] or None
-    return read_training_set(config.train, config.frames, cities, opts.gsv_min_images)
+    recent = config.images_per_place if opts.gsv_recent else None
+    return read_training_set(config.train, config.frames, cities, opts.gsv_min_images, recent)
+
+
+def resolve_local_modes(name: str, opts: FoLTrainOptions) -> tuple[str, str]:
+    """(test-time local_mode, train_local_mode) with the defaults filled in: the official
+    ``dense`` / ``dense`` for ``fol-vit*``, ``pool3`` / ``center`` for the CNN."""
+    from placerank.models.fol import CNN_LOCAL_MODE, LOCAL_MODES, VIT_LOCAL_MODE
+
+    vit = name.startswith("fol-vit")
+    mode = opts.local_mode or (VIT_LOCAL_MODE if vit else CNN_LOCAL_MODE)
+    train_mode = opts.train_local_mode or ("dense" if vit else "center")
+    for key, value in (("local_mode", mode), ("train_local_mode", train_mode)):
+        if value not in LOCAL_MODES:
+            raise PlaceRankError(f"unknown {key} '{value}' (known: {', '.join(LOCAL_MODES)})")
+    return mode, train_mode
 
 
 def lr_factor(step: int, decay_iters: int, final: float) -> float:
@@ -137,10 +163,7 @@ def train_fol(config: TrainConfig) -> Path:
 
     opts, loss_cfg = fol_options(config.options)
     name = model_name_for(config.backbone)
-    from placerank.models.fol import LOCAL_MODES
-
-    if opts.train_local_mode not in LOCAL_MODES:
-        raise PlaceRankError(f"unknown train_local_mode '{opts.train_local_mode}' (known: {', '.join(LOCAL_MODES)})")
+    local_mode, train_local_mode = resolve_local_modes(name, opts)
     if config.images_per_place < 2:
         raise PlaceRankError("fol needs --images-per-place >= 2 (positives for the MS, local, CEL and WS losses)")
     seed_everything(config.seed)
@@ -152,7 +175,7 @@ def train_fol(config: TrainConfig) -> Path:
         weights=config.weights,
         image_size=config.image_size,
         num_regions=opts.num_regions,
-        local_mode=opts.local_mode,
+        local_mode=local_mode,
         train_blocks=opts.train_blocks,
     )
     model_kwargs = {
@@ -206,7 +229,7 @@ def train_fol(config: TrainConfig) -> Path:
                 "lr": lr,
                 "device": str(device),
                 "trainable_params": int(sum(p.numel() for p in params)),
-                "options": asdict(opts),
+                "options": {**asdict(opts), "local_mode": local_mode, "train_local_mode": train_local_mode},
                 "loss": asdict(loss_cfg),
             }
         )
@@ -223,7 +246,7 @@ def train_fol(config: TrainConfig) -> Path:
         for images, labels in bar:
             images, labels = images.to(device, non_blocking=True), labels.to(device)
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                loss, log = fol_step_loss(model, criterion, images, labels, opts.train_local_mode)
+                loss, log = fol_step_loss(model, criterion, images, labels, train_local_mode)
             if not math.isfinite(float(loss.detach())):
                 raise PlaceRankError(f"fol training diverged at step {step} (loss {float(loss)}); lower --lr")
             optimizer.zero_grad(set_to_none=True)

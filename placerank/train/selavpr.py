@@ -18,8 +18,12 @@ tensors + optimizer, for resume) and ``RUN_DIR/model.pt`` (a placerank checkpoin
 ``--weights``); ``log.jsonl`` gets one line per step and per epoch. ``--max-minutes`` stops
 cleanly after the current step and saves both files. With a validation pair
 (``--option val_database=... --option val_queries=...``) recall is measured after every epoch
-and ``model.pt`` is the best epoch so far (R@``val_select_n``, default 5 as the official code selects its
-model; ties: R@1, then the earlier epoch); ``last.pt`` is then the latest epoch.
+and ``model.pt`` is the best epoch so far (R@``val_select_n``, default 5; ties: R@1, then the
+earlier epoch). DINOv2 backbones select as the official code: on the **re-ranked** recall (the
+global top-``val_rerank_top_k`` = 100 re-ordered by the MNN count) and stop after
+``val_patience`` = 3 validations without improvement; the CNN recipe keeps its measured setting
+(global recall, every epoch run); ``val_rerank`` / ``val_patience`` override either. ``last.pt``
+is then the latest epoch.
 
 Method options (``--option KEY=VALUE``): see :class:`SelaVPROptions`.
 """
@@ -49,7 +53,12 @@ from placerank.train.common import (
     seed_everything,
 )
 from placerank.train.losses.selavpr import SelaVPRLossConfig, selavpr_loss
-from placerank.train.selavpr_mining import FeatureSource, compute_descriptors, mine_tuples
+from placerank.train.selavpr_mining import (
+    FeatureSource,
+    compute_descriptors,
+    mine_tuples,
+    reranked_validation_recall,
+)
 from placerank.utils import resolve_device
 
 BACKBONES = {
@@ -82,6 +91,13 @@ class SelaVPROptions:
     val_radius: float = -1.0
     val_frames: tuple[int, ...] = ()  # START,STOP: keep validation frames START <= k < STOP
     val_select_n: int = 5  # the Recall@N that picks the epoch (official: 5; 1 when R@5 saturates)
+    # Select on the recall after MNN re-ranking of the top val_rerank_top_k (official) or on the
+    # global recall; "auto": re-ranked for DINOv2 backbones, global for the CNN (the measured recipe).
+    val_rerank: str = "auto"  # auto | true | false
+    val_rerank_top_k: int = 100  # candidates re-ranked in validation (official: 100)
+    # Stop after this many validations without improvement; -1: 3 (official) for DINOv2
+    # backbones, 0 (never: run every epoch, the measured recipe) for the CNN.
+    val_patience: int = -1
 
     @classmethod
     def parse(cls, values) -> SelaVPROptions:
@@ -97,7 +113,18 @@ class SelaVPROptions:
         ):
             if getattr(out, k) < 1:
                 raise PlaceRankError(f"selavpr option {k} must be >= 1, got {getattr(out, k)}")
+        if out.val_rerank not in ("auto", "true", "false"):
+            raise PlaceRankError(f"selavpr option val_rerank must be auto, true or false, got '{out.val_rerank}'")
         return out
+
+    def official_selection(self, backbone: str) -> tuple[bool, int]:
+        """(select on the re-ranked recall?, patience) with "auto" / -1 resolved: the official
+        re-ranked R@5 with patience 3 for DINOv2 backbones, global recall without early stop for
+        the CNN recipe."""
+        vit = backbone.startswith("dinov2-")
+        rerank = vit if self.val_rerank == "auto" else self.val_rerank == "true"
+        patience = (3 if vit else 0) if self.val_patience < 0 else self.val_patience
+        return rerank, patience
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,6 +208,7 @@ def train_selavpr(config: TrainConfig) -> Path:
     optimizer = torch.optim.Adam(params, lr=lr)
     loss_config = SelaVPRLossConfig(margin=opts.margin, local_weight=opts.local_weight)
 
+    val_rerank, val_patience = opts.official_selection(config.backbone)
     val = ValidationSet.from_options(
         opts.val_database,
         opts.val_queries,
@@ -189,7 +217,7 @@ def train_selavpr(config: TrainConfig) -> Path:
         opts.val_select_n,
         opts.val_frames,
     )
-    start_epoch, step, best = 0, 0, None
+    start_epoch, step, best, not_improved = 0, 0, None, 0
     state = run.load_checkpoint()
     if state is not None:
         own = trainable_state(model)
@@ -201,6 +229,7 @@ def train_selavpr(config: TrainConfig) -> Path:
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, step = int(state["epoch_done"]), int(state["step"])
         best = state.get("best")
+        not_improved = int(state.get("not_improved", 0))
         model.invalidate_weights_id()
         print(f"resuming {run.path} after epoch {start_epoch} (step {step})", file=sys.stderr)
 
@@ -230,13 +259,18 @@ def train_selavpr(config: TrainConfig) -> Path:
     def validate(epochs_done: int) -> dict[str, float]:
         assert val is not None and val_source is not None
         n_db = len(val.dataset.database)
-        desc = compute_descriptors(model, val_source, np.arange(len(val_source.paths)), opts.cache_batch)
-        rec = val.recall(desc[:n_db], desc[n_db:])
+        if val_rerank:
+            rec = reranked_validation_recall(
+                model, val, device, opts.val_rerank_top_k, opts.cache_batch, config.num_workers
+            )
+        else:
+            desc = compute_descriptors(model, val_source, np.arange(len(val_source.paths)), opts.cache_batch)
+            rec = val.recall(desc[:n_db], desc[n_db:])
         run.log({"event": "validation", "epochs_done": epochs_done, "step": step, "recall": rec})
         return rec
 
     def save(epoch_done: int, partial: bool, recall: dict | None = None) -> None:
-        nonlocal best
+        nonlocal best, not_improved
         extra = {
             "method": "selavpr",
             "epochs_done": epoch_done,
@@ -250,9 +284,12 @@ def train_selavpr(config: TrainConfig) -> Path:
             save_placerank_checkpoint(model, run.path / "last.pt", model_kwargs=model_kwargs, extra=extra)
             if recall is not None and val.improves(recall, None if best is None else best["recall"]):
                 best = {"epoch": epoch_done, "step": step, "recall": recall}
+                not_improved = 0
                 save_placerank_checkpoint(
                     model, run.model_path, model_kwargs=model_kwargs, extra={**extra, "validation": best}
                 )
+            elif recall is not None:
+                not_improved += 1
         run.save_checkpoint(
             {
                 "epoch_done": epoch_done,
@@ -263,6 +300,7 @@ def train_selavpr(config: TrainConfig) -> Path:
                 "options": asdict(opts),
                 "model_kwargs": model_kwargs,
                 "best": best,
+                "not_improved": not_improved,
             }
         )
 
@@ -344,6 +382,9 @@ def train_selavpr(config: TrainConfig) -> Path:
                 "mean_loss": float(np.mean(epoch_losses)) if epoch_losses else math.nan,
             }
         )
+        if val is not None and val_patience > 0 and not_improved >= val_patience:
+            run.log({"event": "stopped", "reason": "patience", "epoch": epoch, "not_improved": not_improved})
+            break
     if not run.model_path.exists():  # e.g. resumed a finished run: still hand back a model
         done = max(start_epoch, config.epochs)
         save(done, partial=False, recall=validate(done) if val is not None else None)

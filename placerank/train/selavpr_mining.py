@@ -126,3 +126,54 @@ def mine_tuples(
         nearest = np.argsort(d, kind="stable")[:num_negatives]
         tuples.append([q, best_pos, *[int(cand[i]) for i in nearest]])
     return np.array(tuples, dtype=np.int64).reshape(-1, 2 + num_negatives)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation as the official code selects its model: recall after MNN re-ranking
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_global_and_local(
+    model: SelaVPRModel, paths, device, batch_size: int = 16, num_workers: int | None = None
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Global descriptors (n, D) and dense local descriptors (float16, as the eval store keeps
+    them) of images ``paths``, from one :meth:`SelaVPRModel.encode` pass each (eval mode)."""
+    was_training = model.training
+    model.eval()
+    g = np.zeros((len(paths), model.descriptor_dim), dtype=np.float32)
+    local: list[np.ndarray] = [np.zeros((0, model.local_dim), np.float16)] * len(paths)
+    for idx, images, _, errors in make_loader(list(paths), model.preprocess, batch_size, num_workers):
+        check_batch_errors(errors)
+        gb, lb = model.encode(images.to(device), None, {})
+        assert lb is not None
+        for k, i in enumerate(idx.tolist()):
+            g[i] = gb[k].cpu().numpy()
+            local[i] = lb[k].descriptors.astype(np.float16)
+    model.train(was_training)
+    return g, local
+
+
+def reranked_validation_recall(
+    model: SelaVPRModel, val, device, top_k: int = 100, batch_size: int = 16, num_workers: int | None = None
+) -> dict[str, float]:
+    """Recall@1/5/10 of a :class:`~placerank.train.common.ValidationSet` after re-ranking each
+    query's global top-``top_k`` by SelaVPR's MNN count (``--rerank selavpr-mnn``, official
+    settings: a single mutual match scores 0, ties keep the global order) — the metric the
+    official training selects its model on (R@5, patience 3)."""
+    from placerank.models.base import LocalFeatures
+    from placerank.rerank.selavpr_mnn import SelaVPRMNNReranker
+    from placerank.rerank.topk import rerank_topk
+
+    paths = list(val.dataset.database.paths) + list(val.dataset.queries.paths)
+    g, local = encode_global_and_local(model, paths, device, batch_size, num_workers)
+    n_db = len(val.dataset.database)
+    reranker = SelaVPRMNNReranker(model, device=device)
+
+    def feats(i: int) -> LocalFeatures:
+        return LocalFeatures(keypoints=np.zeros((len(local[i]), 2), np.float32), descriptors=local[i])
+
+    def rerank(ids: np.ndarray) -> np.ndarray:
+        return rerank_topk(reranker, ids, top_k, lambda q: feats(n_db + q), feats, progress=False).ids
+
+    return val.recall(g[:n_db], g[n_db:], rerank=rerank, top_k=top_k)

@@ -71,13 +71,14 @@ def _thumb(path: Path, height: int) -> Image.Image:
 def draw_example(
     query_path: Path,
     candidate_paths: Sequence[Path],
-    correct: Sequence[bool],
+    correct: Sequence[bool] | None,
     out_path: str | Path,
     labels: Sequence[str] | None = None,
     title: str = "",
     height: int = 160,
 ) -> None:
-    """Query on the left (grey frame), top-N candidates right of it framed green/red."""
+    """Query on the left (grey frame), top-N candidates right of it framed green/red (grey and
+    unmarked when ``correct`` is None: unlabelled data)."""
     border, pad, text_h = 6, 8, 22
     tiles = [_thumb(query_path, height)] + [_thumb(p, height) for p in candidate_paths]
     width = sum(t.width + 2 * border for t in tiles) + pad * (len(tiles) + 1)
@@ -87,12 +88,12 @@ def draw_example(
     draw.text((pad, 4), title[:160], fill=(0, 0, 0), font=font)
     x = pad
     for i, tile in enumerate(tiles):
-        colour = GREY if i == 0 else (GREEN if correct[i - 1] else RED)
+        colour = GREY if i == 0 or correct is None else (GREEN if correct[i - 1] else RED)
         y = text_h + pad
         draw.rectangle([x, y, x + tile.width + 2 * border - 1, y + height + 2 * border - 1], fill=colour)
         canvas.paste(tile, (x + border, y + border))
         caption = "query" if i == 0 else (labels[i - 1] if labels else f"#{i}")
-        caption += "" if i == 0 else ("  ✓" if correct[i - 1] else "  ✗")
+        caption += "" if i == 0 or correct is None else ("  ✓" if correct[i - 1] else "  ✗")
         draw.text((x, y + height + 2 * border + 3), caption[:40], fill=(0, 0, 0) if i == 0 else colour, font=font)
         x += tile.width + 2 * border + pad
     with atomic_path(out_path) as tmp:

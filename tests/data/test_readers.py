@@ -25,7 +25,7 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
 
 
 def test_traversal_folder_frames_follow_file_names(gardens):
-    s = read_image_set(gardens / "day_right")
+    s = read_image_set(gardens / "day_right", "frames")
     assert s.kind == "frame" and len(s) == 140
     assert [p.name for p in s.paths[:3]] == ["Image000.jpg", "Image001.jpg", "Image002.jpg"]
     assert s.positions.tolist() == list(range(140))

@@ -196,3 +196,16 @@ def test_pooled_cells_equal_dense_pooling():
         r = torch.tensor([0, 1, 13, 14, 28, 27, 5])
         c = torch.tensor([0, 52, 51, 9, 10, 2, 3])
         assert torch.allclose(model.pooled_cells(fmap, b, r, c), P[b, :, r, c], atol=1e-6)
+
+
+def test_official_backbones_default_to_the_official_dense_cells():
+    """`placerank eval --model fol-vitl14 --weights FoL_large.pth --rerank fol-region` re-ranks the
+    official cell set (every up-conv cell of the top-225 patches); the CNN keeps pool3."""
+    from placerank.rerank.fol_region import FoLRegionReranker
+
+    with torch.device("meta"):
+        vitl = create("fol-vitl14", pretrained=False)
+    assert vitl.cfg.local_mode == "dense" and vitl.cfg.num_regions == 225
+    assert FoLRegionReranker(vitl).mode == "dense" and FoLRegionReranker(vitl).min_matches == 0
+    assert create("fol-effnet-lite0", pretrained=False).cfg.local_mode == "pool3"
+    assert create("fol-vits14", pretrained=False, local_mode="pool3").cfg.local_mode == "pool3"

@@ -85,9 +85,29 @@ def vits_source():
 
 
 @pytest.fixture(scope="module")
-def vits_official(vits_source, tmp_path_factory):
+def vits_file_state(shared_data) -> dict[str, torch.Tensor]:
+    """ViT-S/14 (C = 384, 12 blocks) ``model_state_dict`` built from the spec's §7.3 key table
+    (not from the model): random values, LayerScale 0.1, norms 1, GeM p 2.71, non-zero adapters."""
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for k, shape in spec_table(shared_data, 384, 12).items():
+        if k.endswith(("norm1.weight", "norm2.weight", "norm.weight")):
+            out[k] = torch.ones(shape)
+        elif k.endswith("gamma"):
+            out[k] = torch.full(shape, 0.1)
+        elif k == "aggregation.1.p":
+            out[k] = torch.full(shape, 2.71)
+        else:
+            out[k] = torch.randn(shape, generator=gen) * 0.02
+    return out
+
+
+@pytest.fixture(scope="module")
+def vits_official(vits_file_state, tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "SelaVPR_vits.pth"
-    save_official(official_container(vits_source.state_dict()), path)
+    save_official(
+        {**official_container({}), "model_state_dict": {"module." + k: v for k, v in vits_file_state.items()}}, path
+    )
     return path
 
 
@@ -105,44 +125,84 @@ def test_numpy_objects_refused_by_plain_weights_only_but_loaded_by_us(vits_offic
     assert np.allclose(obj["recalls"], [90.8, 96.4, 97.2, 97.8])
 
 
-def test_official_vits_loads_strictly_and_reproduces_outputs(vits_source, vits_official):
+def test_official_vits_loads_strictly_and_reproduces_outputs(vits_file_state, vits_official):
     m = create("selavpr-vits14", weights=str(vits_official)).eval()
-    src = vits_source.state_dict()
-    got = m.state_dict()
-    assert set(got) == set(src)
-    assert all(torch.equal(got[k], src[k]) for k in src)
+    got = {("aggregation.1.p" if k == "aggregator.p" else k): v for k, v in m.state_dict().items()}
+    assert set(got) == set(vits_file_state)  # the spec's layout, key for key
+    assert all(torch.equal(got[k], vits_file_state[k]) for k in vits_file_state)
     assert m.official_sanity == {"gem_p": pytest.approx(2.71), "adapters_nonzero": True}
     x = torch.randn(1, 3, 112, 112)
     with torch.no_grad():
-        a, b = m.forward_train(x), vits_source.forward_train(x)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        a, b = m.forward_train(x), create("selavpr-vits14", weights=str(vits_official)).eval().forward_train(x)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[1].shape == (1, 128, 29, 29)
     assert "official SelaVPR" in m.weights_source
     assert all(p.requires_grad == (("adapter" in n) or not n.startswith("backbone.")) for n, p in m.named_parameters())
 
 
-def test_official_vitl14_real_shapes_every_key_lands(tmp_path):
-    """The released architecture (ViT-L/14, 540 tensors, 357 M values) in the official container,
-    NumPy 1.x pickle names: every tensor holds its own constant, so a key landing in the wrong
-    place (or not at all) is caught."""
+def spec_table(shared_data, C: int = 1024, depth: int = 24) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of ``model_state_dict`` (``module.`` stripped), read from the spec's §7.3
+    table, independently of the model code. The table is written for ViT-L (C = 1024); other
+    widths substitute C for 1024, 3C / 4C for 3072 / 4096 and the adapters' C/2 for 512 (ratio 0.5,
+    §2.3). The registers row (reg4 file only) is left out."""
+    import re
+
+    text = (shared_data.parent / "docs" / "methods" / "selavpr.md").read_text(encoding="utf-8")
+    section = text[text.index("### 7.3") : text.index("### 7.4")]
+    dims = {"1024": C, "3072": 3 * C, "4096": 4 * C, "512": C // 2}
+    table: dict[str, tuple[int, ...]] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 2 or not cells[0].startswith("`") or "register_tokens" in cells[0]:
+            continue
+        names = [n.replace("…", "") for n in re.findall(r"`([^`]+)`", cells[0])]
+        shapes = [
+            tuple(dims.get(d.strip(), int(d)) for d in m.split(",")) for m in re.findall(r"\[([^\]]+)\]", cells[1])
+        ]
+        full: list[str] = []
+        for n in names:  # "a.weight / .bias" -> a.weight, a.bias; "…ls2.gamma" -> the block's ls2.gamma
+            if n.startswith(".") and full:
+                n = full[-1].rsplit(".", 1)[0] + n
+            elif not n.startswith("backbone.") and not n.startswith(("aggregation", "LocalAdapt")) and full:
+                n = full[-1][: full[-1].rindex("}") + 2] + n
+            full.append(n)
+        if len(shapes) == 1:
+            shapes = shapes * len(full)
+        for name, shape in zip(full, shapes, strict=True):
+            for i in range(depth) if "{" in name else [None]:
+                table[re.sub(r"\{[^}]*\}", str(i), name)] = shape
+    return table
+
+
+def test_spec_key_table_is_the_model_layout(shared_data):
+    """The spec's table has the released file's 540 tensors and is the model's own layout key
+    for key and shape (GeM ``p`` is ``aggregation.1.p`` in the file, ``aggregator.p`` here)."""
+    table = spec_table(shared_data)
+    assert len(table) == 540 and table["LocalAdapt.upconv1.weight"] == (1024, 256, 3, 3)
     with torch.device("meta"):
         ref = _build_vit("selavpr-vitl14", "vitl14", None)
-    shapes = {k: v.shape for k, v in ref.state_dict().items()}
-    model_sd = {k: torch.full(s, float(i + 1)) for i, (k, s) in enumerate(shapes.items())}
+    ours = {("aggregation.1.p" if k == "aggregator.p" else k): tuple(v.shape) for k, v in ref.state_dict().items()}
+    assert ours == table
+
+
+def test_official_vitl14_real_shapes_every_key_lands(tmp_path, shared_data):
+    """A file built from the spec's key table (ViT-L/14, 540 tensors, 357 M values) in the official
+    container, NumPy 1.x pickle names: every tensor holds its own constant, so a key landing in the
+    wrong place (or not at all), or an architecture that differs from the table, is caught."""
+    shapes = spec_table(shared_data)
+    sd = {"module." + k: torch.full(s, float(i + 1)) for i, (k, s) in enumerate(shapes.items())}
     path = tmp_path / "SelaVPR_msls.pth"
-    container = official_container(model_sd)
-    assert "module.aggregation.1.p" in container["model_state_dict"]
-    assert "module.backbone.blocks.23.adapter2.D_fc2.weight" in container["model_state_dict"]
+    container = {**official_container({}), "model_state_dict": sd}
     save_official(container, path, numpy1_names=True)
-    del model_sd, container
+    del sd, container
     try:
         m = create("selavpr-vitl14", weights=str(path))
     finally:
         path.unlink()  # 1.4 GB: do not leave it in pytest's kept temp folders (mmap stays valid)
-    got = m.state_dict()
+    got = {("aggregation.1.p" if k == "aggregator.p" else k): v for k, v in m.state_dict().items()}
     assert set(got) == set(shapes)
     for i, (k, s) in enumerate(shapes.items()):
         t = got[k]
-        assert t.shape == s and t.dtype == torch.float32 and not t.is_meta, k
+        assert tuple(t.shape) == s and t.dtype == torch.float32 and not t.is_meta, k
         assert float(t.min()) == float(t.max()) == float(i + 1), k
     assert m.descriptor_dim == 1024 and m.grid_size() == (61, 61)
 

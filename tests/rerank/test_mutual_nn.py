@@ -74,3 +74,108 @@ def test_mean_similarity_value_and_gradient_equal_the_full_matrix_definition():
         b.backward()
         assert torch.allclose(f1.grad, f2.grad, atol=1e-7) and torch.allclose(g1.grad, g2.grad, atol=1e-7)
         assert f1.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity with the official SelaVPR / FoL ``match_batch_tensor`` semantics (spec selavpr.md §3.2,
+# §5.2; fol.md §3.4, §5), against an independent reference written from the specs:
+#   - mutual pairs: query column i, a(i) = best candidate row, b(a(i)) == i;
+#   - exactly one mutual pair before the threshold: score 0, training falls back to the mean of
+#     position-aligned dot products (the official index tensor is 0-d);
+#   - otherwise: score = number of pairs with cosine > threshold; training similarity = their
+#     mean cosine, NaN when none survives.
+# ---------------------------------------------------------------------------------------------
+
+
+def _official(q: np.ndarray, c: np.ndarray, threshold=None) -> tuple[int, float]:
+    """(re-rank score, training similarity) of query set q against candidate set c."""
+    q, c = q.astype(np.float64), c.astype(np.float64)
+    pairs = []
+    for i in range(len(q)):
+        a = max(range(len(c)), key=lambda j: (c[j] @ q[i], -j))  # first maximum, as argmax
+        b = max(range(len(q)), key=lambda k: (c[a] @ q[k], -k))
+        if b == i:
+            pairs.append((i, a))
+    if len(pairs) == 1:
+        n = min(len(q), len(c))
+        return 0, float(np.mean([q[k] @ c[k] for k in range(n)]))
+    kept = [(i, j) for i, j in pairs if threshold is None or q[i] @ c[j] > threshold]
+    sim = float(np.mean([q[i] @ c[j] for i, j in kept])) if kept else float("nan")
+    return len(kept), sim
+
+
+# Three hand-built unit vectors against the identity: S = G^T, every pair mutual, cosines .8/.6/1.
+HAND_Q = torch.eye(3)
+HAND_G = torch.tensor([[0.8, 0.0, 0.6], [0.0, 0.6, -0.8], [0.0, 0.0, 1.0]])
+
+
+@pytest.mark.parametrize(
+    "threshold,count,sim",
+    [(None, 3, (0.8 + 0.6 + 1.0) / 3), (0.7, 2, 0.9), (0.9, 1, 1.0), (1.0, 0, float("nan"))],
+)
+def test_hand_built_two_one_and_zero_surviving_pairs(threshold, count, sim):
+    assert _official(HAND_Q.numpy(), HAND_G.numpy(), threshold) == (count, pytest.approx(sim, nan_ok=True))
+    assert mnn_counts(HAND_Q, [HAND_G], threshold).tolist() == [count]  # one surviving pair counts 1
+    assert mnn_counts_cpu(HAND_Q.numpy(), [HAND_G.numpy()], threshold).tolist() == [count]
+    f = HAND_Q.clone().requires_grad_(True)
+    s = mnn_mean_similarity(f, HAND_G, threshold)
+    if count == 0:  # official: mean of an empty set; a constant, so dropping it leaks nothing
+        assert torch.isnan(s) and not s.requires_grad
+        return
+    assert s.item() == pytest.approx(sim, abs=1e-6)
+    s.backward()
+    kept = [k for k, cos in enumerate((0.8, 0.6, 1.0)) if threshold is None or cos > threshold]
+    expected = torch.zeros(3, 3)
+    expected[kept] = HAND_G[kept] / len(kept)  # d mean / d f_i = g_i / |kept| for the kept pairs only
+    assert torch.allclose(f.grad, expected, atol=1e-7)
+
+
+def test_single_mutual_pair_before_the_threshold_is_the_official_quirk():
+    # q1 and q0 both prefer g0, which prefers q0: one mutual pair only (0, 0), cosine .8.
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    g = torch.tensor([[0.8, 0.6], [-1.0, 0.0]])
+    assert _official(q.numpy(), g.numpy(), 0.7) == (0, pytest.approx(0.4))
+    # training: position-aligned fallback (.8 + 0) / 2, with a gradient, as the official code
+    assert mnn_mean_similarity(q, g, 0.7).item() == pytest.approx(0.4, abs=1e-6)
+    assert mnn_mean_similarity(q, g).item() == pytest.approx(0.4, abs=1e-6)
+    # re-ranking: SelaVPR (no threshold) scores it 0 with min_matches=2; FoL's fol-region counts
+    # the pair (1), the one remaining difference (docs/fol.md), reachable only in degenerate sets
+    assert mnn_counts(q, [g], min_matches=2).tolist() == [0]
+    assert mnn_counts(q, [g], 0.7).tolist() == [1]
+
+
+def test_random_sets_match_the_reference_and_padding_changes_nothing():
+    rng = np.random.default_rng(3)
+    for trial in range(12):
+        q = _unit(rng, int(rng.integers(4, 30)), 8)
+        c = _unit(rng, int(rng.integers(4, 30)), 8)
+        m = min(len(q), len(c), 6)
+        c[:m] = q[:m] + 0.3 * _unit(rng, m, 8)
+        c /= np.linalg.norm(c, axis=1, keepdims=True)
+        for th in (None, 0.7):
+            count, sim = _official(q, c, th)
+            if count == 0 and th is None:
+                continue  # single-pair quirk, covered above
+            got = mnn_counts_cpu(q, [c], th).tolist()[0]
+            assert got == count or (count == 0 and got == 1), (trial, th)
+            s = mnn_mean_similarity(torch.from_numpy(q), torch.from_numpy(c), th).item()
+            assert s == pytest.approx(sim, abs=1e-5, nan_ok=True)
+        # the official code zero-pads both sets to a fixed length (3600): with the 0.7 threshold
+        # the padded rows never pass and never take a surviving pair, so counts and sims agree
+        qp = np.concatenate([q, np.zeros((5, 8), np.float32)])
+        cp = np.concatenate([c, np.zeros((9, 8), np.float32)])
+        count, sim = _official(qp, cp, 0.7)
+        assert mnn_counts(q, [c], 0.7).tolist() == mnn_counts(qp, [cp], 0.7).tolist() == [count]
+        s = mnn_mean_similarity(torch.from_numpy(q), torch.from_numpy(c), 0.7).item()
+        assert s == pytest.approx(sim, abs=1e-5, nan_ok=True)
+
+
+def test_empty_sets_score_zero_and_give_nan_similarity():
+    q = torch.eye(3)
+    empty = torch.zeros(0, 3)
+    assert mnn_counts(q, [empty, HAND_G, empty], 0.7).tolist() == [0, 2, 0]
+    assert mnn_counts_cpu(q.numpy(), [empty.numpy(), HAND_G.numpy()], 0.7).tolist() == [0, 2]
+    assert mnn_counts(empty, [HAND_G], 0.7).tolist() == [0]
+    assert mnn_counts_cpu(empty.numpy(), [HAND_G.numpy()], 0.7).tolist() == [0]
+    assert mnn_counts(q, [], 0.7).tolist() == []
+    assert torch.isnan(mnn_mean_similarity(q, empty, 0.7)) and torch.isnan(mnn_mean_similarity(empty, q))

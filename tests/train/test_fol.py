@@ -241,3 +241,25 @@ def test_short_real_run_improves_held_out_recall(tmp_path, gardens):
     after = _held_out_recall(tmp_path, gardens, trained)
     assert after["1"] >= before["1"] + 0.1, (before, after)
     assert after["1"] >= 0.7 and after["5"] >= before["5"], (before, after)
+
+
+def test_official_defaults_for_vit_and_cnn_local_modes(tmp_path, shared_data):
+    """fol-vit*: dense test-time sets and dense triplet-loss sets (the official choice); the CNN
+    keeps the measured CPU defaults (pool3 / center). GSV-Cities: the K most recent per place."""
+    from placerank.train.common import TrainConfig
+    from placerank.train.fol import fol_options, read_places, resolve_local_modes
+
+    opts, _ = fol_options({})
+    assert resolve_local_modes("fol-vitl14", opts) == ("dense", "dense")
+    assert resolve_local_modes("fol-vitb14", opts) == ("dense", "dense")
+    assert resolve_local_modes("fol-effnet-lite0", opts) == ("pool3", "center")
+    opts, _ = fol_options({"train_local_mode": "pool3", "local_mode": "center"})
+    assert resolve_local_modes("fol-vitl14", opts) == ("center", "pool3")
+    with pytest.raises(PlaceRankError, match=r"^unknown train_local_mode 'x' \(known: center, pool3, dense\)$"):
+        resolve_local_modes("fol-vitl14", fol_options({"train_local_mode": "x"})[0])
+
+    root = make_gsv(tmp_path / "gsv", shared_data, places=3)
+    cfg = TrainConfig(method="fol", train=[str(root)], out=tmp_path / "r", images_per_place=2)
+    recent = read_places(cfg, fol_options({})[0])
+    assert len(recent) == 6 and sorted(p.name.split("_")[2] for p in recent.paths[:2]) == ["2018", "2019"]
+    assert len(read_places(cfg, fol_options({"gsv_recent": "false"})[0])) == 12

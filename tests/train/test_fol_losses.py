@@ -76,9 +76,32 @@ def test_local_triplet_loss_hand_value_sum_and_quirk():
     two = (torch.tensor([0, 0]), torch.tensor([1, 1]), torch.tensor([2, 2]))
     assert local_triplet_loss(sets, two, threshold=0.7).item() == pytest.approx(0.8, abs=1e-6)  # summed
     assert local_triplet_loss(sets, two, threshold=0.7, reduction="mean").item() == pytest.approx(0.4, abs=1e-6)
-    # cosine must be strictly > threshold: at 0.8 the negative's pairs drop out -> fallback mean (.8+.8)/2
-    assert local_triplet_loss(sets, one, threshold=0.8).item() == pytest.approx(0.8 - 0.4, abs=1e-6)
-    assert local_triplet_loss(sets, one, threshold=0.85).item() == pytest.approx(0.4, abs=1e-6)
+    # cosine must be strictly > threshold: at 0.8 no negative pair survives -> the official
+    # similarity is NaN and the triplet contributes nothing (no NaN in the loss)
+    assert local_triplet_loss(sets, one, threshold=0.8).item() == 0.0
+    assert local_triplet_loss(sets, one, threshold=0.85).item() == 0.0
+
+
+def test_local_triplet_loss_zero_one_two_surviving_pairs_and_no_nan_gradients():
+    eye = torch.eye(3)
+    g = torch.tensor([[0.8, 0.0, 0.6], [0.0, 0.6, -0.8], [0.0, 0.0, 1.0]])  # mutual cosines .8, .6, 1
+    one = (torch.tensor([0]), torch.tensor([1]), torch.tensor([2]))
+    # anchor = I, positive = I (3 pairs, cos 1), negative = g: at 0.7 two pairs survive (mean .9),
+    # at 0.9 one survives (its cosine 1.0), at 1.0 none (NaN: dropped)
+    for threshold, expected in ((0.7, 0.0), (0.9, 0.0), (1.0, 0.0)):
+        assert local_triplet_loss([eye, eye, g], one, threshold).item() == pytest.approx(expected, abs=1e-6)
+    # swap: positive = g, negative = I: max(0, 1 - sim(a, p)); sim 0.9 (two), 1.0 (one), NaN (none)
+    for threshold, expected in ((0.7, 0.1), (0.9, 0.0), (1.0, 0.0)):
+        assert local_triplet_loss([eye, g, eye], one, threshold).item() == pytest.approx(expected, abs=1e-6)
+    # a triplet with a NaN similarity next to a normal one: only the normal one counts; gradients finite
+    a = eye.clone().requires_grad_(True)
+    two = (torch.tensor([0, 0]), torch.tensor([1, 1]), torch.tensor([2, 3]))
+    loss = local_triplet_loss([a, g, eye, torch.zeros(0, 3)], two, 0.7)  # the empty set: no pair at all
+    assert loss.item() == pytest.approx(0.1, abs=1e-6)
+    loss.backward()
+    assert torch.isfinite(a.grad).all() and a.grad.abs().sum() > 0
+    none = local_triplet_loss([a, g, torch.zeros(0, 3)], one, 0.7)  # nothing counts: 0 with a graph
+    assert none.item() == 0.0 and none.requires_grad
 
 
 def test_batch_hard_triplets_pick_hardest():

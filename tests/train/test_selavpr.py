@@ -80,6 +80,15 @@ def test_loss_goes_down_on_real_images(gardens):
 def test_options_are_checked():
     o = SelaVPROptions.parse(["queries_per_loop=50", "val_frames=80,100"])
     assert o.queries_per_loop == 50 and o.val_frames == (80, 100)
+    # official selection (re-ranked R@5, patience 3) for DINOv2; the CNN recipe's measured setting
+    assert o.official_selection("dinov2-vitl14") == (True, 3)
+    assert o.official_selection("effnet-lite0") == (False, 0)
+    assert SelaVPROptions.parse(["val_rerank=false", "val_patience=5"]).official_selection("dinov2-vitl14") == (
+        False,
+        5,
+    )
+    with pytest.raises(PlaceRankError, match=r"^selavpr option val_rerank must be auto, true or false, got 'yes'$"):
+        SelaVPROptions.parse(["val_rerank=yes"])
     with pytest.raises(PlaceRankError, match=r"^unknown selavpr option 'lr_head'; known: batch_tuples, cache_batch, "):
         SelaVPROptions.parse({"lr_head": 1})
     with pytest.raises(PlaceRankError, match=r"^selavpr option margin: expected a number, got 'wide'$"):
@@ -175,8 +184,9 @@ def test_dinov2_backbone_trains_through_the_same_code(gardens, tmp_path):
 
 
 def test_validation_keeps_the_best_epoch(gardens, tmp_path):
-    """With a validation pair, every epoch (and the untrained start) is scored and model.pt is
-    the best one: reloading model.pt reproduces the selected recall exactly."""
+    """With a validation pair, every epoch (and the untrained start) is scored on the re-ranked
+    recall (the official selection metric) and model.pt is the best one: reloading model.pt
+    reproduces the selected recall exactly."""
     from placerank.train.common import ValidationSet
 
     def manifest(name, trav, frames):
@@ -194,6 +204,7 @@ def test_validation_keeps_the_best_epoch(gardens, tmp_path):
         "val_queries": val_q,
         "val_frame_tolerance": 1,
         "val_select_n": 1,
+        "val_rerank": "true",  # the official selection metric (the default for DINOv2 backbones)
     }
     cfg = TrainConfig(
         method="selavpr",
@@ -215,11 +226,52 @@ def test_validation_keeps_the_best_epoch(gardens, tmp_path):
     ck = torch.load(out / "checkpoint.pt", weights_only=False)
     assert ck["best"]["epoch"] == best["epochs_done"] and ck["best"]["recall"] == best["recall"]
     assert (out / "last.pt").exists()
-    from placerank.descriptors.extract import extract_global
+    # the official selection metric: R@N after MNN re-ranking of the global top-100
+    from placerank.train.selavpr_mining import reranked_validation_recall
 
     m = create("selavpr-effnet-lite0", weights=str(out / "model.pt"))
-    db = extract_global(m, val.dataset.database.paths, torch.device("cpu"), use_cache=False)
-    q = extract_global(m, val.dataset.queries.paths, torch.device("cpu"), use_cache=False)
-    assert val.recall(db, q) == best["recall"]
+    assert reranked_validation_recall(m, val, torch.device("cpu"), num_workers=0) == best["recall"]
     with pytest.raises(PlaceRankError, match=r"^validation needs both val_database and val_queries$"):
         ValidationSet.from_options(val_db, "")
+
+
+def test_validation_patience_stops_training(gardens, tmp_path):
+    """Official early stopping: training ends once the selection recall has not improved for
+    ``val_patience`` validations (official 3; 1 here, so a short run exercises it)."""
+    from placerank.train.common import ValidationSet
+
+    def manifest(name, trav, frames):
+        path = tmp_path / f"{name}.csv"
+        path.write_text("path,frame\n" + "".join(f"{gardens / trav / f'Image{k:03d}.jpg'},{k}\n" for k in frames))
+        return str(path)
+
+    val_db, val_q = manifest("vdb", "day_right", range(20, 30)), manifest("vq", "night_right", range(20, 30))
+    opts = {"queries_per_loop": 8, "negative_pool": 12, "val_database": val_db, "val_queries": val_q}
+    opts.update({"val_frame_tolerance": 1, "val_select_n": 1, "val_patience": 1, "val_rerank": "false"})
+    out = tmp_path / "run"
+    specs = [str(gardens / t) for t in ("day_left", "day_right", "night_right")]
+    cfg = TrainConfig(
+        method="selavpr",
+        train=specs,
+        out=out,
+        epochs=4,
+        frames=(0, 12),
+        image_size=(64, 96),
+        options=opts,
+        lr=1e-3,
+        num_workers=0,
+    )
+    run_training(cfg)
+    log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    recalls = [l["recall"] for l in log if l["event"] == "validation"]
+    val = ValidationSet.from_options(val_db, val_q, frame_tolerance=1, select_n=1)
+    best, expected = None, len(recalls)
+    for k, r in enumerate(recalls):
+        if best is None or val.improves(r, best):
+            best = r
+        elif k > 0:  # the first non-improving validation after training starts stops the run
+            expected = k + 1
+            break
+    assert len(recalls) == expected
+    stops = [l for l in log if l["event"] == "stopped"]
+    assert (len(recalls) < 5) == bool(stops) and all(s["reason"] == "patience" for s in stops)

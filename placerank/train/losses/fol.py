@@ -185,18 +185,22 @@ def local_triplet_loss(
 ) -> torch.Tensor:
     """L_local of §3.4: Σ_triplets max(0, sim(a, n) − sim(a, p) + margin), where sim is the mean
     cosine of the mutual nearest neighbours with cosine > ``threshold`` between two region sets
-    (fallback to the position-aligned mean when at most one pair survives — the official quirk,
-    see :func:`placerank.rerank.mutual_nn.mnn_mean_similarity`)."""
+    (:func:`placerank.rerank.mutual_nn.mnn_mean_similarity`: one surviving pair gives its cosine).
+
+    A pair with no mutual match above the threshold has the official similarity NaN; its triplet
+    contributes nothing here (officially the NaN makes the whole batch loss NaN, and the fp16
+    GradScaler then skips the step: docs/fol.md). No NaN reaches the total or the gradients.
+    ``reduction="mean"`` averages over the triplets that count."""
     a, p, n = triplets
     terms = []
     for ai, pi, ni in zip(a.tolist(), p.tolist(), n.tolist()):
         s_ap = mnn_mean_similarity(local_sets[ai], local_sets[pi], threshold)
         s_an = mnn_mean_similarity(local_sets[ai], local_sets[ni], threshold)
-        terms.append(F.relu(s_an - s_ap + margin))
+        if bool(torch.isnan(s_ap.detach())) or bool(torch.isnan(s_an.detach())):
+            continue
+        terms.append(F.relu(s_an.float() - s_ap.float() + margin))
     if not terms:
-        dev = local_sets[0].device if len(local_sets) else "cpu"
-        ref = local_sets[0].sum() * 0.0 if len(local_sets) else torch.zeros((), device=dev)
-        return ref
+        return local_sets[0].float().sum() * 0.0 if len(local_sets) else torch.zeros(())
     t = torch.stack(terms)
     return t.sum() if reduction == "sum" else t.mean()
 

@@ -1,0 +1,307 @@
+"""The service behind the HTTP API: one read-only database, one model, one inference worker.
+
+**Concurrency: a bounded queue in front of one worker thread.** Every request that touches the
+model or the SQLite connection (localize, index, remove, place list refresh) is a job for a single
+worker thread that owns the database; at most ``max_queue`` jobs wait, and the next request gets
+503 at once (with ``Retry-After``). Why not micro-batching: on CPU one photo already uses every
+core through torch's intra-op threads, so batching concurrent queries buys little throughput while
+it multiplies peak activation memory; one worker keeps memory at one forward pass whatever the
+number of clients, and the queue bound keeps waiting uploads bounded too. The SQLite connection
+and the FAISS index are used from that thread only, so nothing else needs a lock.
+
+The database is opened **read-only** (SQLite ``mode=ro``); ``POST /v1/index`` and
+``DELETE /v1/places/{id}`` open a writer for the duration of the change, under the same
+``write.lock`` as ``placerank index``, sharing the loaded model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from placerank.errors import PlaceRankError
+from placerank.localize.database import Database, DatabaseBusyError
+from placerank.serve.uploads import CheckedImage
+
+THUMB_PX = 320
+THUMB_CACHE = 256
+
+
+class ServiceBusy(Exception):
+    """The inference queue is full (503)."""
+
+
+class NotFound(Exception):
+    """No such place (404)."""
+
+
+@dataclass
+class ServeConfig:
+    db: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    rerank: str | None = None
+    token_file: Path | None = None
+    max_upload_mb: float = 20.0
+    tiles: str | None = None
+    top_k: int = 10
+    max_queue: int = 64
+    upload_dir: Path | None = None  # photos added through POST /v1/index (default: DB-uploads beside DB)
+    write_wait: float = 10.0  # seconds a write waits for another writer's lock before 409
+    device: str = "auto"
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+@dataclass
+class Place:
+    id: int
+    path: str
+    name: str  # relative to the common folder of the database's photos
+    lat: float | None
+    lon: float | None
+    easting: float | None
+    northing: float | None
+
+
+def rss_mb() -> float | None:
+    """This process's resident memory (Linux /proc), MB."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024.0, 1)
+    except OSError:
+        pass
+    return None
+
+
+class LocalizeService:
+    """Loads the database, model, index and re-ranker once; runs every database job on one worker."""
+
+    def __init__(self, config: ServeConfig, log=print):
+        self.config = config
+        self.log = log
+        self.token = read_token(config.token_file) if config.token_file else None
+        self.upload_dir = Path(
+            config.upload_dir or Path(config.db).resolve().parent / f"{Path(config.db).name}-uploads"
+        )
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="placerank-worker")
+        self._pending = 0
+        self._pending_lock = threading.Lock()
+        self._thumbs: OrderedDict[int, bytes] = OrderedDict()
+        self._thumb_lock = threading.Lock()
+        self.places: dict[int, Place] = {}
+        self.generation = -1
+        self.info: dict = {}
+        self.db: Database = self._worker.submit(self._open).result()
+
+    # -- the worker's side (runs on the one worker thread) -----------------------------------------
+    def _open(self) -> Database:
+        db = Database.open(self.config.db, device=self.config.device, read_only=True)
+        try:
+            _ = db.model  # load once, now
+            db.store.index()
+            if self.config.rerank:
+                db.features.reranker(self.config.rerank, None)
+            self.db = db
+            self._refresh()
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _refresh(self) -> None:
+        """Re-read the place list when the database changed (another writer, or ours)."""
+        db = self.db
+        gen = db.store.meta.generation
+        if gen == self.generation:
+            return
+        index = db.store.index()
+        rows = db.store.images.rows([int(i) for i in db.store.images.ids()])
+        paths = [r.path for r in rows.values()]
+        root = os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else ""
+        self.places = {
+            r.id: Place(
+                r.id, r.path, os.path.relpath(r.path, root) if root else r.path, r.lat, r.lon, r.easting, r.northing
+            )
+            for r in rows.values()
+        }
+        info = db.info()
+        self.info = {
+            "database": Path(info["path"]).name,
+            "database_size": info["images"],
+            "with_position": info["with_position"],
+            "frame": info["frame"],
+            "radius_m": info["radius_m"],
+            "model": info["model"],
+            "weights_id": info["weights_id"],
+            "image_size": info["image_size"],
+            "rerank": self.config.rerank,
+            "index": {"type": "faiss IndexIDMap2(IndexFlatIP)", "count": len(index), "generation": gen},
+        }
+        with self._thumb_lock:
+            self._thumbs.clear()
+        self.generation = gen
+
+    def _localize(self, image: CheckedImage, name: str, top_k: int, rerank: str | None, queued: float) -> dict:
+        started = time.perf_counter()
+        self._refresh()
+        with tempfile.TemporaryDirectory(prefix="placerank-serve-") as tmp:
+            path = Path(tmp) / f"query{image.suffix}"
+            path.write_bytes(image.data)
+            try:
+                result = self.db.localize(path, top_k=top_k, rerank=rerank)
+            except PlaceRankError as e:
+                raise PlaceRankError(self._public(str(e), {str(path): name})) from None
+        out = result.to_json()
+        out["query"] = name
+        out["database"] = self.info["database"]
+        for m in out["matches"]:
+            place = self.places.get(m["id"])
+            m["path"] = place.name if place else Path(m["path"]).name
+        out["notes"] = [self._public(n, {str(path): name}) for n in out["notes"]]
+        out["timing_s"]["queue"] = round(started - queued, 4)
+        return out
+
+    def _public(self, message: str, extra: dict[str, str]) -> str:
+        """A message with server paths replaced by public names."""
+        for old, new in extra.items():
+            message = message.replace(old, new)
+        return message.replace(str(self.db.folder), self.info.get("database", "database"))
+
+    def _writer(self) -> Database:
+        return Database.open(self.config.db, model=self.db.model, device=self.config.device)
+
+    def _add(self, files: list[tuple[str, CheckedImage]]) -> dict:
+        batch = self.upload_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        batch.mkdir(parents=True)
+        taken: set[str] = set()
+        for name, image in files:
+            stem = Path(name).stem
+            while stem in taken:
+                stem += "_"
+            taken.add(stem)
+            (batch / f"{stem}{image.suffix}").write_bytes(image.data)
+        try:
+            with self._writer() as writer:
+                report = writer.add_folder(
+                    batch, rerank=self.config.rerank, wait=self.config.write_wait, progress=False
+                )
+        except BaseException:
+            shutil.rmtree(batch, ignore_errors=True)
+            raise
+        self._refresh()
+        ids = {p.path: p.id for p in self.places.values()}
+        public = {str(batch) + "/": ""}
+        return {
+            "added": [{"id": ids.get(p), "name": Path(p).name} for p in report.added + report.updated],
+            "unchanged": report.unchanged + len(report.touched),
+            "skipped": [{"name": Path(p).name, "reason": self._public(r, public)} for p, r in report.no_position],
+            "failed": [{"name": Path(p).name, "reason": self._public(r, public)} for p, r in report.failed],
+            "database_size": report.total,
+        }
+
+    def _remove(self, place_id: int) -> dict:
+        self._refresh()
+        place = self.places.get(place_id)
+        if place is None:
+            raise NotFound(f"no place with id {place_id}")
+        with self._writer() as writer:
+            writer.remove([place.path], wait=self.config.write_wait)
+        self._refresh()
+        return {"removed": place_id, "database_size": self.info["database_size"]}
+
+    # -- the server's side -------------------------------------------------------------------------
+    def submit(self, fn, *args) -> Future:
+        """Queue a job for the worker, or refuse at once when ``max_queue`` jobs are waiting."""
+        with self._pending_lock:
+            if self._pending >= self.config.max_queue:
+                raise ServiceBusy(f"server busy: {self._pending} requests queued; retry shortly")
+            self._pending += 1
+        try:
+            fut = self._worker.submit(fn, *args)
+        except BaseException:
+            self._done(None)
+            raise
+        fut.add_done_callback(self._done)
+        return fut
+
+    def _done(self, _fut) -> None:
+        with self._pending_lock:
+            self._pending -= 1
+
+    async def run(self, fn, *args):
+        return await asyncio.wrap_future(self.submit(fn, *args))
+
+    async def localize(self, image: CheckedImage, name: str, top_k: int, rerank: str | None) -> dict:
+        return await self.run(self._localize, image, name, top_k, rerank, time.perf_counter())
+
+    async def add(self, files: list[tuple[str, CheckedImage]]) -> dict:
+        return await self.run(self._add, files)
+
+    async def remove(self, place_id: int) -> dict:
+        return await self.run(self._remove, place_id)
+
+    async def refresh(self) -> None:
+        await self.run(self._refresh)
+
+    def thumbnail(self, place_id: int) -> bytes:
+        """A JPEG of at most THUMB_PX pixels of a database photo, by id (cached)."""
+        with self._thumb_lock:
+            if place_id in self._thumbs:
+                self._thumbs.move_to_end(place_id)
+                return self._thumbs[place_id]
+        place = self.places.get(place_id)
+        if place is None:
+            raise NotFound(f"no place with id {place_id}")
+        from PIL import Image, ImageOps
+
+        try:
+            with Image.open(place.path) as img:
+                img.draft("RGB", (THUMB_PX, THUMB_PX))
+                small = ImageOps.exif_transpose(img.convert("RGB"))
+                small.thumbnail((THUMB_PX, THUMB_PX))
+        except (OSError, ValueError) as e:
+            raise NotFound(f"the photo of place {place_id} cannot be read now ({type(e).__name__})") from None
+        buf = io.BytesIO()
+        small.save(buf, "JPEG", quality=82)
+        data = buf.getvalue()
+        with self._thumb_lock:
+            self._thumbs[place_id] = data
+            while len(self._thumbs) > THUMB_CACHE:
+                self._thumbs.popitem(last=False)
+        return data
+
+    def queue(self) -> dict:
+        return {"pending": self._pending, "max": self.config.max_queue, "policy": "one worker, bounded queue"}
+
+    def close(self) -> None:
+        try:
+            self._worker.submit(self.db.close).result(timeout=30)
+        finally:
+            self._worker.shutdown(wait=True, cancel_futures=True)
+
+
+def read_token(path: Path) -> str:
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as e:
+        raise PlaceRankError(f"{path}: cannot read the token file ({e.strerror})") from None
+    if len(token) < 16:
+        raise PlaceRankError(f"{path}: the token must be at least 16 characters")
+    return token
+
+
+__all__ = ["DatabaseBusyError", "LocalizeService", "NotFound", "ServeConfig", "ServiceBusy", "rss_mb"]
