@@ -38,3 +38,50 @@ class WeightsError(PlaceRankError):
 
 class IndexMismatchError(PlaceRankError):
     """An on-disk index or cache built with another model, weights or dimension."""
+
+
+_OS_HINTS = {
+    "ENOSPC": "no space left on device; free some space or write elsewhere",
+    "EFBIG": "file too large (disk quota or file-size limit reached); free some space or write elsewhere",
+    "EDQUOT": "disk quota exceeded; free some space or write elsewhere",
+    "EACCES": "permission denied; check the file's permissions or write elsewhere",
+    "EPERM": "operation not permitted; check the file's permissions or write elsewhere",
+    "EROFS": "read-only file system; write elsewhere",
+    "ENOENT": "no such file or directory",
+    "ENOTDIR": "a part of the path is not a folder",
+    "EISDIR": "is a folder, expected a file",
+    "EEXIST": "already exists",
+    "ELOOP": "too many levels of symbolic links (a symlink loop)",
+    "EMFILE": "too many open files; use fewer --workers",
+    "ENOMEM": "out of memory; use a smaller --batch-size or --image-size",
+}
+
+
+def describe_os_error(e: OSError, path: object = None) -> str:
+    """One line for an environment fault: the file and the real cause (``ENOSPC`` -> "no space
+    left on device; ..."). ``path`` names the file when the error itself does not."""
+    import errno as _errno
+
+    name = _errno.errorcode.get(e.errno or 0, "")
+    cause = _OS_HINTS.get(name) or (e.strerror or str(e) or type(e).__name__)
+    where = e.filename if e.filename is not None else path
+    if where is not None and e.filename2 is not None:
+        return f"{where} -> {e.filename2}: {cause}"
+    return f"{where}: {cause}" if where is not None else cause
+
+
+class OutputError(PlaceRankError):
+    """An output cannot be written: disk full, permission denied, read-only file system."""
+
+    @classmethod
+    def from_os_error(cls, e: OSError, path: object = None) -> "OutputError":
+        return cls(f"cannot write {describe_os_error(e, path)}")
+
+
+def warn(message: str) -> None:
+    """One ``placerank: warning: ...`` line on stderr: something was repaired or skipped and the
+    run goes on (a corrupt cache rebuilt, a read-only cache used read-only)."""
+    import sys
+
+    text = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    print(f"placerank: warning: {text}", file=sys.stderr, flush=True)

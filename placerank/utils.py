@@ -22,24 +22,106 @@ def cache_root() -> Path:
     return Path(os.environ.get("PLACERANK_CACHE", Path.home() / ".cache" / "placerank"))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give a new file: 0666 minus the umask."""
+    return 0o666 & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``target``; rename it over ``target`` only on success.
 
     A crash or an exception leaves ``target`` untouched (the old file, or nothing), so a user's
-    results or index are never half-written.
+    results or index are never half-written. The file gets the umask's mode (not mkstemp's 0600).
+    A write that fails for lack of space or permission raises one line naming ``target``.
     """
+    from placerank.errors import OutputError
+
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.fchmod(fd, file_mode())
+        os.close(fd)
+    except OSError as e:
+        raise OutputError.from_os_error(e, target) from e
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.replace(tmp_path, target)
+    except OSError as e:
+        if e.filename in (None, str(tmp_path), tmp_path):
+            e.filename, e.filename2 = None, None
+        raise OutputError.from_os_error(e, target) from e
     finally:
-        if tmp_path.exists():
+        with contextlib.suppress(OSError):
             tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new temporary folder beside ``target``; on success it replaces ``target`` as a
+    whole (the previous folder, if any, is removed only after the new one is in place), on
+    failure it is removed and ``target`` stays as it was. Files inside follow the umask."""
+    import shutil
+
+    from placerank.errors import OutputError
+
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        os.chmod(tmp, 0o777 & ~_umask())
+    except OSError as e:
+        raise OutputError.from_os_error(e, target) from e
+    try:
+        yield tmp
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        raise OutputError.from_os_error(e, target) from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_output_folder(target: str | os.PathLike, flag: str = "--out", owned: Sequence[str] | None = None) -> Path:
+    """Before any work: ``target`` must be a folder (or not exist yet) whose parent is writable,
+    so a run does not find out after all extraction that it cannot write its results. With
+    ``owned`` (the names a run writes there), an existing ``target`` may hold only those, since
+    :func:`atomic_folder` replaces it as a whole."""
+    from placerank.errors import PlaceRankError
+
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise PlaceRankError(f"{flag} {target} is an existing file; give a folder")
+    parent = target.parent if str(target.parent) else Path(".")
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise PlaceRankError(f"{flag} {target}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PlaceRankError(f"{flag} {target}: cannot write in {parent} (permission denied or read-only)")
+    if target.is_dir() and not os.access(target, os.W_OK | os.X_OK):
+        raise PlaceRankError(f"{flag} {target}: cannot write in {target} (permission denied or read-only)")
+    if owned is not None and target.is_dir():
+        others = sorted(p.name for p in target.iterdir() if p.name not in owned)
+        if others:
+            raise PlaceRankError(
+                f"{flag} {target} holds files this command did not write (e.g. {others[0]}), and the folder is"
+                " replaced as a whole; give a new folder or a previous run's"
+            )
+    return target
 
 
 def write_json_atomic(target: str | os.PathLike, obj: Any) -> None:

@@ -3,10 +3,37 @@
 from __future__ import annotations
 
 import argparse
+import math
+from collections.abc import Callable
 
 from placerank.errors import PlaceRankError
 
 DEFAULT_MODEL = "effnet-lite0-gem"
+
+
+def _number(kind: type, low: float, strict: bool) -> Callable[[str], float]:
+    """An argparse ``type``: a finite ``kind`` (int or float) > ``low`` (``strict``) or >= ``low``.
+    A bad value is one line when parsing: ``argument --radius: must be a number > 0, got '-5'``."""
+    rule = f"{'>' if strict else '>='} {low:g}"
+    what = "a whole number" if kind is int else "a number"
+
+    def parse(text: str) -> float:
+        try:
+            value = int(text, 10) if kind is int else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what} {rule}, got '{text}'") from None
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {what} {rule}, got '{text}'")
+        return value
+
+    parse.__name__ = f"{what} {rule}"
+    return parse
+
+
+positive_float = _number(float, 0, strict=True)  # --radius, --max-minutes, --lr
+non_negative_float = _number(float, 0, strict=False)  # --wait
+positive_int = _number(int, 1, strict=False)  # --top-k, --batch-size, --epochs, --image-size
+non_negative_int = _number(int, 0, strict=False)  # --frame-tolerance, --workers, --examples
 
 
 def add_model_args(
@@ -27,11 +54,13 @@ def add_model_args(
             "--weights", default=None, help="weights file (default: from $PLACERANK_WEIGHTS or ../shared/weights)"
         )
         size_help = "input size: one value (square) or HEIGHT WIDTH (default: the model's)"
-    p.add_argument("--image-size", type=int, nargs="+", default=None, metavar="PX", help=size_help)
+    p.add_argument("--image-size", type=positive_int, nargs="+", default=None, metavar="PX", help=size_help)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     if not for_database:
-        p.add_argument("--batch-size", type=int, default=16)
-        p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: min(4, CPUs))")
+        p.add_argument("--batch-size", type=positive_int, default=16)
+        p.add_argument(
+            "--workers", type=non_negative_int, default=None, help="DataLoader workers (default: min(4, CPUs))"
+        )
 
 
 def image_size_arg(values: list[int] | None) -> tuple[int, int] | None:
@@ -44,7 +73,9 @@ def image_size_arg(values: list[int] | None) -> tuple[int, int] | None:
 
 def add_rerank_args(p: argparse.ArgumentParser, top_k: int = 20) -> None:
     p.add_argument("--rerank", default=None, help="re-ranker name (see `placerank models`)")
-    p.add_argument("--top-k", type=int, default=top_k, help=f"candidates re-ranked per query (default {top_k})")
+    p.add_argument(
+        "--top-k", type=positive_int, default=top_k, help=f"candidates re-ranked per query (default {top_k})"
+    )
     p.add_argument(
         "--rerank-option",
         action="append",

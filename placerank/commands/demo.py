@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from placerank.commands._common import positive_int
+
 
 def register(sub) -> None:
     p = sub.add_parser("demo", help="run the main job on real data (default: GardensPoint day -> night)")
@@ -18,7 +20,9 @@ def register(sub) -> None:
     p.add_argument("--out", type=Path, default=Path("placerank-demo"))
     p.add_argument("--model", default=None, help="model (default: the preset's, effnet-lite0-gem)")
     p.add_argument("--rerank", default=None, help="re-ranker name, 'auto' (ransac-xfeat if available) or 'none'")
-    p.add_argument("--top-k", type=int, default=None, help="candidates re-ranked per query (default: the preset's)")
+    p.add_argument(
+        "--top-k", type=positive_int, default=None, help="candidates re-ranked per query (default: the preset's)"
+    )
     p.add_argument("--device", default="auto")
     p.set_defaults(func=run)
 

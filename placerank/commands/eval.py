@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from placerank.commands._common import add_model_args, add_rerank_args, image_size_arg, rerank_options_arg
+from placerank.commands._common import (
+    add_model_args,
+    add_rerank_args,
+    image_size_arg,
+    non_negative_int,
+    positive_float,
+    rerank_options_arg,
+)
 
 # placerank.data.layouts.LAYOUTS and msls.SUBTASKS, spelled out to keep `placerank --help` light
 LAYOUT_CHOICES = ["auto", "csv", "utm", "frames", "traversal", "unlabelled", "msls", "netvlad-mat"]
@@ -28,16 +35,21 @@ def register(sub) -> None:
     add_model_args(p)
     add_rerank_args(p)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--radius", type=float, default=None, help="positive radius in metres (default 25 for positions)")
     g.add_argument(
-        "--frame-tolerance", type=int, default=None, help="frame-aligned folders: positives are frames with |i-j| <= N"
+        "--radius", type=positive_float, default=None, help="positive radius in metres (default 25 for positions)"
+    )
+    g.add_argument(
+        "--frame-tolerance",
+        type=non_negative_int,
+        default=None,
+        help="frame-aligned folders: positives are frames with |i-j| <= N",
     )
     p.add_argument("--layout", default="auto", choices=LAYOUT_CHOICES, help="default: recognised by its files")
     p.add_argument("--msls-subtask", default="all", choices=MSLS_SUBTASKS, help="MSLS subtask (default all)")
     p.add_argument("--queries-subset", default=None, help="query subset: day|sunset|night (Tokyo 24/7), v1|night|...")
     p.add_argument("--images-root", type=Path, default=None, help="image root for .mat / Patch-NetVLAD lists")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the descriptor cache")
-    p.add_argument("--examples", type=int, default=8, help="example pictures to draw")
+    p.add_argument("--examples", type=non_negative_int, default=8, help="example pictures to draw")
     p.add_argument("--out", required=True, type=Path, help="output folder (results.json, recall_curve.png, examples/)")
     p.set_defaults(func=run)
 

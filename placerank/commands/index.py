@@ -5,7 +5,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from placerank.commands._common import add_model_args, image_size_arg
+from placerank.commands._common import (
+    add_model_args,
+    image_size_arg,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 
 
 def register(sub) -> None:
@@ -35,13 +42,19 @@ def register(sub) -> None:
         "--rerank", default=None, help="also store local features for this re-ranker (see `placerank models`)"
     )
     p.add_argument(
-        "--radius", type=float, default=None, help="default agreement radius in metres for localize (new database: 25)"
+        "--radius",
+        type=positive_float,
+        default=None,
+        help="default agreement radius in metres for localize (new database: 25)",
     )
     p.add_argument(
-        "--wait", type=float, default=0.0, help="if another process is writing, wait up to this many seconds"
+        "--wait",
+        type=non_negative_float,
+        default=0.0,
+        help="if another process is writing, wait up to this many seconds",
     )
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: min(4, CPUs))")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--workers", type=non_negative_int, default=None, help="DataLoader workers (default: min(4, CPUs))")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_model_args(p, for_database=True)
     p.set_defaults(func=run)
@@ -54,8 +67,22 @@ def run(args) -> int:
     if args.folder is None and args.positions is None and not args.remove:
         raise PlaceRankError("give a FOLDER of photos, --positions CSV, or --remove PATH...")
     size = image_size_arg(args.image_size)
+    if args.positions is not None:  # a bad CSV is refused before a database is made
+        from placerank.data.positions import read_positions_csv
+
+        read_positions_csv(args.positions)
+    if args.folder is not None and not args.folder.is_dir():
+        raise PlaceRankError(f"{args.folder}: " + ("not a folder" if args.folder.exists() else "folder does not exist"))
+    if args.db.exists() and not args.db.is_dir():
+        raise PlaceRankError(f"--db {args.db} is an existing file; give a database folder")
     db = Database.open_or_create(
-        args.db, model=args.model, weights=args.weights, image_size=size, device=args.device, radius=args.radius
+        args.db,
+        model=args.model,
+        weights=args.weights,
+        image_size=size,
+        device=args.device,
+        radius=args.radius,
+        wait=args.wait,
     )
     with db:
         info = db.info()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from placerank.commands._common import add_model_args
+from placerank.commands._common import add_model_args, non_negative_int, positive_float, positive_int
 
 
 def register(sub) -> None:
@@ -21,16 +21,19 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--rerank", default=None, help="re-ranker name, e.g. ransac-xfeat (see `placerank models`)")
     p.add_argument(
-        "--top-k", type=int, default=10, help="database photos retrieved (and re-ranked) per photo (default 10)"
+        "--top-k",
+        type=positive_int,
+        default=10,
+        help="database photos retrieved (and re-ranked) per photo (default 10)",
     )
     p.add_argument(
         "--radius",
-        type=float,
+        type=positive_float,
         default=None,
         help="metres: matches this close to the best one agree with it (default: the database's, 25 for GPS)",
     )
     p.add_argument("--no-pictures", action="store_true", help="write only the JSON files")
-    p.add_argument("--show", type=int, default=5, help="top matches printed per photo (default 5)")
+    p.add_argument("--show", type=non_negative_int, default=5, help="top matches printed per photo (default 5)")
     add_model_args(p, for_database=True)
     p.set_defaults(func=run)
 

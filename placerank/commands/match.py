@@ -4,6 +4,8 @@ number a RANSAC re-ranker scores a candidate with)."""
 
 from __future__ import annotations
 
+from placerank.commands._common import positive_float, positive_int
+
 
 def register(sub) -> None:
     p = sub.add_parser("match", help="match two images with local features + RANSAC and draw the inliers")
@@ -19,10 +21,12 @@ def register(sub) -> None:
         help="putative matches: mutual nearest neighbours, or LighterGlue (XFeat only)",
     )
     p.add_argument("--out", default=None, help="picture to write (.png or .jpg); none when omitted")
-    p.add_argument("--max-keypoints", type=int, default=2048)
-    p.add_argument("--longest-side", type=int, default=640, help="network input: longest side in px (aspect kept)")
+    p.add_argument("--max-keypoints", type=positive_int, default=2048)
+    p.add_argument(
+        "--longest-side", type=positive_int, default=640, help="network input: longest side in px (aspect kept)"
+    )
     p.add_argument("--geometry", default="fundamental", choices=["fundamental", "homography"])
-    p.add_argument("--threshold", type=float, default=1.0, help="RANSAC threshold in px at longest side 640")
+    p.add_argument("--threshold", type=positive_float, default=1.0, help="RANSAC threshold in px at longest side 640")
     p.add_argument("--weights", default=None, help="feature weights file (default: from $PLACERANK_WEIGHTS)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.set_defaults(func=run)

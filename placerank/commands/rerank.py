@@ -6,20 +6,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from placerank.commands._common import image_size_arg, rerank_options_arg
+from placerank.commands._common import image_size_arg, non_negative_int, positive_int, rerank_options_arg
 
 
 def register(sub) -> None:
     p = sub.add_parser("rerank", help="candidates folder -> re-ranked candidates folder")
     p.add_argument("--candidates", required=True, type=Path, help="candidates folder (placerank search)")
     p.add_argument("--rerank", required=True, help="re-ranker name (see `placerank models`)")
-    p.add_argument("--top-k", type=int, default=20, help="candidates re-ranked per query (default 20)")
+    p.add_argument("--top-k", type=positive_int, default=20, help="candidates re-ranked per query (default 20)")
     p.add_argument("--rerank-option", action="append", default=[], metavar="KEY=VALUE", help="re-ranker option")
     p.add_argument("--model", default=None, help="model of a re-ranker that needs one (default: the candidates')")
     p.add_argument("--weights", default=None, help="its weights (default: as recorded by placerank extract)")
-    p.add_argument("--image-size", type=int, nargs="+", default=None, metavar="PX", help="its input size")
+    p.add_argument("--image-size", type=positive_int, nargs="+", default=None, metavar="PX", help="its input size")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: min(4, CPUs))")
+    p.add_argument("--workers", type=non_negative_int, default=None, help="DataLoader workers (default: min(4, CPUs))")
     p.add_argument("--out", required=True, type=Path, help="re-ranked candidates folder to write")
     p.set_defaults(func=run)
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from placerank.commands._common import positive_int
+
 
 def register(sub) -> None:
     p = sub.add_parser("search", help="descriptor folders -> top-K candidates folder")
     p.add_argument("--database", required=True, type=Path, help="database descriptor folder (placerank extract)")
     p.add_argument("--queries", required=True, type=Path, help="query descriptor folder (placerank extract)")
-    p.add_argument("--top-k", type=int, default=100, help="candidates kept per query (default 100)")
+    p.add_argument("--top-k", type=positive_int, default=100, help="candidates kept per query (default 100)")
     p.add_argument("--out", required=True, type=Path, help="candidates folder to write")
     p.set_defaults(func=run)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from placerank.commands._common import image_size_arg
+from placerank.commands._common import image_size_arg, non_negative_int, positive_float, positive_int
 from placerank.errors import PlaceRankError
 from placerank.options import split_key_values
 
@@ -36,16 +36,16 @@ def register(sub) -> None:
         help="CSV manifests (path,place_id or path,frame), frame-aligned traversal folders, Nordland or GSV-Cities roots",
     )
     p.add_argument("--out", default=None, type=Path, help="run folder (checkpoints, log.jsonl, model.pt)")
-    p.add_argument("--epochs", type=int, default=None, help="default 1")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop cleanly after this many minutes")
-    p.add_argument("--places-per-batch", type=int, default=None, help="default 8")
-    p.add_argument("--images-per-place", type=int, default=None, help="default 2")
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--epochs", type=positive_int, default=None, help="default 1")
+    p.add_argument("--max-minutes", type=positive_float, default=None, help="stop cleanly after this many minutes")
+    p.add_argument("--places-per-batch", type=positive_int, default=None, help="default 8")
+    p.add_argument("--images-per-place", type=positive_int, default=None, help="default 2")
+    p.add_argument("--lr", type=positive_float, default=None)
     p.add_argument("--seed", type=int, default=None, help="default 0")
-    p.add_argument("--image-size", type=int, nargs="+", default=None)
+    p.add_argument("--image-size", type=positive_int, nargs="+", default=None)
     p.add_argument(
         "--frames",
-        type=int,
+        type=non_negative_int,
         nargs=2,
         default=None,
         metavar=("START", "STOP"),
@@ -53,7 +53,7 @@ def register(sub) -> None:
     )
     p.add_argument("--weights", default=None, help="backbone weights file")
     p.add_argument("--device", default=None, help="auto | cpu | cuda (default auto)")
-    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--workers", type=non_negative_int, default=None)
     p.add_argument("--no-resume", action="store_true", help="start over even if RUN_DIR has a checkpoint")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method-specific option")
     p.set_defaults(func=run)
@@ -97,9 +97,58 @@ def train_settings(args) -> dict:
     return settings
 
 
+def check_settings(settings: dict) -> None:
+    """Before a run folder is made: the method exists, the numbers make sense, the training data
+    exists and ``out`` can be written (the trainer itself is not asked)."""
+    from placerank.train.common import METHODS
+
+    METHODS.get(settings["method"])  # an unknown method is a one-line error listing the known ones
+    for key, flag in (
+        ("epochs", "--epochs"),
+        ("batch_places", "--places-per-batch"),
+        ("images_per_place", "--images-per-place"),
+    ):
+        value = settings.get(key)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise PlaceRankError(f"{flag} must be a whole number >= 1, got {value}")
+    minutes = settings.get("max_minutes")
+    if minutes is not None and not minutes > 0:
+        raise PlaceRankError(f"--max-minutes must be > 0, got {minutes}")
+    for item in settings["train"]:
+        path = Path(str(item).partition("?")[0])  # a spec may carry a ?selection
+        if not path.exists():
+            raise PlaceRankError(f"--train {item}: no such file or folder")
+    out = Path(settings["out"])
+    if out.exists() and not out.is_dir():
+        raise PlaceRankError(f"--out {out} is an existing file; give a run folder")
+    from placerank.utils import check_output_folder
+
+    check_output_folder(out)
+
+
+# what a run writes first; a run that fails before anything else removes a folder it created
+_START_FILES = {"config.json", "log.jsonl"}
+
+
+def _remove_failed_start(out: Path) -> None:
+    import shutil
+
+    if out.is_dir() and {p.name for p in out.iterdir()} <= _START_FILES:
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def run(args) -> int:
     from placerank.train.common import TrainConfig, run_training
 
-    model_path = run_training(TrainConfig(**train_settings(args)))
+    settings = train_settings(args)
+    check_settings(settings)
+    out = Path(settings["out"])
+    created = not out.exists()
+    try:
+        model_path = run_training(TrainConfig(**settings))
+    except Exception:
+        if created:
+            _remove_failed_start(out)
+        raise
     print(f"model written to {model_path}")
     return 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +14,16 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from placerank.errors import DataError
 
-# Decompression-bomb guard stays on, but large real photos (50 MP) must still open.
-Image.MAX_IMAGE_PIXELS = 300_000_000
+# The pixel limit: a larger image is a one-line error (decoding a 25000 x 25000 image takes
+# gigabytes; a 388 KB PNG can hold 400 MP). 100 MP covers every real camera photo we know of.
+MAX_PIXELS = 100_000_000
+# PIL's own decompression-bomb guard stays on, above ours (we check the header first).
+Image.MAX_IMAGE_PIXELS = 2 * MAX_PIXELS
+# JPEGs above this many pixels are decoded at 1/2, 1/4 or 1/8 scale (PIL's draft mode), never
+# below twice the network input: memory follows the input size, not the photo's. Smaller photos
+# decode in full, so their descriptors are exactly as before.
+DRAFT_ABOVE_PIXELS = 8_000_000
+_ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
 @dataclass(frozen=True)
@@ -55,17 +65,54 @@ def normalize_image_size(image_size) -> tuple[int, int] | None:
     return (int(h), int(w))
 
 
-def open_image(path: str | Path, min_side: int = 16) -> Image.Image:
-    """Open an image as RGB, honouring EXIF orientation; one-line errors for bad files."""
+def _too_large(path: Path, pixels: int, size: str = "") -> DataError:
+    return DataError(
+        f"{path}: image is too large ({size + ' = ' if size else ''}{pixels / 1e6:.0f} MP; the limit is"
+        f" {MAX_PIXELS / 1e6:.0f} MP); downscale it first"
+    )
+
+
+def _exif_orientation(f: Image.Image) -> int:
+    try:
+        return int(f.getexif().get(0x0112, 1) or 1)
+    except Exception:  # unreadable EXIF: exif_transpose ignores it as well
+        return 1
+
+
+def open_image(
+    path: str | Path, min_side: int = 16, target: tuple[int, int] | None = None, info: dict | None = None
+) -> Image.Image:
+    """Open an image as RGB, honouring EXIF orientation; one-line errors for bad files and for
+    images above :data:`MAX_PIXELS`. ``target`` (height, width): the size it will be resized to;
+    a JPEG above :data:`DRAFT_ABOVE_PIXELS` is then decoded at reduced scale (draft mode), no
+    smaller than twice ``target``. ``info["size"]`` receives the full (height, width) after
+    orientation, whatever the decoded size."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: image file does not exist")
     try:
-        with Image.open(path) as f:
-            im = ImageOps.exif_transpose(f).convert("RGB")
-            im.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as f:
+                w, h = f.size
+                if w * h > MAX_PIXELS:
+                    raise _too_large(path, w * h, f"{w}x{h} px")
+                rotated = _exif_orientation(f) in _ROTATED
+                if info is not None:
+                    info["size"] = (w, h) if rotated else (h, w)
+                if target is not None and f.format == "JPEG" and w * h > DRAFT_ABOVE_PIXELS:
+                    th, tw = target
+                    want = (2 * th, 2 * tw) if rotated else (2 * tw, 2 * th)  # (width, height) as stored
+                    f.draft("RGB", want)
+                im = ImageOps.exif_transpose(f).convert("RGB")
+                im.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        raise _too_large(path, int(found.group(1)) if found else MAX_PIXELS + 1) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+    except MemoryError:
+        raise DataError(f"{path}: not enough memory to decode this image; downscale it first") from None
     if min(im.size) < min_side:
         raise DataError(f"{path}: image is too small ({im.size[0]}x{im.size[1]} px, need >= {min_side} px per side)")
     return im
@@ -86,9 +133,9 @@ def to_tensor(im: Image.Image, pre: Preprocess) -> torch.Tensor:
 
 def load_tensor(path: str | Path, pre: Preprocess) -> tuple[torch.Tensor, tuple[int, int]]:
     """Decode + resize + normalise one image; returns (C,H,W) tensor and original (H, W)."""
-    im = open_image(path, pre.min_side)
-    orig = (im.size[1], im.size[0])
-    return to_tensor(im, pre), orig
+    info: dict = {}
+    im = open_image(path, pre.min_side, target=pre.size, info=info)
+    return to_tensor(im, pre), info["size"]
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):

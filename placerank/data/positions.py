@@ -109,22 +109,30 @@ def read_positions_csv(csv_path: str | Path) -> dict[Path, Position]:
     zone_col = "utm_zone" if "utm_zone" in columns else ("epsg" if "epsg" in columns else None)
     base = csv_path.parent
     out: dict[Path, Position] = {}
+    first_row: dict[Path, int] = {}
     for i, r in enumerate(rows, start=2):
         where = f"{csv_path}:{i}"
         if not r.get(path_col):
             raise DataError(f"{where}: empty '{path_col}'")
         p = Path(r[path_col])
         p = (p if p.is_absolute() else base / p).resolve()
+        if p in first_row:
+            raise DataError(
+                f"{where}: {p.name} is listed again (first at row {first_row[p]}); remove the duplicate row"
+            )
+        first_row[p] = i
         try:
             if has_ll:  # lat/lon wins when both are present: it carries the geodetic reference
                 lat, lon = float(r["lat"]), float(r["lon"])
+                if not (np.isfinite(lat) and np.isfinite(lon)):
+                    raise ValueError(f"not finite: {lat}, {lon}")
                 if not (abs(lat) <= 90 and abs(lon) <= 180):
                     raise DataError(f"{where}: lat/lon out of range ({lat}, {lon})")
                 pos = Position.from_latlon(lat, lon)
             else:
                 east, north = float(r["easting"]), float(r["northing"])
                 if not (np.isfinite(east) and np.isfinite(north)):
-                    raise ValueError("not finite")
+                    raise ValueError(f"not finite: {east}, {north}")
                 zone = r.get(zone_col, "") if zone_col else ""
                 pos = Position.from_utm(east, north, parse_zone(zone, where)) if zone else Position(east, north)
         except ValueError as e:

@@ -66,18 +66,25 @@ def read_csv_manifest(csv_path: str | Path) -> ImageSet:
         raise DataError(f"{csv_path}: CSV lists no images")
     base = csv_path.parent
     paths = [(base / r["path"]).resolve() for r in rows]
+    check_unique_paths(csv_path, paths)
     missing = [p for p in paths if not p.exists()]
     if missing:
         raise DataError(f"{csv_path}: {len(missing)} listed image(s) do not exist, e.g. {missing[0]}")
     try:
         if group == ("easting", "northing"):
             pos = np.array([[float(r["easting"]), float(r["northing"])] for r in rows], dtype=np.float64)
+            check_finite(csv_path, pos, "easting,northing")
             return ImageSet(paths, "utm", pos, source=str(csv_path))
         if group == ("lat", "lon"):
             latlon = np.array([[float(r["lat"]), float(r["lon"])] for r in rows], dtype=np.float64)
+            check_finite(csv_path, latlon, "lat,lon")
             bad = (np.abs(latlon[:, 0]) > 90) | (np.abs(latlon[:, 1]) > 180)
             if bad.any():
-                raise DataError(f"{csv_path}: row {int(np.argmax(bad)) + 2} has lat/lon out of range")
+                row = int(np.argmax(bad))
+                raise DataError(
+                    f"{csv_path}: row {row + 2} has lat/lon out of range ({latlon[row, 0]:g}, {latlon[row, 1]:g});"
+                    " latitude must be within +-90 and longitude within +-180"
+                )
             en, zones = latlon_to_utm(latlon)
             return ImageSet(paths, "utm", en, source=str(csv_path), utm_zone=zones, latlon=latlon)
         if group == ("frame",):
@@ -89,15 +96,38 @@ def read_csv_manifest(csv_path: str | Path) -> ImageSet:
         raise DataError(f"{csv_path}: a value in column(s) {','.join(group)} is not a number ({e})") from None
 
 
+def check_unique_paths(csv_path: Path, paths: list[Path]) -> None:
+    """A CSV listing one image twice would count it twice (recall, num_queries): one line naming
+    both rows (row numbers count the header as row 1)."""
+    first: dict[Path, int] = {}
+    for i, p in enumerate(paths):
+        if p in first:
+            raise DataError(
+                f"{csv_path}: row {i + 2} lists {p.name} again (first at row {first[p] + 2}); remove the duplicate row"
+            )
+        first[p] = i
+
+
+def check_finite(csv_path: Path, values: np.ndarray, columns: str) -> None:
+    """NaN or inf coordinates: one line naming the row (they would break the KD-tree of positives)."""
+    bad = ~np.isfinite(values).all(axis=1)
+    if bad.any():
+        row = int(np.argmax(bad))
+        shown = ", ".join(f"{v:g}" for v in values[row])
+        raise DataError(f"{csv_path}: row {row + 2} has a {columns} value that is not a finite number ({shown})")
+
+
 def parse_utm_name(path: Path) -> tuple[float, float] | None:
-    """``@east@north@...`` -> (east, north); None if the name is not in that layout."""
+    """``@east@north@...`` -> (east, north); None if the name is not in that layout (or its
+    numbers are not finite)."""
     fields = path.name.split("@")
     if len(fields) < 3:
         return None
     try:
-        return float(fields[1]), float(fields[2])
+        east, north = float(fields[1]), float(fields[2])
     except ValueError:
         return None
+    return (east, north) if np.isfinite(east) and np.isfinite(north) else None
 
 
 def images_paths_file(folder: Path) -> Path:

@@ -21,9 +21,12 @@ from placerank.eval.results import EvalResult
 from placerank.index.candidates import search
 from placerank.rerank.base import shares_model_head
 from placerank.rerank.stage import rerank_candidates
-from placerank.utils import Timer, peak_memory_mb, resolve_device
+from placerank.utils import Timer, atomic_folder, check_output_folder, peak_memory_mb, resolve_device
 from placerank.version import __version__
 from placerank.viz.examples import plot_recall_curve
+
+# what eval writes under --out; the folder is replaced as a whole, so it may hold only these
+EVAL_OUTPUTS = ("results.json", "predictions.csv", "recall_curve.png", "examples")
 
 
 @dataclass
@@ -75,10 +78,15 @@ def evaluate(config: EvalConfig, model=None, dataset: Dataset | None = None) -> 
     """Run the whole evaluation and write ``results.json``, ``recall_curve.png``,
     ``predictions.csv`` and ``examples/*.png`` under ``config.out``. A pre-built ``model`` may be
     passed (benchmarks, recipes) instead of a registry name, and a pre-read ``dataset`` (a named
-    benchmark split) instead of paths. Unlabelled data: predictions and pictures, no recall."""
+    benchmark split) instead of paths. Unlabelled data: predictions and pictures, no recall.
+
+    The outputs are written into a temporary folder beside ``config.out`` that replaces it only
+    when complete: a failed run keeps the previous run's outputs, a finished one replaces them
+    all (no stale example pictures). ``config.out`` is checked before any work."""
     timer = Timer()
     t_start = time.perf_counter()
-    out = Path(config.out)
+    final_out = check_output_folder(config.out, owned=EVAL_OUTPUTS)
+    check_eval_numbers(config)
     device = resolve_device(config.device)
     ds = dataset if dataset is not None else open_eval_dataset(config)
     positives = ds.positives
@@ -163,15 +171,32 @@ def evaluate(config: EvalConfig, model=None, dataset: Dataset | None = None) -> 
         placerank_version=__version__,
         labelled=ds.labelled,
     )
-    out.mkdir(parents=True, exist_ok=True)
-    result.save(out / "results.json")
-    write_predictions(out / "predictions.csv", ds, ids, positives)
-    if ds.labelled:
-        curves = {"global retrieval": recall_first}
-        if config.rerank:
-            curves[f"+ re-rank {config.rerank} (top-{(rerank_info or {}).get('top_k')})"] = recall
-        plot_recall_curve(curves, out / "recall_curve.png", title=f"{model.name} | {ds.name} | {ds.rule.describe()}")
-    write_examples(out / "examples", ds, first_stage_ids, ids, positives, config.num_examples, reranker, store)
-    if store is not None:
-        store.close()
+    try:
+        with atomic_folder(final_out) as out:
+            result.save(out / "results.json")
+            write_predictions(out / "predictions.csv", ds, ids, positives)
+            if ds.labelled:
+                curves = {"global retrieval": recall_first}
+                if config.rerank:
+                    curves[f"+ re-rank {config.rerank} (top-{(rerank_info or {}).get('top_k')})"] = recall
+                title = f"{model.name} | {ds.name} | {ds.rule.describe()}"
+                plot_recall_curve(curves, out / "recall_curve.png", title=title)
+            write_examples(out / "examples", ds, first_stage_ids, ids, positives, config.num_examples, reranker, store)
+    finally:
+        if store is not None:
+            store.close()
     return result
+
+
+def check_eval_numbers(config: EvalConfig) -> None:
+    """The numbers of a config built in Python (the CLI checks its flags when parsing them)."""
+    from placerank.errors import PlaceRankError
+
+    if config.top_k < 1:
+        raise PlaceRankError(f"top_k must be >= 1, got {config.top_k}")
+    if config.radius is not None and not (0 < config.radius < float("inf")):
+        raise PlaceRankError(f"radius must be a number of metres > 0, got {config.radius}")
+    if config.frame_tolerance is not None and config.frame_tolerance < 0:
+        raise PlaceRankError(f"frame_tolerance must be >= 0, got {config.frame_tolerance}")
+    if config.batch_size < 1:
+        raise PlaceRankError(f"batch_size must be >= 1, got {config.batch_size}")

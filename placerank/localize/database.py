@@ -121,21 +121,19 @@ class Database(contextlib.AbstractContextManager):
 
     @classmethod
     def open_or_create(
-        cls, path: str | Path, model=None, weights=None, image_size=None, device: str = "auto", radius=None
+        cls, path: str | Path, model=None, weights=None, image_size=None, device: str = "auto", radius=None, wait=0.0
     ) -> Database:
-        if metadata.is_initialised(Path(path).resolve()):
-            db = cls.open(path, model, weights, image_size, device)
-            if radius is not None and float(radius) != db.info()["radius_m"]:
-                db.set_radius(radius)
-            return db
-        return cls.create(
-            path,
-            model if model is not None else DEFAULT_MODEL,
-            weights,
-            image_size,
-            device,
-            25.0 if radius is None else radius,
-        )
+        if not metadata.is_initialised(Path(path).resolve()):
+            try:  # ``wait``: another process may be creating it right now
+                args = (model if model is not None else DEFAULT_MODEL, weights, image_size, device)
+                return cls.create(path, *args, 25.0 if radius is None else radius, wait=wait)
+            except PlaceRankError:
+                if not metadata.is_initialised(Path(path).resolve()):
+                    raise
+        db = cls.open(path, model, weights, image_size, device)
+        if radius is not None and float(radius) != db.info()["radius_m"]:
+            db.set_radius(radius)
+        return db
 
     def close(self) -> None:
         self.store.images.conn.close()

@@ -1,8 +1,13 @@
 """One writer at a time: an exclusive ``fcntl.flock`` on ``DB/write.lock``.
 
 The kernel releases the lock when its process dies, so a crash never leaves a stale lock. The
-holder's pid is written into the file so a refusal can name the other process. A second writer
-is refused at once, or retries until ``wait`` seconds have passed.
+holder writes ``pid start-time host`` into the file, so a refusal can name the other process, and
+so a lock whose holder is dead can be taken over at once: forked DataLoader workers inherit the
+open file and keep the ``flock`` for a few seconds after their parent was killed (``kill -9``).
+A holder is dead when its pid is gone, is a zombie, or now belongs to a process that started at
+another time (a reused pid); a holder on another host is never judged. The stale file is then
+unlinked and a new one locked. A second writer is refused at once, or retries until ``wait``
+seconds have passed.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,9 +35,58 @@ def _pause(seconds: float) -> None:
     time.sleep(seconds)
 
 
+def process_start(pid: int) -> str | None:
+    """The start time of ``pid`` (clock ticks since boot, from ``/proc``), ``"zombie"`` for a dead
+    process not yet reaped, None when there is no such process; ``"?"`` where ``/proc`` is absent."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        if Path("/proc/self/stat").exists():
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return "?"
+    except OSError:
+        return "?"
+    fields = text[text.rindex(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):
+        return "zombie"
+    return fields[19]
+
+
+def holder_text() -> str:
+    pid = os.getpid()
+    return f"{pid} {process_start(pid) or '?'} {socket.gethostname()}"
+
+
+def holder_is_dead(text: str) -> bool:
+    """Whether the ``pid start host`` written by a holder names a process that no longer runs.
+    Unknown (empty, another host, no ``/proc``) counts as alive."""
+    parts = text.split()
+    if not parts or not parts[0].isdigit():
+        return False
+    if len(parts) >= 3 and parts[2] != socket.gethostname():
+        return False
+    now = process_start(int(parts[0]))
+    if now is None or now == "zombie":
+        return True
+    return len(parts) >= 2 and parts[1] != "?" and now != "?" and now != parts[1]
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
 class WriteLock:
-    """Exclusive ``fcntl.flock`` on ``DB/write.lock``; the holder's pid is written into it so the
-    refusal can name the other process."""
+    """Exclusive ``fcntl.flock`` on ``DB/write.lock``; the holder writes ``pid start host`` into
+    it so the refusal can name the other process and a dead holder's lock can be taken over."""
 
     def __init__(self, folder: Path, wait: float = 0.0):
         self.path = Path(folder) / LOCK_FILE
@@ -39,24 +94,35 @@ class WriteLock:
         self._fd: int | None = None
 
     def __enter__(self) -> WriteLock:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         deadline = time.monotonic() + max(0.0, self.wait)
         while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
             except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                holder = os.pread(fd, 128, 0).decode(errors="replace").strip()
+                if holder_is_dead(holder) and _same_file(fd, self.path):
+                    # the holder died; what keeps the lock is an orphan (e.g. a loader worker)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.path)
                     os.close(fd)
+                    continue
+                os.close(fd)
+                if time.monotonic() >= deadline:
+                    pid = holder.split()[0] if holder else "unknown"
                     how = f"after waiting {self.wait:g} s" if self.wait > 0 else "now"
                     raise DatabaseBusyError(
-                        f"{self.path.parent}: another placerank process (pid {holder}) is writing to this "
+                        f"{self.path.parent}: another placerank process (pid {pid}) is writing to this "
                         f"database {how}; wait for it to finish or pass --wait SECONDS"
                     ) from None
                 _pause(RETRY_S)
+                continue
+            if not _same_file(fd, self.path):  # a stale file unlinked while we locked it
+                os.close(fd)
+                continue
+            break
         os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        os.pwrite(fd, holder_text().encode(), 0)
         self._fd = fd
         return self
 

@@ -114,8 +114,10 @@ def create_app(service: LocalizeService, stats: Stats | None = None) -> FastAPI:
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     async def read_upload(upload: UploadFile):
+        from starlette.concurrency import run_in_threadpool
+
         data = await upload.read(config.max_upload_bytes + 1)
-        return check_image(data, config.max_upload_bytes)
+        return await run_in_threadpool(check_image, data, config.max_upload_bytes)  # decode off the event loop
 
     # -- the page and the docs -------------------------------------------------------------------------
     @app.get("/", include_in_schema=False)

@@ -16,7 +16,7 @@ from placerank.serve.service import LocalizeService, ServeConfig
 def _check_installed() -> None:
     try:
         import fastapi  # noqa: F401
-        import multipart  # noqa: F401
+        import python_multipart  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as e:
         raise PlaceRankError(f"placerank serve needs the serve extra: pip install 'placerank[serve]' ({e})") from None

@@ -150,8 +150,9 @@ def test_official_vitb_checkpoint_full_shapes_loads_strictly(tmp_path, gardens, 
     with torch.no_grad():
         d = model(img[None])
     assert d.shape == (1, 8448) and torch.isfinite(d).all() and float(d.norm()) == pytest.approx(1.0, abs=1e-5)
-    lf = model.local_features(img[None], [orig])[0]
-    assert len(lf) == 225 and lf.descriptors.shape == (225, 128)
+    lf = model.local_features(img[None], [orig])[0]  # the official set by default: every region cell
+    assert model.cfg.local_mode == "dense" and 9 * 225 <= len(lf) <= 16 * 225 and lf.descriptors.shape[1] == 128
+    assert len(model.local_features(img[None], [orig], mode="pool3")[0]) == 225
 
 
 def test_official_vitl_key_table_strict_on_meta(tmp_path, tables):

@@ -93,6 +93,12 @@
         el("text", { class: "num", x: v.x(q[0]), y: v.y(q[1]) }, g).textContent = String(k + 1);
         el("title", {}, g).textContent = "#" + (k + 1) + " " + m.path;
       });
+      if (result.query_gps && result.lat != null) {
+        const g = xy(result.query_gps);
+        const gx = v.x(g[0]), gy = v.y(g[1]);
+        const t = el("path", { class: "truth", d: `M${gx - 7},${gy - 7} L${gx + 7},${gy + 7} M${gx - 7},${gy + 7} L${gx + 7},${gy - 7}` }, svg);
+        el("title", {}, t).textContent = "the photo's own EXIF GPS";
+      }
       const mk = el("g", { id: "marker" }, svg);
       const x = v.x(est[0]), y = v.y(est[1]);
       el("path", { class: "marker", d: `M${x},${y} l-9,-22 a10,10 0 1,1 18,0 z` }, mk);
