@@ -101,7 +101,7 @@ def multipart(photo: Path) -> tuple[bytes, str]:
 def run_clients(host: str, port: int, bodies: list[tuple[bytes, str]], clients: int, requests: int, seconds: float):
     lock = threading.Lock()
     issued = [0]
-    results: list[tuple[float, float, int, str]] = []  # (start offset s, latency s, status, error)
+    results: list[tuple[float, float, int, str, float]] = []  # (start s, latency s, status, error, server's total s)
     t_start = time.perf_counter()
     deadline = t_start + seconds
 
@@ -115,7 +115,7 @@ def run_clients(host: str, port: int, bodies: list[tuple[bytes, str]], clients: 
                 issued[0] += 1
             body, ctype = bodies[n % len(bodies)]
             t0 = time.perf_counter()
-            status, err = 0, ""
+            status, err, total = 0, "", float("nan")
             try:
                 conn.request("POST", "/v1/localize", body, {"Content-Type": ctype})
                 resp = conn.getresponse()
@@ -123,12 +123,14 @@ def run_clients(host: str, port: int, bodies: list[tuple[bytes, str]], clients: 
                 status = resp.status
                 if status != 200:
                     err = data[:200].decode(errors="replace")
+                else:
+                    total = float(json.loads(data)["timing_s"]["total"])
             except (OSError, http.client.HTTPException) as e:
                 err = f"{type(e).__name__}: {e}"
                 conn.close()
                 conn = http.client.HTTPConnection(host, port, timeout=max(60.0, seconds))
             with lock:
-                results.append((t0 - t_start, time.perf_counter() - t0, status, err))
+                results.append((t0 - t_start, time.perf_counter() - t0, status, err, total))
         conn.close()
 
     threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(clients)]
@@ -232,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             "mean": round(float(lat.mean()), 1) if len(lat) else None,
             "max": round(float(lat.max()), 1) if len(lat) else None,
         },
+        "server_localize_ms_p50": round(float(np.nanmedian([r[4] for r in results])) * 1000, 1) if len(lat) else None,
         "errors": len(errors),
         "error_samples": sorted({f"{r[2]} {r[3]}" for r in errors})[:5],
         "server_rss_mb": {"before": round(rss_before, 1), "peak": round(peak[0], 1), "after": round(rss_after, 1)},

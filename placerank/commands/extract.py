@@ -32,6 +32,9 @@ def run(args) -> int:
     from placerank.utils import resolve_device
 
     options = rerank_options_arg(args.rerank, args.rerank_option)
+    from placerank.utils import check_output_folder
+
+    check_output_folder(args.out)  # before any work
     images = read_image_set(args.images, args.layout)
     device = resolve_device(args.device)
     model = load_model(args.model, args.weights, image_size_arg(args.image_size), device)

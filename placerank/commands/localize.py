@@ -78,6 +78,9 @@ def run(args) -> int:
     from placerank.localize.outputs import expand_photos, summary_row, unique_stem, write_outputs, write_summary
 
     photos = expand_photos(args.photos)
+    from placerank.utils import check_output_folder
+
+    check_output_folder(args.out)  # before any work
     db = Database.open(
         args.db, model=args.model, weights=args.weights, image_size=image_size_arg(args.image_size), device=args.device
     )

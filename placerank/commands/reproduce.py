@@ -21,9 +21,14 @@ def register(sub) -> None:
     )
     p.add_argument("model", metavar="MODEL", help="published configuration: " + ", ".join(CONFIGURATIONS))
     p.add_argument(
-        "--dataset", required=True, metavar="NAME:ROOT", help="a benchmark split with published numbers, e.g. msls-val:ROOT"
+        "--dataset",
+        required=True,
+        metavar="NAME:ROOT",
+        help="a benchmark split with published numbers, e.g. msls-val:ROOT",
     )
-    p.add_argument("--weights", default=None, help="the released weights file (default: its name in $PLACERANK_WEIGHTS)")
+    p.add_argument(
+        "--weights", default=None, help="the released weights file (default: its name in $PLACERANK_WEIGHTS)"
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--check", action="store_true", help="exit 1 when any |measured - published| exceeds 0.5 points")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/reproduce/MODEL-NAME)")
@@ -67,7 +72,7 @@ def run(args) -> int:
     for line in comparison_lines(rows):
         print(line)
     print(f"published: {pub.numbers[name].source}")
-    print(f"wrote {out / 'reproduce.json'}, {out / 'results.json'}")
+    print(f"wrote {out / 'reproduce.json'} and eval's results.json, predictions.csv, examples/ in {out / 'eval'}")
     bad = failures(rows)
     if args.check and bad:
         worst = max(bad, key=lambda r: abs(r.delta))
@@ -80,8 +85,10 @@ def run(args) -> int:
 
 def comparison_lines(rows) -> list[str]:
     """The table: one line per stage and N."""
-    lines = [f"{'':10s} {'':5s} {'measured':>8s} {'published':>9s} {'delta':>6s}"]
+    lines = [f"{'':10s} {'':5s} {'measured':>8s} {'published':>9s} {'delta':>6s}"]  # measured unrounded
     for r in rows:
         flag = "" if r.ok else "  !"
-        lines.append(f"{r.stage:10s} R@{r.n:<3s} {r.measured:8.1f} {r.published:9.1f} {r.delta:+6.1f}{flag}")
+        lines.append(
+            f"{r.stage:10s} R@{r.n:<3s} {r.measured:8.2f} {r.published:9.1f} {round(r.delta, 2) + 0.0:+6.2f}{flag}"
+        )
     return lines

@@ -30,6 +30,9 @@ def run(args) -> int:
     from placerank.utils import resolve_device
 
     options = rerank_options_arg(args.rerank, args.rerank_option)
+    from placerank.utils import check_output_folder
+
+    check_output_folder(args.out)  # before any work
     device = resolve_device(args.device)
     candidates = load_candidates(args.candidates)
     reranker = reranker_for_candidates(

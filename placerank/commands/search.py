@@ -19,6 +19,9 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from placerank.index.candidates import search_folders
+    from placerank.utils import check_output_folder
+
+    check_output_folder(args.out)  # before any work
 
     cands, skipped = search_folders(args.database, args.queries, args.top_k, args.out)
     what = f"top-{cands.depth} of {len(cands.database_paths)} database images for {len(cands.query_paths)} queries"

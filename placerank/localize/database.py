@@ -178,12 +178,8 @@ class Database(contextlib.AbstractContextManager):
         return self._model
 
     # -- changing it ------------------------------------------------------------------------------
-    def _check_writable(self) -> None:
-        if self.store.read_only:
-            raise PlaceRankError(f"{self.folder}: opened read-only; open it without read_only to change it")
-
     def set_radius(self, radius: float, wait: float = 0.0) -> None:
-        self._check_writable()
+        _check_writable(self)
         if radius <= 0:
             raise PlaceRankError(f"radius must be > 0 metres, got {radius}")
         with self.store.slot.hold(wait), self.store.meta.transaction():
@@ -207,7 +203,7 @@ class Database(contextlib.AbstractContextManager):
         photos of a ``positions`` CSV (those under ``folder`` when both are given). Only new or
         changed photos are read; with ``rerank`` their local features are stored too.
         ``log``: callable for one-line progress notes (the CLI passes ``print``)."""
-        self._check_writable()
+        _check_writable(self)
         indexer = FolderIndexer(self.store, self.features, lambda: self.model, log or (lambda msg: None), progress)
         with self.store.slot.hold(wait):
             self.store.index()
@@ -223,7 +219,7 @@ class Database(contextlib.AbstractContextManager):
         """Drop photos (or every photo under a folder) from the database. The photos themselves
         are not touched. Their local features stay in the store (keyed by content) until the
         database is rebuilt."""
-        self._check_writable()
+        _check_writable(self)
         report = RemoveReport()
         with self.store.slot.hold(wait):
             self.store.index()
@@ -261,3 +257,8 @@ class Database(contextlib.AbstractContextManager):
         (optionally re-ranked), then a score-weighted position of those that agree with the best
         one (see :mod:`placerank.localize.estimate`)."""
         return localize(self.store, self.features, self.model, image, top_k, rerank, radius, rerank_options, estimate)
+
+
+def _check_writable(db: Database) -> None:
+    if db.store.read_only:
+        raise PlaceRankError(f"{db.folder}: opened read-only; open it without read_only to change it")

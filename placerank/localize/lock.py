@@ -77,6 +77,18 @@ def holder_is_dead(text: str) -> bool:
     return len(parts) >= 2 and parts[1] != "?" and now != "?" and now != parts[1]
 
 
+@contextlib.contextmanager
+def _guard(path: Path) -> Iterator[None]:
+    """A short lock that makes "check the holder, unlink its file" of a taker and "check my file,
+    write my name" of a new holder happen one after the other, never interleaved."""
+    fd = os.open(path.with_name(f".{path.name}.guard"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _same_file(fd: int, path: Path) -> bool:
     try:
         return os.fstat(fd).st_ino == os.stat(path).st_ino
@@ -101,12 +113,15 @@ class WriteLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 128, 0).decode(errors="replace").strip()
-                if holder_is_dead(holder) and _same_file(fd, self.path):
-                    # the holder died; what keeps the lock is an orphan (e.g. a loader worker)
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self.path)
-                    os.close(fd)
-                    continue
+                if holder_is_dead(holder):
+                    with _guard(self.path):  # re-read under the guard: a new holder may have just written
+                        holder = os.pread(fd, 128, 0).decode(errors="replace").strip()
+                        stale = holder_is_dead(holder) and _same_file(fd, self.path)
+                        if stale:  # the holder died; an orphan (e.g. a loader worker) keeps the lock
+                            os.unlink(self.path)
+                    if stale:
+                        os.close(fd)
+                        continue
                 os.close(fd)
                 if time.monotonic() >= deadline:
                     pid = holder.split()[0] if holder else "unknown"
@@ -117,12 +132,14 @@ class WriteLock:
                     ) from None
                 _pause(RETRY_S)
                 continue
-            if not _same_file(fd, self.path):  # a stale file unlinked while we locked it
-                os.close(fd)
-                continue
-            break
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, holder_text().encode(), 0)
+            with _guard(self.path):
+                mine = _same_file(fd, self.path)  # not a stale file unlinked while we locked it
+                if mine:
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, holder_text().encode(), 0)
+            if mine:
+                break
+            os.close(fd)
         self._fd = fd
         return self
 

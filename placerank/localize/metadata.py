@@ -120,13 +120,25 @@ def connect(folder: Path, read_only: bool = False) -> sqlite3.Connection:
 def create(folder: Path, meta: dict[str, str]) -> sqlite3.Connection:
     """Schema and metadata in one transaction: a crash here leaves no half-made database."""
     conn = connect(folder)
-    conn.execute("BEGIN IMMEDIATE")
-    for statement in _SCHEMA.split(";"):
-        if statement.strip():
-            conn.execute(statement)
-    conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(meta.items()))
-    conn.execute("COMMIT")
+    with Metadata(conn).transaction():
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(meta.items()))
     return conn
+
+
+def _write_error(conn: sqlite3.Connection, e: sqlite3.OperationalError) -> Exception:
+    """SQLite's "database or disk is full" as the one-line disk-full error naming the file."""
+    if "full" not in str(e).lower():
+        return e
+    from placerank.errors import OutputError
+
+    try:
+        path = conn.execute("PRAGMA database_list").fetchone()[2]
+    except sqlite3.Error:
+        path = DB_FILE
+    return OutputError.from_os_error(OSError(28, "No space left on device"), path)
 
 
 class Metadata:
@@ -160,10 +172,15 @@ class Metadata:
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield
-        except BaseException:
-            self.conn.execute("ROLLBACK")
+            self.conn.execute("COMMIT")
+        except BaseException as e:
+            if self.conn.in_transaction:  # SQLite may have rolled back itself (disk full)
+                with contextlib.suppress(sqlite3.Error):
+                    self.conn.execute("ROLLBACK")
+            err = _write_error(self.conn, e) if isinstance(e, sqlite3.OperationalError) else e
+            if err is not e:
+                raise err from e
             raise
-        self.conn.execute("COMMIT")
 
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[None]:

@@ -156,21 +156,23 @@ def reproduce(
     num_workers: int | None = None,
     use_cache: bool = True,
 ):
-    """Run a published configuration on ``NAME:ROOT``; returns (result, rows, out folder) and
-    writes ``reproduce.json`` beside eval's ``results.json``. ``image_size`` overrides the
-    published input size (smoke runs only: recorded as a protocol deviation)."""
+    """Run a published configuration on ``NAME:ROOT``; returns (result, rows, out folder). Writes
+    ``OUT/reproduce.json`` (settings, published and measured numbers, deltas) and eval's outputs
+    in ``OUT/eval/``. ``image_size`` overrides the published input size (smoke runs only:
+    recorded as a protocol deviation)."""
     from placerank.eval.evaluate import EvalConfig, evaluate
-    from placerank.utils import write_json_atomic
+    from placerank.utils import check_output_folder, write_json_atomic
 
     pub = get_published(name)
     benchmark, root = pub.benchmark(dataset)
     weights_path = pub.weights_path(weights)
+    out = Path(out) if out is not None else Path("runs") / "reproduce" / f"{pub.name}-{benchmark.name}"
+    check_output_folder(out)
     ds = benchmark.load(root)
     if not ds.labelled:
         raise DataError(f"{root}: {benchmark.name} read without positions; cannot compare recall")
-    out = Path(out) if out is not None else Path("runs") / "reproduce" / f"{pub.name}-{benchmark.name}"
     cfg = EvalConfig(
-        out=out,
+        out=out / "eval",
         model=pub.model,
         weights=weights_path,
         rerank=pub.rerank,
@@ -309,7 +311,9 @@ _add(
     )
 )
 
-_SELA_PAPER = "Lu et al., Towards Seamless Adaptation of Pre-trained Models for VPR, ICLR 2024 (github.com/Lu-Feng/SelaVPR)"
+_SELA_PAPER = (
+    "Lu et al., Towards Seamless Adaptation of Pre-trained Models for VPR, ICLR 2024 (github.com/Lu-Feng/SelaVPR)"
+)
 _SELA_SRC = "SelaVPR README @11f88b2, 'Trained Models' table"
 _SELA_RERANK = {"min_matches": 2}  # the official count: a single mutual match scores 0
 _add(

@@ -18,7 +18,10 @@ The region's features follow the model's ``local_mode`` (the ``mode`` option ove
   1.000 at 15x less storage, ~235x faster scoring);
 - ``center``: the single centre cell per patch, same size as pool3.
 
-Every surviving mutual pair counts (``min_matches=0``, the official behaviour). Features are
+Every surviving mutual pair counts (``min_matches=0``), as officially. ``single_pair_zero``: a
+candidate with exactly one mutual pair *before* the 0.7 threshold scores 0, the official
+``match_batch_tensor`` rule; default on for ``fol-vit*`` (official backbones), off for the CNN
+(docs/fol.md: measured, no re-ranked list changes on the CPU recipe). Features are
 read (memory-mapped) from the float16 :class:`LocalFeatureStore` only for the candidates.
 Scoring is one batched matrix product per chunk of
 candidates: on GPU :func:`placerank.rerank.mutual_nn.mnn_counts` (``bmm``), on CPU
@@ -49,6 +52,7 @@ class FoLRegionReranker(Reranker):
         num_regions: int | None = None,
         chunk: int = 128,
         min_matches: int = 0,
+        single_pair_zero: bool | None = None,
     ):
         from placerank.models.fol import LOCAL_MODES, FoLModel
 
@@ -65,6 +69,8 @@ class FoLRegionReranker(Reranker):
         self.threshold = float(threshold)
         self.chunk = int(chunk)
         self.min_matches = int(min_matches)
+        official = str(getattr(model, "name", "")).startswith("fol-vit")
+        self.single_pair_zero = official if single_pair_zero is None else bool(single_pair_zero)
         self.dim = model.local_dim
         self.preprocess = model.preprocess
         self.device = next(model.parameters()).device
@@ -87,7 +93,13 @@ class FoLRegionReranker(Reranker):
     def score(self, query: LocalFeatures, candidates: Sequence[LocalFeatures]) -> np.ndarray:
         descs = [c.descriptors for c in candidates]
         if self.device.type == "cpu":
-            counts = mnn_counts_cpu(query.descriptors, descs, self.threshold, self.min_matches)
+            counts = mnn_counts_cpu(
+                query.descriptors,
+                descs,
+                self.threshold,
+                self.min_matches,
+                single_pair_zero=self.single_pair_zero,
+            )
         else:  # one batched bmm per chunk on the accelerator, chunk bounded to ~256 MB of similarities
             n_max = max([len(d) for d in descs] + [1])
             chunk = max(1, min(self.chunk, int(256 * 2**20 // (8 * n_max * max(1, len(query))))))
@@ -98,6 +110,7 @@ class FoLRegionReranker(Reranker):
                 chunk=chunk,
                 device=self.device,
                 min_matches=self.min_matches,
+                single_pair_zero=self.single_pair_zero,
             )
         return counts.astype(np.float64)
 
@@ -119,7 +132,14 @@ def _fol_region(
     num_regions: int | None = None,
     chunk: int = 128,
     min_matches: int = 0,
+    single_pair_zero: bool | None = None,
 ) -> FoLRegionReranker:
     return FoLRegionReranker(
-        model, threshold=threshold, mode=mode, num_regions=num_regions, chunk=chunk, min_matches=min_matches
+        model,
+        threshold=threshold,
+        mode=mode,
+        num_regions=num_regions,
+        chunk=chunk,
+        min_matches=min_matches,
+        single_pair_zero=single_pair_zero,
     )

@@ -103,16 +103,18 @@ def mnn_counts(
     chunk: int = 8,
     device: torch.device | str = "cpu",
     min_matches: int = 0,
+    single_pair_zero: bool = False,
 ) -> np.ndarray:
     """Number of mutual nearest neighbours (optionally with cosine > ``threshold``) between the
     query set (n_q, D) and each candidate set (n_c, D). Returns int64 (K,).
 
     Candidates are compared ``chunk`` at a time with one ``bmm``, zero-padded per chunk; padded
     rows are masked to -inf so they can never be mutual. ``min_matches``: counts below it become
-    0. SelaVPR (no threshold) officially scores a single mutual pair as 0: ``min_matches=2``.
-    FoL (threshold 0.7) officially counts every surviving pair, one included:
-    ``min_matches=0``. (The official FoL code scores 0 only when exactly one mutual pair exists
-    *before* the threshold, which needs near-degenerate sets; not reproduced, docs/fol.md.)
+    0. ``single_pair_zero``: a candidate with exactly ONE mutual pair *before* the threshold
+    scores 0, whatever that pair's cosine (the official SelaVPR / FoL ``match_batch_tensor``: its
+    index tensor is then 0-d and skips both the threshold and the count). Without a threshold
+    this equals ``min_matches=2`` (SelaVPR); with FoL's 0.7 a pair surviving alone out of two or
+    more still counts 1.
     """
     device = torch.device(device)
     q = _tensor(query).to(device, torch.float32)
@@ -136,11 +138,14 @@ def mnn_counts(
         best_q_for_c = S.argmax(dim=2)  # (b, n_c): query column per candidate row
         back = torch.gather(best_q_for_c, 1, best_c_for_q)  # (b, n_q)
         mutual = back == torch.arange(q.shape[0], device=device)[None, :]
+        single = (mutual.sum(dim=1) == 1).cpu().numpy()
         if threshold is not None:
             sim = torch.gather(S, 1, best_c_for_q[:, None, :]).squeeze(1)
             mutual &= sim > threshold
         counts = mutual.sum(dim=1).cpu().numpy().astype(np.int64)
         counts[counts < min_matches] = 0
+        if single_pair_zero:
+            counts[single] = 0
         counts[(lens == 0).cpu().numpy()] = 0  # an empty candidate has no matches (argmax of -inf is 0)
         out[start : start + len(block)] = counts
     return out
@@ -152,6 +157,7 @@ def mnn_counts_cpu(
     threshold: float | None = 0.7,
     min_matches: int = 0,
     max_chunk_mb: float = 256.0,
+    single_pair_zero: bool = False,
 ) -> np.ndarray:
     """CPU scorer with the counts of :func:`mnn_counts` (tested).
 
@@ -187,11 +193,14 @@ def mnn_counts_cpu(
         best_q = S.argmax(axis=2)  # (k, m): query column per candidate row
         best_c = S.argmax(axis=1)  # (k, n_q): candidate row per query column
         mutual = np.take_along_axis(best_q, best_c, axis=1) == cols[None, :]
+        single = mutual.sum(axis=1) == 1
         if threshold is not None:
             sim = np.take_along_axis(S, best_c[:, None, :], axis=1)[:, 0, :]
             mutual &= sim > threshold
         counts = mutual.sum(axis=1)
         counts[bl == 0] = 0
+        if single_pair_zero:
+            counts[single] = 0
         out[start : start + len(block)] = counts
     out[out < min_matches] = 0
     return out

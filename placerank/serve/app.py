@@ -22,9 +22,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from placerank.errors import PlaceRankError
 from placerank.serve.guard import Guard
-from placerank.serve.service import LocalizeService, NotFound, ServiceBusy, rss_mb
+from placerank.serve.service import LocalizeService, rss_mb
 from placerank.serve.stats import Stats
 from placerank.serve.uploads import UploadError, check_image, safe_name
+from placerank.serve.worker import NotFound, ServiceBusy
 from placerank.version import __version__
 
 log = logging.getLogger("placerank.serve")
@@ -137,7 +138,7 @@ def create_app(service: LocalizeService, stats: Stats | None = None) -> FastAPI:
 
     @app.get("/v1/stats", tags=["status"], summary="Database, model, index, uptime, requests, latency percentiles")
     async def get_stats() -> dict:
-        return {**service.info, **stats.snapshot(), "queue": service.queue(), "rss_mb": rss_mb()}
+        return {**service.info, **stats.snapshot(), "queue": service.worker.queue(), "rss_mb": rss_mb()}
 
     @app.get("/v1/places", tags=["places"], summary="Every database place (id, name, position) for maps")
     async def places() -> dict:
@@ -161,8 +162,18 @@ def create_app(service: LocalizeService, stats: Stats | None = None) -> FastAPI:
     async def thumbnail(place_id: Annotated[int, Path(ge=0)]) -> Response:
         from starlette.concurrency import run_in_threadpool
 
-        data = await run_in_threadpool(service.thumbnail, place_id)
+        data = await run_in_threadpool(service.thumbnails.get, place_id)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=300"})
+
+    @app.get(
+        "/v1/pictures/{token}.jpg",
+        tags=["localize"],
+        summary="The re-ranker's match picture of a recent answer (its `match_picture`)",
+        response_class=Response,
+        responses={200: {"content": {"image/jpeg": {}}}},
+    )
+    async def picture(token: Annotated[str, Path(pattern="^[0-9a-f]{32}$")]) -> Response:
+        return Response(service.pictures.get(token), media_type="image/jpeg", headers={"Cache-Control": "no-store"})
 
     @app.post("/v1/localize", tags=["localize"], summary="Where was this photo taken?")
     async def localize(
@@ -172,7 +183,8 @@ def create_app(service: LocalizeService, stats: Stats | None = None) -> FastAPI:
     ) -> dict:
         """The same JSON as `placerank localize` writes per photo (`lat`, `lon`, `confidence`,
         `matches` with `id`, `lat`, `lon`, `similarity`, `rerank_score`, `distance_m`, ...,
-        `timing_s`); paths are relative to the database's photo folder."""
+        `timing_s`); paths are relative to the database's photo folder. With a re-ranker that
+        verifies matches, `match_picture` is the URL of the picture of those matches."""
         checked = await read_upload(image)
         name = safe_name(image.filename, "upload" + checked.suffix)
         chosen = config.rerank if rerank is None or rerank == "" else (None if rerank == "none" else rerank)

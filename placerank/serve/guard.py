@@ -25,7 +25,7 @@ class _TooLarge(HTTPException):
 
 
 ROUTES = {"/", "/docs", "/openapi.json", "/v1/health", "/v1/stats", "/v1/places", "/v1/localize", "/v1/index"}
-ROUTES |= {"/v1/places/{id}", "/v1/places/{id}/thumbnail"}
+ROUTES |= {"/v1/places/{id}", "/v1/places/{id}/thumbnail", "/v1/pictures"}
 
 
 def route_of(path: str) -> str:
@@ -33,6 +33,8 @@ def route_of(path: str) -> str:
     scan of random paths cannot grow the table)."""
     if path.startswith("/static/"):
         return "/static"
+    if path.startswith("/v1/pictures/"):
+        return "/v1/pictures"
     route = _ID.sub("/{id}", path)
     return route if route in ROUTES else "other"
 

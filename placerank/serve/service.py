@@ -16,33 +16,18 @@ The database is opened **read-only** (SQLite ``mode=ro``); ``POST /v1/index`` an
 
 from __future__ import annotations
 
-import asyncio
-import io
 import os
 import shutil
 import tempfile
-import threading
 import time
 import uuid
-from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from placerank.errors import PlaceRankError
 from placerank.localize.database import Database, DatabaseBusyError
 from placerank.serve.uploads import CheckedImage
-
-THUMB_PX = 320
-THUMB_CACHE = 256
-
-
-class ServiceBusy(Exception):
-    """The inference queue is full (503)."""
-
-
-class NotFound(Exception):
-    """No such place (404)."""
+from placerank.serve.worker import NotFound, Pictures, ServiceBusy, Thumbnails, Worker
 
 
 @dataclass
@@ -97,15 +82,17 @@ class LocalizeService:
         self.upload_dir = Path(
             config.upload_dir or Path(config.db).resolve().parent / f"{Path(config.db).name}-uploads"
         )
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="placerank-worker")
-        self._pending = 0
-        self._pending_lock = threading.Lock()
-        self._thumbs: OrderedDict[int, bytes] = OrderedDict()
-        self._thumb_lock = threading.Lock()
+        self.worker = Worker(config.max_queue)
         self.places: dict[int, Place] = {}
+        self.pictures = Pictures()
+        self.thumbnails = Thumbnails(lambda i: self.places[i].path if i in self.places else None)
         self.generation = -1
         self.info: dict = {}
-        self.db: Database = self._worker.submit(self._open).result()
+        try:
+            self.db: Database = self.worker.submit(self._open).result()
+        except BaseException:
+            self.worker.shutdown()
+            raise
 
     # -- the worker's side (runs on the one worker thread) -----------------------------------------
     def _open(self) -> Database:
@@ -151,8 +138,7 @@ class LocalizeService:
             "rerank": self.config.rerank,
             "index": {"type": "faiss IndexIDMap2(IndexFlatIP)", "count": len(index), "generation": gen},
         }
-        with self._thumb_lock:
-            self._thumbs.clear()
+        self.thumbnails.clear()
         self.generation = gen
 
     def _localize(self, image: CheckedImage, name: str, top_k: int, rerank: str | None, queued: float) -> dict:
@@ -165,7 +151,10 @@ class LocalizeService:
                 result = self.db.localize(path, top_k=top_k, rerank=rerank)
             except PlaceRankError as e:
                 raise PlaceRankError(self._public(str(e), {str(path): name})) from None
+            picture = self._match_picture(result, path, name)
         out = result.to_json()
+        if picture is not None:
+            out["match_picture"] = f"/v1/pictures/{self.pictures.put(picture)}.jpg"
         out["query"] = name
         out["database"] = self.info["database"]
         for m in out["matches"]:
@@ -174,6 +163,35 @@ class LocalizeService:
         out["notes"] = [self._public(n, {str(path): name}) for n in out["notes"]]
         out["timing_s"]["queue"] = round(started - queued, 4)
         return out
+
+    def _match_picture(self, result, query: Path, name: str) -> bytes | None:
+        """With a re-ranker that exposes its matches: the verified matches to the best candidate
+        (JPEG bytes), as ``placerank localize`` draws them in ``<photo>_inliers.png``."""
+        reranker = result.extras.get("reranker")
+        if reranker is None or not hasattr(reranker, "matches") or not result.matches:
+            return None
+        from placerank.errors import DataError
+        from placerank.viz.matches import draw_matches
+
+        qlf, blf = result.extras["query_lf"], result.extras["cand_lf"][0]
+        pairs = reranker.matches(qlf, blf)
+        out = query.with_name("inliers.jpg")
+        best = self.places.get(result.matches[0].id or -1)
+        try:
+            draw_matches(
+                query,
+                result.matches[0].path,
+                qlf.keypoints,
+                blf.keypoints,
+                pairs,
+                out,
+                title=f"{reranker.name}: {len(pairs)} verified matches, {name} vs #1 "
+                f"{best.name if best else Path(result.matches[0].path).name}",
+            )
+        except DataError as e:  # the database photo was moved since indexing
+            result.notes.append(f"match picture not drawn: {e}")
+            return None
+        return out.read_bytes()
 
     def _public(self, message: str, extra: dict[str, str]) -> str:
         """A message with server paths replaced by public names."""
@@ -224,74 +242,20 @@ class LocalizeService:
         return {"removed": place_id, "database_size": self.info["database_size"]}
 
     # -- the server's side -------------------------------------------------------------------------
-    def submit(self, fn, *args) -> Future:
-        """Queue a job for the worker, or refuse at once when ``max_queue`` jobs are waiting."""
-        with self._pending_lock:
-            if self._pending >= self.config.max_queue:
-                raise ServiceBusy(f"server busy: {self._pending} requests queued; retry shortly")
-            self._pending += 1
-        try:
-            fut = self._worker.submit(fn, *args)
-        except BaseException:
-            self._done(None)
-            raise
-        fut.add_done_callback(self._done)
-        return fut
-
-    def _done(self, _fut) -> None:
-        with self._pending_lock:
-            self._pending -= 1
-
-    async def run(self, fn, *args):
-        return await asyncio.wrap_future(self.submit(fn, *args))
-
     async def localize(self, image: CheckedImage, name: str, top_k: int, rerank: str | None) -> dict:
-        return await self.run(self._localize, image, name, top_k, rerank, time.perf_counter())
+        return await self.worker.run(self._localize, image, name, top_k, rerank, time.perf_counter())
 
     async def add(self, files: list[tuple[str, CheckedImage]]) -> dict:
-        return await self.run(self._add, files)
+        return await self.worker.run(self._add, files)
 
     async def remove(self, place_id: int) -> dict:
-        return await self.run(self._remove, place_id)
+        return await self.worker.run(self._remove, place_id)
 
     async def refresh(self) -> None:
-        await self.run(self._refresh)
-
-    def thumbnail(self, place_id: int) -> bytes:
-        """A JPEG of at most THUMB_PX pixels of a database photo, by id (cached)."""
-        with self._thumb_lock:
-            if place_id in self._thumbs:
-                self._thumbs.move_to_end(place_id)
-                return self._thumbs[place_id]
-        place = self.places.get(place_id)
-        if place is None:
-            raise NotFound(f"no place with id {place_id}")
-        from PIL import Image, ImageOps
-
-        try:
-            with Image.open(place.path) as img:
-                img.draft("RGB", (THUMB_PX, THUMB_PX))
-                small = ImageOps.exif_transpose(img.convert("RGB"))
-                small.thumbnail((THUMB_PX, THUMB_PX))
-        except (OSError, ValueError) as e:
-            raise NotFound(f"the photo of place {place_id} cannot be read now ({type(e).__name__})") from None
-        buf = io.BytesIO()
-        small.save(buf, "JPEG", quality=82)
-        data = buf.getvalue()
-        with self._thumb_lock:
-            self._thumbs[place_id] = data
-            while len(self._thumbs) > THUMB_CACHE:
-                self._thumbs.popitem(last=False)
-        return data
-
-    def queue(self) -> dict:
-        return {"pending": self._pending, "max": self.config.max_queue, "policy": "one worker, bounded queue"}
+        await self.worker.run(self._refresh)
 
     def close(self) -> None:
-        try:
-            self._worker.submit(self.db.close).result(timeout=30)
-        finally:
-            self._worker.shutdown(wait=True, cancel_futures=True)
+        self.worker.shutdown(last=self.db.close)
 
 
 def read_token(path: Path) -> str:

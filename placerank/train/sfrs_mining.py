@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from placerank.train.losses.sfrs import k_reciprocal_rerank, select_difficult_positives
+from placerank.train.losses.sfrs import k_reciprocal_rerank, k_reciprocal_rerank_all, select_difficult_positives
 from placerank.train.sfrs_data import SFRSData
 from placerank.train.sfrs_options import SFRSOptions
 
@@ -47,10 +47,19 @@ class SFRSMiner:
         return tuples
 
     def _rerank_pools(self, f, chunk, dist, pools) -> list[np.ndarray]:
-        """k-reciprocal re-ranked distances of every anchor's positive pool. The gallery is every
-        training image when there are at most ``rerank_gallery``, else the union of each anchor's
-        nearest images and its pool (the re-ranking only needs their neighbourhoods)."""
+        """k-reciprocal re-ranked distances of every anchor's positive pool.
+
+        ``rerank_input=official`` (OpenIBL): the k-reciprocal sets are built over one set of
+        every training image, each present once (OpenIBL's all queries + database), and read at
+        the chunk's anchors. ``chunk``: the chunk's anchors are the queries and the gallery is
+        every training image (the anchor included: a second, zero-distance copy of itself) when
+        there are at most ``rerank_gallery``, else the union of each anchor's nearest images and
+        its pool."""
         o = self.opts
+        if o.rerank_input == "official":
+            every = (2.0 - 2.0 * (f @ f.T)).clamp_min(0).double().numpy()
+            final = k_reciprocal_rerank_all(every, chunk, k1=o.k1, k2=o.k2, lambda_value=o.rerank_lambda)
+            return [final[r, pool] for r, pool in enumerate(pools)]
         n = f.shape[0]
         if n <= o.rerank_gallery:
             gallery = np.arange(n)

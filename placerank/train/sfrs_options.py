@@ -27,7 +27,11 @@ class SFRSOptions:
     k1: int = 20
     k2: int = 1
     rerank_lambda: float = 0.1
-    rerank_gallery: int = 2000  # re-rank against every image up to this many, else candidates
+    # k-reciprocal input of the difficult positives: "official" (OpenIBL: one set of every
+    # training image, each once) | "chunk" (the chunk's anchors against every image, the anchor
+    # included, above rerank_gallery images only their nearest images and positive pools)
+    rerank_input: str = "official"
+    rerank_gallery: int = 2000  # rerank_input=chunk: every image up to this many, else candidates
     momentum: float = 0.9
     weight_decay: float = 0.001
     pos_tolerance: int = 0  # frame labels: positives within this many frames
@@ -71,6 +75,8 @@ class SFRSOptions:
             raise PlaceRankError("sfrs option generations must be >= 1")
         if self.similarity not in ("dot", "euclidean"):
             raise PlaceRankError(f"sfrs option similarity must be dot or euclidean, got '{self.similarity}'")
+        if self.rerank_input not in ("official", "chunk"):
+            raise PlaceRankError(f"sfrs option rerank_input must be official or chunk, got '{self.rerank_input}'")
         for name in (
             "batch_tuples",
             "neg_num",

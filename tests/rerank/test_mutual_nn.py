@@ -138,10 +138,54 @@ def test_single_mutual_pair_before_the_threshold_is_the_official_quirk():
     # training: position-aligned fallback (.8 + 0) / 2, with a gradient, as the official code
     assert mnn_mean_similarity(q, g, 0.7).item() == pytest.approx(0.4, abs=1e-6)
     assert mnn_mean_similarity(q, g).item() == pytest.approx(0.4, abs=1e-6)
-    # re-ranking: SelaVPR (no threshold) scores it 0 with min_matches=2; FoL's fol-region counts
-    # the pair (1), the one remaining difference (docs/fol.md), reachable only in degenerate sets
+    # re-ranking: SelaVPR (no threshold) scores it 0 with min_matches=2 (= single_pair_zero);
+    # FoL scores it 0 with single_pair_zero (the fol-vit* default) and 1 without (the CNN's)
     assert mnn_counts(q, [g], min_matches=2).tolist() == [0]
+    assert mnn_counts(q, [g], single_pair_zero=True).tolist() == [0]
     assert mnn_counts(q, [g], 0.7).tolist() == [1]
+    assert mnn_counts(q, [g], 0.7, single_pair_zero=True).tolist() == [0]
+
+
+# (query set, candidate set, pairs before 0.7, official FoL score at 0.7), built by hand. Every pair
+# below is checked in the comments: a(i) = best candidate of query i, b(j) = best query of candidate j.
+E2 = torch.eye(2)
+Q3 = torch.eye(3)[:2]  # two query vectors in 3-d
+SINGLE_PAIR_CASES = {
+    # no pair at all: an empty candidate (non-empty sets always have one: the largest entry)
+    "0 pairs (empty)": (E2, torch.zeros(0, 2), 0, 0),
+    # a(0) = g0 (.8 vs -1), b(g0) = q0 (.8 vs .6): (0, 0); a(1) = g0 (.6 vs 0) but b(g0) = q0:
+    # one pair, cosine .8 > .7, alone before the threshold: official 0
+    "1 pair, above 0.7": (E2, torch.tensor([[0.8, 0.6], [-1.0, 0.0]]), 1, 0),
+    # a(0) = g0 (.6 vs -.3), b(g0) = q0 (.6 vs .5): (0, 0) at .6; a(1) = g0 (.5 vs -.1), not mutual
+    "1 pair, below 0.7": (Q3, torch.tensor([[0.6, 0.5, 0.6245], [-0.3, -0.1, 0.9487]]), 1, 0),
+    # a(0) = g0 (.8), b(g0) = q0; a(1) = g1 (.6), b(g1) = q1: (0, 0) .8 survives, (1, 1) .6 does not
+    "2 pairs, 1 survives": (Q3, torch.tensor([[0.8, 0.0, 0.6], [0.0, 0.6, 0.8]]), 2, 1),
+    # the same with (1, 1) at .8: both survive
+    "2 pairs, 2 survive": (Q3, torch.tensor([[0.8, 0.0, 0.6], [0.0, 0.8, 0.6]]), 2, 2),
+    # HAND at threshold 1.0: three pairs, none survives
+    "3 pairs, 0 survive": (HAND_Q, HAND_G, 3, 0),
+}
+
+
+@pytest.mark.parametrize("case", list(SINGLE_PAIR_CASES))
+def test_official_fol_score_with_zero_one_and_two_pairs_before_the_threshold(case):
+    q, g, pairs, official = SINGLE_PAIR_CASES[case]
+    threshold = 1.0 if case.startswith("3 pairs") else 0.7
+    assert len(_brute(q.numpy(), g.numpy())) == pairs  # the pairs before the threshold
+    if len(g):
+        assert _official(q.numpy(), g.numpy(), threshold)[0] == official  # the independent reference
+    got = mnn_counts(q, [g], threshold, single_pair_zero=True).tolist()
+    got_cpu = mnn_counts_cpu(q.numpy(), [g.numpy()], threshold, single_pair_zero=True).tolist()
+    assert got == got_cpu == [official]
+    # without the rule only the lone pair above 0.7 differs (it counts 1)
+    loose = mnn_counts_cpu(q.numpy(), [g.numpy()], threshold).tolist()
+    assert loose == [1 if case == "1 pair, above 0.7" else official]
+    # in one batch with the others (zero-padded per chunk, -inf masked): the same scores
+    same_q = [(c[1], c[3]) for c in SINGLE_PAIR_CASES.values() if c[0] is q]
+    others = [c for c, _ in same_q]
+    batch = mnn_counts(q, others, threshold, chunk=8, single_pair_zero=True).tolist()
+    assert batch == [s for _, s in same_q]
+    assert batch == mnn_counts_cpu(q.numpy(), [o.numpy() for o in others], threshold, single_pair_zero=True).tolist()
 
 
 def test_random_sets_match_the_reference_and_padding_changes_nothing():
@@ -154,8 +198,8 @@ def test_random_sets_match_the_reference_and_padding_changes_nothing():
         c /= np.linalg.norm(c, axis=1, keepdims=True)
         for th in (None, 0.7):
             count, sim = _official(q, c, th)
-            if count == 0 and th is None:
-                continue  # single-pair quirk, covered above
+            assert mnn_counts_cpu(q, [c], th, single_pair_zero=True).tolist() == [count], (trial, th)
+            assert mnn_counts(q, [c], th, single_pair_zero=True).tolist() == [count], (trial, th)
             got = mnn_counts_cpu(q, [c], th).tolist()[0]
             assert got == count or (count == 0 and got == 1), (trial, th)
             s = mnn_mean_similarity(torch.from_numpy(q), torch.from_numpy(c), th).item()

@@ -17,7 +17,8 @@ from PIL import Image
 from placerank.data.exif import read_gps
 from placerank.localize.lock import WriteLock
 from placerank.serve.app import create_app
-from placerank.serve.service import LocalizeService, ServeConfig, ServiceBusy
+from placerank.serve.service import LocalizeService, ServeConfig
+from placerank.serve.worker import ServiceBusy
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -61,7 +62,7 @@ def test_localize_held_out_berlin_photo(client, service, serve_site):
     assert r.status_code == 200, r.text
     body = r.json()
     # The same schema as `placerank localize`'s per-photo JSON (Database.localize -> to_json).
-    cli = service.submit(service.db.localize, photo, 10).result().to_json()  # on the worker: it owns SQLite
+    cli = service.worker.submit(service.db.localize, photo, 10).result().to_json()  # on the worker: it owns SQLite
     assert list(body) == list(cli)
     assert list(body["matches"][0]) == list(cli["matches"][0])
     assert [m["id"] for m in body["matches"]] == [m["id"] for m in cli["matches"]]
@@ -117,19 +118,19 @@ def test_internal_error_has_no_trace(client, service, monkeypatch, serve_site):
 
 def test_queue_is_bounded(client, service, monkeypatch, serve_site):
     """One worker; at most max_queue requests wait, the next is told 503 at once."""
-    monkeypatch.setattr(service.config, "max_queue", 2)
+    monkeypatch.setattr(service.worker, "max_queue", 2)
     release = threading.Event()
-    blockers = [service.submit(release.wait, 30), service.submit(lambda: None)]
+    blockers = [service.worker.submit(release.wait, 30), service.worker.submit(lambda: None)]
     try:
         with pytest.raises(ServiceBusy):
-            service.submit(lambda: None)
+            service.worker.submit(lambda: None)
         r = _post(client, (serve_site["held"] / "01.jpg").read_bytes())
         assert "busy" in _one_line_error(r, 503) and r.headers["retry-after"] == "1"
     finally:
         release.set()
     for b in blockers:
         b.result(timeout=30)
-    assert service.queue()["pending"] == 0
+    assert service.worker.queue()["pending"] == 0
 
 
 def test_thumbnails_places_health_stats(client, service):
@@ -224,3 +225,25 @@ def test_write_endpoints_need_the_token_and_the_lock(serve_site, serve_weights_e
         assert all(m["id"] != new_id for m in _post(c, held.read_bytes()).json()["matches"])
     assert json.loads((db / "index.json").read_text())["count"] == 10
     assert Path(held).exists()
+
+
+def test_rerank_answers_with_the_match_picture(client, serve_site):
+    """A local re-ranker (RANSAC on XFeat): scores are inliers, and the answer names its picture."""
+    photo = serve_site["held"] / "01.jpg"
+    r = _post(client, photo.read_bytes(), "01.jpg", top_k="3", rerank="ransac-xfeat")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["rerank"] == "ransac-xfeat" and body["matches"][0]["path"].startswith("opensfm_berlin/")
+    assert body["matches"][0]["rerank_score"] > 10 * max(1.0, body["matches"][2]["rerank_score"])
+    pic = client.get(body["match_picture"])
+    assert pic.status_code == 200 and Image.open(io.BytesIO(pic.content)).format == "JPEG"
+    assert "no such picture" in _one_line_error(client.get("/v1/pictures/" + "0" * 32 + ".jpg"), 404)
+    _one_line_error(client.get("/v1/pictures/..%2Fsecret.jpg"), 404)
+    assert "match_picture" not in _post(client, photo.read_bytes(), top_k="3").json()  # no re-ranker
+
+
+def test_tiles_option_reaches_the_page_and_its_policy(service, monkeypatch):
+    monkeypatch.setattr(service.config, "tiles", "https://tile.example.org/{z}/{x}/{y}.png")
+    page = TestClient(create_app(service)).get("/")  # no lifespan: the shared service stays open
+    assert 'data-tiles="https://tile.example.org/{z}/{x}/{y}.png"' in page.text
+    assert "img-src 'self' data: blob: https://tile.example.org;" in page.headers["content-security-policy"]

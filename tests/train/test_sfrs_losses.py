@@ -14,6 +14,8 @@ from placerank.train.losses.sfrs import (
     hardest_region_negatives,
     image_to_region_similarities,
     k_reciprocal_rerank,
+    k_reciprocal_rerank_all,
+    k_reciprocal_sets,
     quarter_masks,
     regions_from_quarters,
     sare_ind_loss,
@@ -151,11 +153,10 @@ def test_teacher_temperatures_per_generation():
     assert teacher_temperature(2, (0.1, 0.2, 0.3)) == 0.3
 
 
-def _reference_rerank(q_g, q_q, g_g, k1, k2, lam):
-    """Zhong et al.'s re-ranking written out element by element with Python sets (an
-    independent second implementation to check the vectorised one)."""
-    Q = q_g.shape[0]
-    raw = np.block([[q_q, q_g], [q_g.T, g_g]]) ** 2
+def _reference_joint(raw_dist, rows, k1, k2, lam):
+    """Zhong et al.'s re-ranking over one set of items, written out element by element with
+    Python sets (an independent second implementation to check the vectorised one)."""
+    raw = np.asarray(raw_dist, dtype=np.float64) ** 2
     n = raw.shape[0]
     # each column divided by its maximum, then transposed
     d = np.array([[raw[j, i] / max(raw[k, i] for k in range(n)) for j in range(n)] for i in range(n)])
@@ -176,13 +177,20 @@ def _reference_rerank(q_g, q_q, g_g, k1, k2, lam):
         idx = sorted(exp)
         w = np.exp(-d[i, idx])
         V[i, idx] = w / w.sum()
-    jac = np.zeros((Q, n))
-    for i in range(Q):
+    V = np.array([V[rank[i][:k2]].mean(axis=0) for i in range(n)])  # query expansion (k2 = 1: none)
+    jac = np.zeros((len(rows), n))
+    for r, i in enumerate(rows):
         for j in range(n):
             mn = np.minimum(V[i], V[j]).sum()
             mx = np.maximum(V[i], V[j]).sum()
-            jac[i, j] = 1 - mn / mx
-    return ((1 - lam) * jac + lam * d[:Q])[:, Q:]
+            jac[r, j] = 1 - mn / mx
+    return (1 - lam) * jac + lam * d[list(rows)]
+
+
+def _reference_rerank(q_g, q_q, g_g, k1, k2, lam):
+    """The query/gallery form: queries first in one set, query rows, gallery columns."""
+    Q = q_g.shape[0]
+    return _reference_joint(np.block([[q_q, q_g], [q_g.T, g_g]]), range(Q), k1, k2, lam)[:, Q:]
 
 
 def _dists(x, y):
@@ -203,6 +211,73 @@ def test_k_reciprocal_rerank_matches_reference_and_hand_case():
     only = k_reciprocal_rerank(q_g, q_q, g_g, k1=5, lambda_value=1.0)
     full = np.block([[q_q, q_g], [q_g.T, g_g]]) ** 2
     np.testing.assert_allclose(only, (full / full.max(axis=1, keepdims=True))[:5, 5:], rtol=1e-12)
+
+
+def test_k_reciprocal_sets_hand_derived():
+    # five images on a line at 0, 1, 3, 7, 8. k = 1 (top-2, itself included): 0 and 1 are each
+    # other's nearest, 3 is nearest to 1 but 1 is not near 3 back, 7 and 8 pair up.
+    x = np.array([0.0, 1.0, 3.0, 7.0, 8.0])
+    top = np.argsort(np.abs(x[:, None] - x[None]), axis=1, kind="stable")
+    as_sets = lambda k: [set(r.tolist()) for r in k_reciprocal_sets(top, k)]  # noqa: E731
+    assert as_sets(1) == [{0, 1}, {0, 1}, {2}, {3, 4}, {3, 4}]
+    # k = 2 (top-3, by position): 0: {0,1,3}, 1: {1,0,3}, 3: {3,1,0}, 7: {7,8,3}, 8: {8,7,3} ->
+    # 0, 1, 3 are a clique; 3 is in 7's and 8's top-3 but neither is in 3's
+    assert as_sets(2) == [{0, 1, 2}, {0, 1, 2}, {0, 1, 2}, {3, 4}, {3, 4}]
+
+
+def test_k_reciprocal_rerank_all_matches_reference_with_expansion():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(30, 3))
+    dist = _dists(x, x)
+    rows = np.array([0, 7, 29])
+    for k1, k2 in ((4, 1), (20, 1), (6, 3)):
+        got = k_reciprocal_rerank_all(dist, rows, k1=k1, k2=k2, lambda_value=0.1)
+        np.testing.assert_allclose(got, _reference_joint(dist, rows, k1, k2, 0.1), atol=1e-12)
+        # every row is its own nearest item: d~ = 0 and Jaccard = 0 (V_i against itself)
+        np.testing.assert_allclose(got[np.arange(3), rows], 0.0, atol=1e-12)
+
+
+def test_official_mining_input_is_every_training_image_once():
+    """Difficult positives in generation >= 1 (OpenIBL): the k-reciprocal sets are built over every
+    training image, each present once, and read at the anchor; ``rerank_input=chunk`` (the former
+    default) puts the chunk's anchors in front of every image, so each anchor is there twice."""
+    from placerank.train.sfrs_data import SFRSData
+    from placerank.train.sfrs_mining import SFRSMiner
+    from placerank.train.sfrs_options import SFRSOptions
+
+    rng = np.random.default_rng(7)
+    places, trav = 8, 3  # image i: place i % 8 seen in traversal i // 8
+    place_vec = rng.normal(size=(places, 6))
+    feats = place_vec[np.arange(places * trav) % places] + 0.8 * rng.normal(size=(places * trav, 6))
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    n = len(feats)
+    lab = np.arange(n) % places
+    same = (lab[:, None] - lab[None, :]) % places
+    pos = (np.minimum(same, places - same) <= 1) & ~np.eye(n, dtype=bool)  # its place and the next ones
+    data = SFRSData(
+        paths=[],
+        kind="place",
+        labels=lab,
+        sequence=np.arange(n) // places,
+        positives=[np.flatnonzero(p) for p in pos],
+        negative_ok=~pos & ~np.eye(n, dtype=bool),
+        queries=np.arange(n),
+    )
+    chunk = np.array([0, 5, 13, 22])
+    dist = np.maximum(2 - 2 * feats @ feats.T, 0)  # squared L2, as the miner computes it
+    f = torch.from_numpy(feats)
+    for mode, expected in (
+        ("official", _reference_joint(dist, chunk, 4, 1, 0.1)),
+        ("chunk", _reference_rerank(dist[chunk], dist[chunk][:, chunk], dist, 4, 1, 0.1)),
+    ):
+        opts = SFRSOptions(k1=4, pos_num=3, neg_num=2, neg_pool=4, rerank_input=mode)
+        tuples = SFRSMiner(data, opts).mine(f, chunk, 1, np.random.default_rng(0))
+        for r, (q, t) in enumerate(zip(chunk, tuples)):
+            pool = data.positives[q][np.argsort(dist[q, data.positives[q]], kind="stable")]
+            assert t["diffs"].tolist() == select_difficult_positives(pool, expected[r, pool], 3).tolist(), mode
+    # the two inputs give different re-ranked distances on this set
+    official = _reference_joint(dist, chunk, 4, 1, 0.1)
+    assert not np.allclose(official, _reference_rerank(dist[chunk], dist[chunk][:, chunk], dist, 4, 1, 0.1))
 
 
 def test_k_reciprocal_rerank_promotes_a_shared_neighbourhood():

@@ -151,6 +151,12 @@
       f.append(img, cap);
       s.appendChild(f);
     });
+    const inl = $("#inliers");
+    inl.hidden = !r.match_picture;
+    if (r.match_picture) {
+      inl.querySelector("img").src = r.match_picture;
+      inl.querySelector("figcaption").textContent = r.rerank + ": verified matches between the photo and #1";
+    }
     $("#matches").hidden = false;
   }
   function status(text, error) {

@@ -111,62 +111,90 @@ def teacher_temperature(generation: int, temperatures: Sequence[float] = (0.07, 
 # ---------------------------------------------------------------------------------------------
 
 
-def _reciprocal_sets(rank: np.ndarray, k: int) -> np.ndarray:
-    """Boolean (N, N): j is in i's k-reciprocal set (each is in the other's top-(k+1))."""
-    n = rank.shape[0]
-    knn = np.zeros((n, n), dtype=bool)
-    knn[np.repeat(np.arange(n), min(k + 1, n)), rank[:, : k + 1].ravel()] = True
-    return knn & knn.T
+def _top_ranks(dist: np.ndarray, k: int, block: int = 512) -> np.ndarray:
+    """(N, min(k, N)): each row's k nearest items, nearest first (a stable sort: ties by index),
+    sorted a block of rows at a time so no (N, N) index matrix is held."""
+    k = min(k, dist.shape[1])
+    out = np.empty((dist.shape[0], k), dtype=np.int64)
+    for s in range(0, dist.shape[0], block):
+        out[s : s + block] = np.argsort(dist[s : s + block], axis=1, kind="stable")[:, :k]
+    return out
 
 
-def k_reciprocal_rerank(
-    q_g: np.ndarray, q_q: np.ndarray, g_g: np.ndarray, k1: int = 20, k2: int = 1, lambda_value: float = 0.1
+def k_reciprocal_sets(top: np.ndarray, k: int) -> list[np.ndarray]:
+    """R(i) for every item: the j in i's top-(k+1) (itself included) that also have i in their
+    top-(k+1). ``top``: (N, >= k+1) nearest-first ranks, e.g. from :func:`_top_ranks`."""
+    fwd = top[:, : k + 1]
+    back = (fwd[fwd] == np.arange(len(top))[:, None, None]).any(axis=2)  # i in fwd[j]?
+    return [fwd[i][back[i]] for i in range(len(top))]
+
+
+def k_reciprocal_rerank_all(
+    dist: np.ndarray, rows: np.ndarray, k1: int = 20, k2: int = 1, lambda_value: float = 0.1
 ) -> np.ndarray:
-    """Zhong et al.'s re-ranked distance (Q, G) from query-gallery, query-query and
-    gallery-gallery distances.
+    """Zhong et al.'s re-ranked distance (len(rows), N) over ONE set of N items, each present once
+    (OpenIBL: all training queries and database images), read at ``rows``.
 
-    1. All Q + G items, distance d squared and each column divided by its maximum (then read
-       row-wise): ``d~``.
+    1. ``dist`` (N, N) squared and each column divided by its maximum (then read row-wise): d~.
     2. R(i) = k1-reciprocal neighbours of i; R*(i) = R(i) plus, for each c in R(i), c's
        round(k1/2)-reciprocal set when more than 2/3 of it lies in R(i).
     3. V[i, j] = exp(-d~[i, j]) over R*(i), normalised to sum 1 (query expansion over the k2
        nearest when k2 > 1).
     4. Jaccard(i, j) = 1 - sum_k min(V_ik, V_jk) / sum_k max(V_ik, V_jk).
     5. final = (1 - lambda) Jaccard + lambda d~.
+
+    V is sparse (|R*(i)| entries a row), so memory beyond ``dist`` is O(N k1).
     """
-    Q, G = q_g.shape
-    dist = np.concatenate([np.concatenate([q_q, q_g], axis=1), np.concatenate([q_g.T, g_g], axis=1)], axis=0)
-    dist = np.asarray(dist, dtype=np.float64) ** 2
-    dist = (dist / np.maximum(dist.max(axis=0, keepdims=True), 1e-12)).T
+    from scipy import sparse
+
+    rows = np.asarray(rows, dtype=np.int64)
     n = dist.shape[0]
-    rank = np.argsort(dist, axis=1, kind="stable")
-    recip = _reciprocal_sets(rank, k1)
+    d = np.asarray(dist, dtype=np.float64) ** 2
+    d = (d / np.maximum(d.max(axis=0, keepdims=True), 1e-12)).T  # d~ (row i: column i / its max)
     half = int(np.round(k1 / 2.0))
-    recip_half = _reciprocal_sets(rank, half)
-    V = np.zeros((n, n), dtype=np.float64)
+    top = _top_ranks(d, max(k1 + 1, k2))
+    recip, recip_half = k_reciprocal_sets(top, k1), k_reciprocal_sets(top, half)
+    ind, val, ptr = [], [], [0]
     for i in range(n):
         r_i = recip[i]
-        expanded = r_i.copy()
-        for c in np.flatnonzero(r_i):
+        parts = [r_i]
+        for c in r_i:
             r_c = recip_half[c]
-            size = r_c.sum()
-            if (r_c & r_i).sum() > 2.0 / 3.0 * size:
-                expanded |= r_c
-        idx = np.flatnonzero(expanded)
-        wts = np.exp(-dist[i, idx])
-        V[i, idx] = wts / wts.sum()
+            if np.isin(r_c, r_i).sum() > 2.0 / 3.0 * len(r_c):
+                parts.append(r_c)
+        idx = np.unique(np.concatenate(parts))
+        wts = np.exp(-d[i, idx])
+        ind.append(idx)
+        val.append(wts / wts.sum())
+        ptr.append(ptr[-1] + len(idx))
+    V = sparse.csr_matrix((np.concatenate(val), np.concatenate(ind), np.asarray(ptr)), shape=(n, n))
     if k2 != 1:
-        V = V[rank[:, :k2]].mean(axis=1)
-    holders = [np.flatnonzero(V[:, j]) for j in range(n)]  # inverted index: rows using item j
-    jaccard = np.zeros((Q, n), dtype=np.float64)
-    for i in range(Q):
-        common = np.zeros(n, dtype=np.float64)
-        for j in np.flatnonzero(V[i]):
-            rows = holders[j]
-            common[rows] += np.minimum(V[i, j], V[rows, j])
-        jaccard[i] = 1.0 - common / (2.0 - common)
-    final = (1.0 - lambda_value) * jaccard + lambda_value * dist[:Q]
-    return final[:, Q:]
+        expand = sparse.csr_matrix(
+            (np.full(n * k2, 1.0 / k2), top[:, :k2].ravel(), np.arange(0, n * k2 + 1, k2)), shape=(n, n)
+        )
+        V = (expand @ V).tocsr()
+    Vc = V.tocsc()  # inverted index: column j lists the rows that use item j
+    final = np.empty((len(rows), n), dtype=np.float64)
+    for r, i in enumerate(rows):
+        s, e = V.indptr[i], V.indptr[i + 1]
+        cols, vi = V.indices[s:e], V.data[s:e]
+        starts, stops = Vc.indptr[cols], Vc.indptr[cols + 1]
+        take = np.concatenate([np.arange(a, b) for a, b in zip(starts, stops)]) if len(cols) else np.zeros(0, int)
+        mine = np.repeat(vi, stops - starts)
+        common = np.bincount(Vc.indices[take], weights=np.minimum(mine, Vc.data[take]), minlength=n)
+        final[r] = (1.0 - lambda_value) * (1.0 - common / (2.0 - common)) + lambda_value * d[i]
+    return final
+
+
+def k_reciprocal_rerank(
+    q_g: np.ndarray, q_q: np.ndarray, g_g: np.ndarray, k1: int = 20, k2: int = 1, lambda_value: float = 0.1
+) -> np.ndarray:
+    """Zhong et al.'s re-ranked distance (Q, G) from query-gallery, query-query and
+    gallery-gallery distances: :func:`k_reciprocal_rerank_all` over the Q + G items (queries
+    first), query rows, gallery columns."""
+    Q = q_g.shape[0]
+    dist = np.concatenate([np.concatenate([q_q, q_g], axis=1), np.concatenate([q_g.T, g_g], axis=1)], axis=0)
+    return k_reciprocal_rerank_all(dist, np.arange(Q), k1=k1, k2=k2, lambda_value=lambda_value)[:, Q:]
 
 
 def select_difficult_positives(pool: np.ndarray, reranked_dist: np.ndarray | None, pos_num: int) -> np.ndarray:

@@ -1,0 +1,144 @@
+"""Numeric flags are checked when parsed: one ``placerank: error:`` line, exit 2, before any work
+(no output folder, no database), for every command that takes them."""
+
+from __future__ import annotations
+
+import pytest
+
+BAD = [
+    # (command line, the one expected line)
+    (
+        ["eval", "--database", "D", "--queries", "Q", "--out", "O", "--radius", "-5"],
+        "placerank: error: argument --radius: must be a number > 0, got '-5'; see placerank eval --help",
+    ),
+    (
+        ["eval", "--database", "D", "--queries", "Q", "--out", "O", "--radius", "nan"],
+        "placerank: error: argument --radius: must be a number > 0, got 'nan'; see placerank eval --help",
+    ),
+    (
+        ["eval", "--database", "D", "--queries", "Q", "--out", "O", "--top-k", "-3"],
+        "placerank: error: argument --top-k: must be a whole number >= 1, got '-3'; see placerank eval --help",
+    ),
+    (
+        ["eval", "--database", "D", "--queries", "Q", "--out", "O", "--top-k", "0"],
+        "placerank: error: argument --top-k: must be a whole number >= 1, got '0'; see placerank eval --help",
+    ),
+    (
+        ["eval", "--database", "D", "--queries", "Q", "--out", "O", "--image-size", "0"],
+        "placerank: error: argument --image-size: must be a whole number >= 1, got '0'; see placerank eval --help",
+    ),
+    (
+        ["eval", "--database", "D", "--queries", "Q", "--out", "O", "--batch-size", "0"],
+        "placerank: error: argument --batch-size: must be a whole number >= 1, got '0'; see placerank eval --help",
+    ),
+    (
+        ["eval", "--database", "D", "--queries", "Q", "--out", "O", "--frame-tolerance", "-1"],
+        "placerank: error: argument --frame-tolerance: must be a whole number >= 0, got '-1';"
+        " see placerank eval --help",
+    ),
+    (
+        ["localize", "P.jpg", "--db", "DB", "--out", "O", "--radius", "-5"],
+        "placerank: error: argument --radius: must be a number > 0, got '-5'; see placerank localize --help",
+    ),
+    (
+        ["localize", "P.jpg", "--db", "DB", "--out", "O", "--top-k", "0"],
+        "placerank: error: argument --top-k: must be a whole number >= 1, got '0'; see placerank localize --help",
+    ),
+    (
+        ["index", "F", "--db", "DB", "--radius", "0"],
+        "placerank: error: argument --radius: must be a number > 0, got '0'; see placerank index --help",
+    ),
+    (
+        ["index", "F", "--db", "DB", "--wait", "-1"],
+        "placerank: error: argument --wait: must be a number >= 0, got '-1'; see placerank index --help",
+    ),
+    (
+        ["index", "F", "--db", "DB", "--batch-size", "0"],
+        "placerank: error: argument --batch-size: must be a whole number >= 1, got '0'; see placerank index --help",
+    ),
+    (
+        ["train", "--method", "fol", "--train", "X", "--out", "R", "--epochs", "0"],
+        "placerank: error: argument --epochs: must be a whole number >= 1, got '0'; see placerank train --help",
+    ),
+    (
+        ["train", "--method", "fol", "--train", "X", "--out", "R", "--epochs", "-3"],
+        "placerank: error: argument --epochs: must be a whole number >= 1, got '-3'; see placerank train --help",
+    ),
+    (
+        ["train", "--method", "fol", "--train", "X", "--out", "R", "--max-minutes", "0"],
+        "placerank: error: argument --max-minutes: must be a number > 0, got '0'; see placerank train --help",
+    ),
+    (
+        ["search", "--database", "D", "--queries", "Q", "--out", "O", "--top-k", "0"],
+        "placerank: error: argument --top-k: must be a whole number >= 1, got '0'; see placerank search --help",
+    ),
+    (
+        ["rerank", "--candidates", "C", "--rerank", "ransac-xfeat", "--out", "O", "--top-k", "x"],
+        "placerank: error: argument --top-k: must be a whole number >= 1, got 'x'; see placerank rerank --help",
+    ),
+    (
+        ["extract", "--images", "I", "--out", "O", "--batch-size", "0"],
+        "placerank: error: argument --batch-size: must be a whole number >= 1, got '0'; see placerank extract --help",
+    ),
+    (
+        ["demo", "--top-k", "0"],
+        "placerank: error: argument --top-k: must be a whole number >= 1, got '0'; see placerank demo --help",
+    ),
+    (
+        ["match", "A", "B", "--longest-side", "-1"],
+        "placerank: error: argument --longest-side: must be a whole number >= 1, got '-1'; see placerank match --help",
+    ),
+    (
+        ["eval", "--database", "D", "--queries", "Q", "--out", "O", "--bogus"],
+        "placerank: error: unrecognized arguments: --bogus; see placerank --help",
+    ),
+]
+
+
+@pytest.mark.parametrize("argv, line", BAD, ids=[" ".join(a[:1] + a[-2:]) for a, _ in BAD])
+def test_bad_numbers_are_one_line_before_any_work(argv, line, cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli(*argv) == (2, [line])
+    assert list(tmp_path.iterdir()) == []  # nothing created: no output folder, no database
+
+
+def test_missing_required_flag_is_one_line(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli("eval", "--database", "D") == (
+        2,
+        ["placerank: error: the following arguments are required: --out; see placerank eval --help"],
+    )
+
+
+def test_unexpected_exception_is_one_line_and_debug_shows_the_traceback(cli, monkeypatch, capsys):
+    import placerank.commands.models as models_cmd
+
+    def boom(args):
+        raise RuntimeError("something\nbroke")
+
+    monkeypatch.setattr(models_cmd, "run", boom)
+    from placerank.cli import main
+
+    code = main(["models"])
+    err = capsys.readouterr().err
+    assert (code, err) == (2, "placerank: error: RuntimeError: something broke (--debug for the traceback)\n")
+    assert main(["models", "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and err.endswith(
+        "placerank: error: RuntimeError: something broke (--debug for the traceback)\n"
+    )
+
+
+def test_os_error_names_the_file_and_the_cause(cli, monkeypatch, capsys):
+    import errno
+
+    import placerank.commands.models as models_cmd
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/out/results.json")
+
+    monkeypatch.setattr(models_cmd, "run", full)
+    assert cli("models") == (
+        2,
+        ["placerank: error: /data/out/results.json: no space left on device; free some space or write elsewhere"],
+    )
