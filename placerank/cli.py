@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("out of memory; use a smaller --batch-size or --image-size", debug)
     except Exception as e:  # a bug or an unforeseen fault: still one line
         text = _one_line(str(e)) or "(no message)"
-        return _fail(f"{type(e).__name__}: {text} {DEBUG_HINT}", debug)
+        return _fail(f"{type(e).__name__}: {text}" + ("" if debug else f" {DEBUG_HINT}"), debug)
     return int(result or 0)
 
 

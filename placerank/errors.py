@@ -85,3 +85,28 @@ def warn(message: str) -> None:
 
     text = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
     print(f"placerank: warning: {text}", file=sys.stderr, flush=True)
+
+
+def sqlite_write_error(e: Exception, path: object) -> OutputError | None:
+    """SQLite's write failures as the one-line error naming the file, with the real cause where it
+    can be told: "database or disk is full" is ENOSPC; "disk I/O error" is what SQLite reports
+    when a write hits the file-size limit (EFBIG) or a full disk, told apart here."""
+    import errno as _errno
+    import os as _os
+    import resource as _resource
+
+    text = str(e).lower()
+    if "full" in text:
+        return OutputError.from_os_error(OSError(_errno.ENOSPC, "No space left on device"), path)
+    if "disk i/o error" not in text:
+        return None
+    soft, _ = _resource.getrlimit(_resource.RLIMIT_FSIZE)
+    if soft != _resource.RLIM_INFINITY:
+        return OutputError.from_os_error(OSError(_errno.EFBIG, "File too large"), path)
+    try:
+        st = _os.statvfs(_os.path.dirname(_os.path.abspath(str(path))))
+        if st.f_bavail * st.f_frsize < 1 << 20:
+            return OutputError.from_os_error(OSError(_errno.ENOSPC, "No space left on device"), path)
+    except OSError:
+        pass
+    return OutputError(f"cannot write {path}: disk I/O error (a full or failing disk?)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -83,7 +84,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         except (TypeError, ValueError):
             kind = "a whole number" if tp is int else "a number"
             raise PlaceRankError(f"{where}: expected {kind}, got {value!r}") from None
-        if tp is float and number != number:
+        if tp is float and not math.isfinite(number):
             raise PlaceRankError(f"{where}: expected a number, got {value!r}")
         return number
     if tp is str:

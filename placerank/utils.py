@@ -71,7 +71,7 @@ def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
     failure it is removed and ``target`` stays as it was. Files inside follow the umask."""
     import shutil
 
-    from placerank.errors import OutputError
+    from placerank.errors import OutputError, PlaceRankError
 
     target = Path(target)
     try:
@@ -90,7 +90,15 @@ def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
-        raise OutputError.from_os_error(e, target) from e
+        where = target
+        if e.filename is not None and str(e.filename).startswith(str(tmp)):
+            where = target / Path(e.filename).relative_to(tmp)  # the file's name once in place
+            e.filename = None
+        raise OutputError.from_os_error(e, where) from e
+    except PlaceRankError as e:  # e.g. from atomic_path inside: name the file as it would be
+        if str(tmp) not in str(e):
+            raise
+        raise type(e)(str(e).replace(str(tmp), str(target))) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

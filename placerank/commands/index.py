@@ -75,15 +75,21 @@ def run(args) -> int:
         raise PlaceRankError(f"{args.folder}: " + ("not a folder" if args.folder.exists() else "folder does not exist"))
     if args.db.exists() and not args.db.is_dir():
         raise PlaceRankError(f"--db {args.db} is an existing file; give a database folder")
-    db = Database.open_or_create(
-        args.db,
-        model=args.model,
-        weights=args.weights,
-        image_size=size,
-        device=args.device,
-        radius=args.radius,
-        wait=args.wait,
-    )
+    created = not args.db.exists()
+    try:
+        db = Database.open_or_create(
+            args.db,
+            model=args.model,
+            weights=args.weights,
+            image_size=size,
+            device=args.device,
+            radius=args.radius,
+            wait=args.wait,
+        )
+    except BaseException:
+        if created:  # a database that failed to be made (e.g. disk full) leaves nothing behind
+            _remove_unmade(args.db)
+        raise
     with db:
         info = db.info()
         print(
@@ -131,3 +137,24 @@ def run(args) -> int:
             print(f"local features ({args.rerank}): {report.local_extracted} extracted")
         print(report.summary())
     return 1 if report.failed else 0
+
+
+# what Database.create writes before the database holds anything
+_MADE_AT_CREATE = {"placerank.sqlite", "placerank.sqlite-wal", "placerank.sqlite-shm", "write.lock"}
+
+
+def _remove_unmade(folder: Path) -> None:
+    """Remove a database folder this run made but could not finish making (not another process's)."""
+    import shutil
+
+    from placerank.localize import metadata
+
+    names = {p.name for p in folder.iterdir() if not p.name.startswith(".")} if folder.is_dir() else None
+    if names is None or not names <= _MADE_AT_CREATE:
+        return
+    try:
+        made = metadata.is_initialised(folder.resolve())
+    except Exception:  # unreadable: certainly not a finished database
+        made = False
+    if not made:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from placerank.errors import OutputError, warn
+from placerank.errors import sqlite_write_error, warn
 from placerank.utils import cache_root
 
 
@@ -61,7 +61,7 @@ class DescriptorCache:
             self._db = self._open()
         except sqlite3.DatabaseError as e:
             if not _is_corrupt(e):
-                self._open_read_only(e)
+                self._open_read_only(sqlite_write_error(e, self.path) or e)
                 return
             aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
             for suffix in ("-wal", "-shm"):
@@ -135,9 +135,9 @@ class DescriptorCache:
                 self._db.executemany("INSERT OR REPLACE INTO desc (key, vec, sum) VALUES (?, ?, ?)", rows)
         except sqlite3.OperationalError as e:
             text = str(e).lower()
-            if "full" in text:
-                err = OSError(28, "No space left on device")
-                raise OutputError.from_os_error(err, self.path) from e
+            full = sqlite_write_error(e, self.path)
+            if full is not None:
+                raise full from e
             if "readonly" in text or "read-only" in text:
                 self.writable = False
                 warn(f"descriptor cache {self.path} became read-only ({e}); not caching further descriptors")

@@ -127,9 +127,9 @@ class Database(contextlib.AbstractContextManager):
             try:  # ``wait``: another process may be creating it right now
                 args = (model if model is not None else DEFAULT_MODEL, weights, image_size, device)
                 return cls.create(path, *args, 25.0 if radius is None else radius, wait=wait)
-            except PlaceRankError:
-                if not metadata.is_initialised(Path(path).resolve()):
-                    raise
+            except PlaceRankError as e:
+                if not _made_meanwhile(Path(path).resolve()):
+                    raise e from None
         db = cls.open(path, model, weights, image_size, device)
         if radius is not None and float(radius) != db.info()["radius_m"]:
             db.set_radius(radius)
@@ -262,3 +262,11 @@ class Database(contextlib.AbstractContextManager):
 def _check_writable(db: Database) -> None:
     if db.store.read_only:
         raise PlaceRankError(f"{db.folder}: opened read-only; open it without read_only to change it")
+
+
+def _made_meanwhile(folder: Path) -> bool:
+    """After a failed create: whether another process made the database meanwhile."""
+    try:
+        return metadata.is_initialised(folder)
+    except PlaceRankError:
+        return False

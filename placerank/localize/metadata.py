@@ -113,6 +113,11 @@ def connect(folder: Path, read_only: bool = False) -> sqlite3.Connection:
             conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
     except sqlite3.DatabaseError as e:
+        from placerank.errors import sqlite_write_error
+
+        full = None if read_only else sqlite_write_error(e, folder / DB_FILE)
+        if full is not None:
+            raise full from None
         raise PlaceRankError(f"{folder / DB_FILE}: not a readable placerank database ({e})") from None
     return conn
 
@@ -129,16 +134,14 @@ def create(folder: Path, meta: dict[str, str]) -> sqlite3.Connection:
 
 
 def _write_error(conn: sqlite3.Connection, e: sqlite3.OperationalError) -> Exception:
-    """SQLite's "database or disk is full" as the one-line disk-full error naming the file."""
-    if "full" not in str(e).lower():
-        return e
-    from placerank.errors import OutputError
+    """A full disk (or file-size limit) as the one-line error naming the database file."""
+    from placerank.errors import sqlite_write_error
 
     try:
         path = conn.execute("PRAGMA database_list").fetchone()[2]
     except sqlite3.Error:
         path = DB_FILE
-    return OutputError.from_os_error(OSError(28, "No space left on device"), path)
+    return sqlite_write_error(e, path) or e
 
 
 class Metadata:
@@ -169,8 +172,8 @@ class Metadata:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
-        self.conn.execute("BEGIN IMMEDIATE")
         try:
+            self.conn.execute("BEGIN IMMEDIATE")
             yield
             self.conn.execute("COMMIT")
         except BaseException as e:

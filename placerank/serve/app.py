@@ -134,7 +134,13 @@ def create_app(service: LocalizeService, stats: Stats | None = None) -> FastAPI:
     @app.get("/v1/health", tags=["status"], summary="Liveness and what is loaded")
     async def health() -> dict:
         info = service.info
-        return {"status": "ok", "database_size": info["database_size"], "model": info["model"], "version": __version__}
+        return {
+            "status": "ok",
+            "database_size": info["database_size"],
+            "model": info["model"],
+            "rerank": info["rerank"],
+            "version": __version__,
+        }
 
     @app.get("/v1/stats", tags=["status"], summary="Database, model, index, uptime, requests, latency percentiles")
     async def get_stats() -> dict:

@@ -125,6 +125,8 @@ def test_train_that_cannot_start_leaves_nothing(inputs, cli, tmp_path):
         [f"placerank: error: --out {f} is an existing file; give a run folder"],
     )
     # the trainer fails at start (db.csv has positions in metres, no place labels): no run folder left
-    code, lines = cli("train", "--method", "fol", "--train", inputs / "db.csv", "--out", run, *FAST[:3], "--workers", "0")
+    code, lines = cli(
+        "train", "--method", "fol", "--train", inputs / "db.csv", "--out", run, *FAST[:3], "--workers", "0"
+    )
     assert code == 2 and len(lines) == 1 and lines[0].startswith("placerank: error: "), lines
     assert not run.exists()

@@ -4,6 +4,7 @@ refused naming its pid; ``--wait`` is honoured for a database that is being crea
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -40,10 +41,8 @@ def holder(tmp_path):
     parent, child = map(int, proc.stdout.readline().split())
     yield proc, parent, child
     for pid in (parent, child):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     proc.wait()
 
 

@@ -142,3 +142,14 @@ def test_os_error_names_the_file_and_the_cause(cli, monkeypatch, capsys):
         2,
         ["placerank: error: /data/out/results.json: no space left on device; free some space or write elsewhere"],
     )
+
+
+def test_bad_option_values_are_one_line(cli, tmp_path):
+    out = tmp_path / "o"
+    for value, line in (
+        ("threshold=inf", "fol-region option threshold: expected a number, got 'inf'"),
+        ("num_regions=x", "fol-region option num_regions: expected a whole number, got 'x'"),
+    ):
+        argv = ["rerank", "--candidates", tmp_path, "--rerank", "fol-region", "--rerank-option", value, "--out", out]
+        assert cli(*argv) == (2, [f"placerank: error: {line}"])
+    assert not out.exists()

@@ -54,6 +54,23 @@ def test_score_counts_mutual_nn_above_threshold_and_matches(model):
     assert strict.score(q, [c_low]).tolist() == [0.0]
 
 
+def test_single_pair_before_the_threshold_official_for_vit_models(model, monkeypatch):
+    # c_low of the test above: one mutual pair before the 0.7 threshold, (q1, c0) at cos .77
+    q = _lf([[1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    c_low = _lf([[1, 1.2, 0], [0, 0, -1]])
+    c_two = _lf([[1, 0.1, 0], [0.1, 1, 0], [-1, 0, 0.2]])
+    cnn = create_reranker("fol-region", model=model)
+    assert cnn.single_pair_zero is False and cnn.score(q, [c_low, c_two]).tolist() == [1.0, 2.0]
+    official = create_reranker("fol-region", model=model, single_pair_zero=True)
+    assert official.score(q, [c_low, c_two]).tolist() == [0.0, 2.0]  # official match_batch_tensor
+    # fol-vit* (official backbones and weights) default to the official rule; the decision reads
+    # only the model's name (building a ViT here would take half a minute)
+    monkeypatch.setattr(model, "name", "fol-vitl14")
+    vit = create_reranker("fol-region", model=model)
+    assert vit.single_pair_zero is True and vit.score(q, [c_low]).tolist() == [0.0]
+    assert create_reranker("fol-region", model=model, single_pair_zero=False).single_pair_zero is False
+
+
 def test_real_images_store_bytes_and_same_place_ranking(model, gardens, tmp_path):
     rr = create_reranker("fol-region", model=model).to("cpu")
     paths = [gardens / "day_left" / "Image120.jpg"] + [

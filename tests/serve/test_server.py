@@ -1,5 +1,6 @@
 """`placerank serve` as a real process: the startup line, a real browser on the page (Debian's
-chromium driven by Playwright), a local-frame database (TUM), SIGTERM / SIGINT shut-downs."""
+chromium driven by Playwright; the server re-ranks with RANSAC on XFeat, so the page also shows
+the match picture), a local-frame database (TUM), SIGTERM / SIGINT shut-downs."""
 
 from __future__ import annotations
 
@@ -83,7 +84,8 @@ def _post_photo(url: str, photo: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def server(serve_site, shared_weights):
-    s = Server(["--db", str(serve_site["db"])], {"PLACERANK_WEIGHTS": str(shared_weights)})
+    args = ["--db", str(serve_site["db"]), "--rerank", "ransac-xfeat", "--top-k", "5"]
+    s = Server(args, {"PLACERANK_WEIGHTS": str(shared_weights)})
     yield s
     if s.proc.poll() is None:
         s.proc.kill()
@@ -92,7 +94,7 @@ def server(serve_site, shared_weights):
 
 def test_startup_line_prints_the_url(server):
     assert server.url.startswith("http://127.0.0.1:") and server.url.endswith("/")
-    assert "10 photos, effnet-lite0-gem; writes disabled" in server.lines[-1]
+    assert "10 photos, effnet-lite0-gem, rerank ransac-xfeat; writes disabled" in server.lines[-1]
     assert server.get("/v1/health")["status"] == "ok"
 
 
@@ -126,11 +128,12 @@ def test_browser_uploads_a_photo_and_sees_marker_and_matches(server, serve_site,
             strip = page.locator("#strip figure.match")
             assert strip.count() == 5
             page.wait_for_function(
-                "[...document.querySelectorAll('#strip img')].every(i => i.complete && i.naturalWidth > 0)",
+                "[...document.querySelectorAll('#strip img, #inliers img')].every(i => i.complete && i.naturalWidth > 0)",
                 timeout=30_000,
             )
-            assert "02.jpg" in strip.nth(0).inner_text() and "sim 0.8" in strip.nth(0).inner_text()
-            assert "agrees" in strip.nth(0).inner_text()
+            first = strip.nth(0).inner_text()
+            assert "opensfm_berlin/0" in first and "ransac-xfeat" in first and "agrees" in first
+            assert page.locator("#inliers").is_visible()  # the re-ranker's match picture
             assert page.locator("#summary .where").inner_text().startswith("52.5189")
             shot = tmp_path / "serve_page.png"
             page.screenshot(path=str(shot), full_page=True)

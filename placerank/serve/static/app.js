@@ -198,7 +198,7 @@
       const [pr, hr] = await Promise.all([fetch("/v1/places"), fetch("/v1/health")]);
       const pj = await pr.json(), hj = await hr.json();
       places = pj.places; frame = pj.frame;
-      $("#dbinfo").textContent = hj.database_size + " photos · " + hj.model + " · " + (frame === "wgs84" ? "GPS" : "local frame (metres)");
+      $("#dbinfo").textContent = hj.database_size + " photos · " + hj.model + (hj.rerank ? " + " + hj.rerank : "") + " · " + (frame === "wgs84" ? "GPS" : "local frame (metres)");
       drawMap(last);
       document.body.dataset.ready = "1";
     } catch (e) {

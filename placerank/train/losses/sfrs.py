@@ -143,14 +143,16 @@ def k_reciprocal_rerank_all(
     4. Jaccard(i, j) = 1 - sum_k min(V_ik, V_jk) / sum_k max(V_ik, V_jk).
     5. final = (1 - lambda) Jaccard + lambda d~.
 
-    V is sparse (|R*(i)| entries a row), so memory beyond ``dist`` is O(N k1).
+    Memory: one (N, N) float64 copy of ``dist``; V is sparse (|R*(i)| entries a row).
     """
     from scipy import sparse
 
     rows = np.asarray(rows, dtype=np.int64)
     n = dist.shape[0]
-    d = np.asarray(dist, dtype=np.float64) ** 2
-    d = (d / np.maximum(d.max(axis=0, keepdims=True), 1e-12)).T  # d~ (row i: column i / its max)
+    d = np.array(dist, dtype=np.float64)  # one copy, then in place (N x N can be large)
+    np.square(d, out=d)
+    d /= np.maximum(d.max(axis=0, keepdims=True), 1e-12)
+    d = d.T  # d~ (row i: column i of the squared distances / its maximum)
     half = int(np.round(k1 / 2.0))
     top = _top_ranks(d, max(k1 + 1, k2))
     recip, recip_half = k_reciprocal_sets(top, k1), k_reciprocal_sets(top, half)
