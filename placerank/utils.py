@@ -76,7 +76,8 @@ def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
     target = Path(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        _remove_dead_leftovers(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent))
         os.chmod(tmp, 0o777 & ~_umask())
     except OSError as e:
         raise OutputError.from_os_error(e, target) from e
@@ -84,9 +85,14 @@ def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         old = None
         if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            old = target.parent / f".{target.name}.{os.getpid()}.old.tmp"
             os.replace(target, old)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if old is not None:  # put the previous outputs back: kept as a whole
+                os.replace(old, target)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
@@ -101,6 +107,28 @@ def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
         raise type(e)(str(e).replace(str(tmp), str(target))) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_dead_leftovers(target: Path) -> None:
+    """Temporary folders of :func:`atomic_folder` runs that were killed (``kill -9``): their
+    names carry the writer's pid; those whose process is gone are removed."""
+    import re
+    import shutil
+
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(\d+)\.([a-z0-9_]{{8}}|old)\.tmp$")
+    for p in target.parent.iterdir():
+        found = pattern.match(p.name)
+        if found is None or not p.is_dir():
+            continue
+        try:
+            os.kill(int(found.group(1)), 0)
+        except ProcessLookupError:
+            if found.group(2) == "old" and not target.exists():
+                os.replace(p, target)  # killed between its two renames: the previous outputs return
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+        except (PermissionError, OverflowError):
+            pass
 
 
 def check_output_folder(target: str | os.PathLike, flag: str = "--out", owned: Sequence[str] | None = None) -> Path:

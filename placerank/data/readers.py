@@ -24,7 +24,7 @@ import numpy as np
 
 from placerank.data.dataset import Dataset, ImageSet, PositiveRule
 from placerank.data.geo import latlon_to_utm
-from placerank.errors import DataError
+from placerank.errors import DataError, warn
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 POSITION_GROUPS = (("easting", "northing"), ("lat", "lon"), ("frame",), ("place_id",))
@@ -37,9 +37,11 @@ def list_images(folder: str | Path, recursive: bool = True) -> list[Path]:
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder")
     pattern = folder.rglob("*") if recursive else folder.glob("*")
-    files = sorted(
-        p for p in pattern if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-    )
+    named = [p for p in pattern if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")]
+    files = sorted(p for p in named if p.is_file())
+    broken = sorted(p for p in named if p.is_symlink() and not p.exists())
+    if broken:  # dangling or looping symlinks: said once, not skipped without a word
+        warn(f"{folder}: skipped {len(broken)} broken or looping symlink(s), e.g. {broken[0]}")
     return files
 
 

@@ -141,7 +141,8 @@ def selavpr_cpu() -> TrainRecipe:
 def sfrs_cpu() -> TrainRecipe:
     # benchmarks/recipes/sfrs_cpu.sh: generation 0 (1 epoch) + generation 1 (3 epochs), lr 0.01,
     # positives within 3 frames from the other traversals, negatives more than 5 frames away,
-    # frozen-stem cache, PCA-whitening to 256-d.
+    # frozen-stem cache, PCA-whitening to 256-d. Difficult positives: the official k-reciprocal
+    # input (rerank_input=official, the default; rerank_input=chunk measured in docs/sfrs.md).
     return TrainRecipe(
         method="sfrs",
         backbone="effnet-lite0",

@@ -19,9 +19,9 @@ def _eval(inputs: Path, out: Path, *extra) -> list:
             "--examples", "0", *extra, "--out", out]  # fmt: skip
 
 
-def test_eval_disk_full_keeps_the_previous_outputs(inputs, tmp_path):
+def test_eval_disk_full_keeps_the_previous_outputs(inputs, tmp_path, cli):
     out = tmp_path / "work" / "run"
-    assert run_subprocess(_eval(inputs, out, "--no-cache")) == (0, [])
+    assert cli(*_eval(inputs, out, "--no-cache")) == (0, [])
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     # results.json (~2 KB) and predictions.csv fit; recall_curve.png (~30 KB) does not
     code, lines = run_subprocess(_eval(inputs, out, "--no-cache"), limit_bytes=12_000)

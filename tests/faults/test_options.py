@@ -125,7 +125,7 @@ def test_unexpected_exception_is_one_line_and_debug_shows_the_traceback(cli, mon
     assert main(["models", "--debug"]) == 2
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and err.endswith(
-        "placerank: error: RuntimeError: something broke (--debug for the traceback)\n"
+        "placerank: error: RuntimeError: something broke\n"
     )
 
 

@@ -132,3 +132,46 @@ def test_atomic_path_names_the_file_and_the_cause(tmp_path, errno_name):
         raise OSError(getattr(errno, errno_name), os.strerror(getattr(errno, errno_name)))
     assert str(e.value) == f"cannot write {target}: {cause}"
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["localize", "P.jpg", "--db", "DB"],
+        ["extract", "--images", "I"],
+        ["search", "--database", "D", "--queries", "Q"],
+        ["rerank", "--candidates", "C", "--rerank", "ransac-xfeat"],
+    ],
+    ids=lambda a: a[0],
+)
+def test_every_command_checks_out_before_work(argv, cli, tmp_path):
+    out = tmp_path / "taken"
+    out.write_text("keep me")
+    assert cli(*argv, "--out", out) == (2, [f"placerank: error: --out {out} is an existing file; give a folder"])
+    assert out.read_text() == "keep me"
+
+
+def test_index_db_that_is_a_file_is_refused(inputs, cli, tmp_path):
+    db = tmp_path / "db"
+    db.write_text("keep me")
+    assert cli("index", inputs / "db", "--db", db) == (
+        2,
+        [f"placerank: error: --db {db} is an existing file; give a database folder"],
+    )
+    assert db.read_text() == "keep me"
+
+
+def test_eval_config_numbers_are_checked_from_python(inputs, tmp_path):
+    from placerank.errors import PlaceRankError
+    from placerank.eval.evaluate import EvalConfig, evaluate
+
+    for kw, message in (
+        ({"top_k": 0}, "top_k must be >= 1, got 0"),
+        ({"radius": -5.0}, "radius must be a number of metres > 0, got -5.0"),
+        ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+    ):
+        cfg = EvalConfig(database=inputs / "db.csv", queries=inputs / "q.csv", out=tmp_path / "o", **kw)
+        with pytest.raises(PlaceRankError) as e:
+            evaluate(cfg)
+        assert str(e.value) == message
+    assert not (tmp_path / "o").exists()

@@ -13,9 +13,10 @@
 - :func:`soft_region_loss`: cross-entropy between the teacher's and the student's *joint* softmax
   over all difficult positives x 9 regions (one distribution, not one per positive).
 - :func:`teacher_temperature`: the per-generation teacher temperature (0.07, 0.06, 0.05 ...).
-- :func:`k_reciprocal_rerank` + :func:`select_difficult_positives`: the difficult positives are
-  the positives whose rank improves (or stays) under Zhong et al.'s k-reciprocal Jaccard
-  re-ranking (k1 = 20, k2 = 1, lambda = 0.1), biggest improvement first.
+- :func:`k_reciprocal_rerank_all` (one set of items, each once: OpenIBL's all training queries +
+  database) / :func:`k_reciprocal_rerank` (query/gallery form) + :func:`select_difficult_positives`:
+  the difficult positives are the positives whose rank improves (or stays) under Zhong et al.'s
+  k-reciprocal Jaccard re-ranking (k1 = 20, k2 = 1, lambda = 0.1), biggest improvement first.
 """
 
 from __future__ import annotations
