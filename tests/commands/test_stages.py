@@ -160,7 +160,7 @@ def test_descriptors_of_other_models_are_not_searched_together(stages, tmp_path,
     [
         (
             ["thresold=0.5"],
-            "unknown fol-region option 'thresold'; known: chunk, min_matches, mode, num_regions, threshold",
+            "unknown fol-region option 'thresold'; known: chunk, min_matches, mode, num_regions, single_pair_zero, threshold",
         ),
         (["threshold=high"], "fol-region option threshold: expected a number, got 'high'"),
         (["chunk"], "--rerank-option expects KEY=VALUE, got 'chunk'"),
