@@ -212,12 +212,37 @@ def state_dict_sha256(state_dict: dict) -> str:
 
 
 def resolve_device(device: str | None = None):
-    """'auto' (or None) picks CUDA when present, else CPU. Never hard-codes a GPU."""
+    """'auto' (or None) picks CUDA when present, else CPU. Never hard-codes a GPU.
+
+    ``cpu``, ``cuda``, ``cuda:N`` (and ``mps`` where torch has it) are honoured as asked; a
+    device this machine does not have, or a name torch does not know, is one line
+    (:class:`~placerank.errors.PlaceRankError`), raised before any work."""
     import torch
+
+    from placerank.errors import PlaceRankError
 
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(str(device).strip().lower())
+    except (RuntimeError, ValueError):
+        raise PlaceRankError(f"--device {device}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PlaceRankError(
+                f"--device {device}: no CUDA GPU is available on this machine"
+                " (torch.cuda.is_available() is False); use --device cpu or auto"
+            )
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise PlaceRankError(f"--device {device}: this machine has {count} CUDA GPU(s) (cuda:0..cuda:{count - 1})")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise PlaceRankError(f"--device {device}: no Apple MPS device is available; use --device cpu or auto")
+    elif dev.type != "cpu":
+        raise PlaceRankError(f"--device {device}: not supported; use auto, cpu, cuda or cuda:N")
+    return dev
 
 
 def peak_memory_mb() -> float:

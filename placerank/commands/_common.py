@@ -63,6 +63,17 @@ def add_model_args(
         )
 
 
+def add_precision_arg(p: argparse.ArgumentParser) -> None:
+    """``--precision``: the model's forward in float32, or under bf16 / fp16 autocast."""
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16"],
+        help="inference precision: fp32 (default), bf16 (CPU or CUDA) or fp16 (CUDA only) autocast;"
+        " descriptors stay float32, cached per precision",
+    )
+
+
 def image_size_arg(values: list[int] | None) -> tuple[int, int] | None:
     if values is None:
         return None

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from placerank.commands._common import (
     add_model_args,
+    add_precision_arg,
     add_rerank_args,
     image_size_arg,
     non_negative_int,
@@ -33,6 +34,7 @@ def register(sub) -> None:
         " dataset root (MSLS, NetVLAD .mat, images/test/{database,queries} tree, Patch-NetVLAD .npz)",
     )
     add_model_args(p)
+    add_precision_arg(p)
     add_rerank_args(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument(
@@ -90,6 +92,7 @@ def run(args) -> int:
         images_root=args.images_root,
         image_size=image_size_arg(args.image_size),
         device=args.device,
+        precision=args.precision,
         batch_size=args.batch_size,
         num_workers=args.workers,
         use_cache=not args.no_cache,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from placerank.commands._common import add_model_args, image_size_arg, rerank_options_arg
+from placerank.commands._common import add_model_args, add_precision_arg, image_size_arg, rerank_options_arg
 
 
 def register(sub) -> None:
@@ -17,6 +17,7 @@ def register(sub) -> None:
     p.add_argument("--images", required=True, help="image folder or CSV manifest")
     p.add_argument("--layout", default="auto", choices=["auto", "csv", "utm", "frames", "traversal", "unlabelled"])
     add_model_args(p)
+    add_precision_arg(p)
     p.add_argument("--rerank", default=None, help="also store this re-ranker's local features (OUT/local/)")
     p.add_argument("--rerank-option", action="append", default=[], metavar="KEY=VALUE", help="re-ranker option")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the descriptor cache")
@@ -26,6 +27,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from placerank.data.readers import read_image_set
+    from placerank.descriptors.extract import check_precision
     from placerank.descriptors.files import extract_to_folder
     from placerank.eval.evaluate import load_model
     from placerank.rerank.base import create_reranker
@@ -37,6 +39,7 @@ def run(args) -> int:
     check_output_folder(args.out)  # before any work
     images = read_image_set(args.images, args.layout)
     device = resolve_device(args.device)
+    check_precision(args.precision, device)  # before loading the model
     model = load_model(args.model, args.weights, image_size_arg(args.image_size), device)
     if model.needs_data_init:
         model.init_from_images(images.paths)
@@ -51,6 +54,7 @@ def run(args) -> int:
         num_workers=args.workers,
         use_cache=not args.no_cache,
         weights=args.weights,
+        precision=args.precision,
     )
     what = f"{len(ds)} images x {ds.descriptors.shape[1]}-d ({ds.model})"
     local = f" + {args.rerank} local features" if reranker is not None else ""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from placerank.commands._common import image_size_arg
+from placerank.commands._common import add_precision_arg, image_size_arg
 
 # placerank.presets.published.PUBLISHED, spelled out to keep `placerank --help` light
 CONFIGURATIONS = ["fol-vitl14", "fol-vitl14-322", "fol-vitb14", "selavpr-vitl14-msls", "selavpr-vitl14-pitts30k"]
@@ -30,6 +30,7 @@ def register(sub) -> None:
         "--weights", default=None, help="the released weights file (default: its name in $PLACERANK_WEIGHTS)"
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    add_precision_arg(p)
     p.add_argument("--check", action="store_true", help="exit 1 when any |measured - published| exceeds 0.5 points")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/reproduce/MODEL-NAME)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -56,6 +57,7 @@ def run(args) -> int:
         weights=args.weights,
         out=args.out,
         device=args.device,
+        precision=args.precision,
         image_size=size,
         batch_size=args.batch_size,
         num_workers=args.workers,

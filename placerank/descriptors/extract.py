@@ -8,10 +8,16 @@ head (FoL's ``fol-region``, SelaVPR's ``selavpr-mnn``) gets them from the same
 pass per image. A re-ranker with its own network (RANSAC on XFeat, ...) runs its own loop
 (:func:`extract_local`), since it sees other pixels. :func:`extract_global` and
 :func:`extract_local` are the two halves on their own.
+
+``precision`` (``fp32`` default, ``bf16``, ``fp16``) runs the model's forward under
+``torch.autocast`` (:func:`autocast_for`); descriptors are still float32 and L2-normalised, and
+the precision is part of the descriptor-cache namespace, so descriptors of two precisions never
+mix. ``fp16`` needs CUDA. Pinned host memory is used for loading when the device is CUDA.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -23,7 +29,11 @@ from tqdm.auto import tqdm
 from placerank.data.images import check_batch_errors, make_loader
 from placerank.descriptors.cache import DescriptorCache, cache_root, image_key, namespace
 from placerank.descriptors.local_store import LocalFeatureStore
+from placerank.errors import PlaceRankError
 from placerank.models.base import LocalFeatures
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class FeatureSink(Protocol):
@@ -35,17 +45,50 @@ class FeatureSink(Protocol):
     def add_many(self, items: list[tuple[str, LocalFeatures]]) -> None: ...
 
 
-def descriptor_cache_for(model) -> DescriptorCache:
-    ns = namespace(model.name, model.weights_id, model.preprocess.signature())
-    return DescriptorCache(ns, model.descriptor_dim)
+def check_precision(precision: str, device: torch.device) -> str:
+    """``precision`` if this device can run it; else one line (before any work)."""
+    if precision not in PRECISIONS:
+        raise PlaceRankError(f"--precision {precision}: use one of {', '.join(PRECISIONS)}")
+    if precision == "fp16" and device.type != "cuda":
+        raise PlaceRankError(
+            f"--precision fp16 needs a CUDA device (the device is {device}); use --precision bf16 or fp32 on CPU"
+        )
+    return precision
 
 
-def local_store_for(reranker, root: str | Path | None = None) -> LocalFeatureStore:
+def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The context the model's forward runs in: ``torch.autocast`` for bf16 / fp16, else nothing."""
+    if check_precision(precision, device) == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
+
+
+def descriptor_namespace(model, precision: str = "fp32") -> str:
+    """The descriptor-cache namespace: model, weights, preprocessing and (unless fp32, so
+    existing caches keep working) the inference precision."""
+    parts = [model.name, model.weights_id, model.preprocess.signature()]
+    return namespace(*parts, *([f"precision={precision}"] if precision != "fp32" else []))
+
+
+def descriptor_cache_for(model, precision: str = "fp32") -> DescriptorCache:
+    return DescriptorCache(descriptor_namespace(model, precision), model.descriptor_dim)
+
+
+def local_store_for(reranker, root: str | Path | None = None, precision: str = "fp32") -> LocalFeatureStore:
     """The re-ranker's local-feature store: under ``root`` (a descriptor folder's ``local/``) or
-    the cache; one sub-folder per re-ranker signature, so several re-rankers live side by side."""
+    the cache; one sub-folder per re-ranker signature, so several re-rankers live side by side.
+    ``precision`` (for features from the model's own head run under autocast) gets its own
+    sub-folder unless fp32."""
     base = Path(root) if root is not None else cache_root() / "local"
-    folder = base / namespace(reranker.name, reranker.signature())
+    extra = [f"precision={precision}"] if precision != "fp32" else []
+    folder = base / namespace(reranker.name, reranker.signature(), *extra)
     return LocalFeatureStore(folder, reranker.signature(), reranker.dim)
+
+
+def local_precision(model, reranker, precision: str) -> str:
+    """The precision ``reranker``'s local features are extracted in: the model's when they come
+    from the model's own head in the same pass, else fp32 (its own network is not autocast)."""
+    return precision if shared_local_options(model, reranker) is not None else "fp32"
 
 
 def shared_local_options(model, reranker) -> dict | None:
@@ -59,10 +102,25 @@ def shared_local_options(model, reranker) -> dict | None:
     return dict(options)
 
 
-def _encode(model, images: torch.Tensor, sizes, local_options: dict | None):
-    if hasattr(model, "encode"):
-        return model.encode(images, sizes, local_options=local_options)
-    return model(images), None
+def _encode(model, images: torch.Tensor, sizes, local_options: dict | None, precision: str = "fp32"):
+    with autocast_for(precision, images.device):
+        if hasattr(model, "encode"):
+            g, local = model.encode(images, sizes, local_options=local_options)
+        else:
+            g, local = model(images), None
+    if precision != "fp32":  # the forward ran in lower precision: back to float32, unit length
+        g = torch.nn.functional.normalize(g.float(), dim=-1)
+        if local is not None:
+            local = [_float32_local(f) for f in local]
+    return g, local
+
+
+def _float32_local(f: LocalFeatures) -> LocalFeatures:
+    def as32(a):
+        return None if a is None else np.asarray(a, dtype=np.float32)
+
+    f.keypoints, f.descriptors, f.scores = as32(f.keypoints), as32(f.descriptors), as32(f.scores)
+    return f
 
 
 @torch.inference_mode()
@@ -77,18 +135,21 @@ def extract_features(
     store: FeatureSink | None = None,
     desc: str = "extract",
     progress: bool = True,
+    precision: str = "fp32",
 ) -> tuple[np.ndarray, list[str]]:
     """(N, D) float32 L2-normalised descriptors of ``paths`` in order, and the images' keys.
 
     Cached images are read from the descriptor cache, the rest extracted and committed batch by
     batch (an interrupted run resumes after the last finished batch). With ``reranker`` and
     ``store``, every image also gets its local features in ``store`` (images already there are
-    not extracted again). ``progress=False`` hides the progress bar."""
+    not extracted again). ``progress=False`` hides the progress bar. ``precision``: the model's
+    forward under autocast (see the module docstring); the cache is per precision."""
+    check_precision(precision, device)
     paths = [Path(p) for p in paths]
     out = np.zeros((len(paths), model.descriptor_dim), dtype=np.float32)
     keys = [image_key(p) for p in paths]
     options = shared_local_options(model, reranker) if store is not None else None
-    cache = descriptor_cache_for(model) if use_cache else None
+    cache = descriptor_cache_for(model, precision) if use_cache else None
     try:
         need_global = set(range(len(paths)))
         if cache is not None:
@@ -113,7 +174,7 @@ def extract_features(
                 local_rows = [j for j, r in enumerate(rows) if r in need_local]
                 sizes_list = [(int(s[0]), int(s[1])) for s in sizes]
                 g, local = _encode(
-                    model, images.to(device, non_blocking=True), sizes_list, options if local_rows else None
+                    model, images.to(device, non_blocking=True), sizes_list, options if local_rows else None, precision
                 )
                 d = g.float().cpu().numpy()
                 out[rows] = d
@@ -140,9 +201,12 @@ def extract_global(
     use_cache: bool = True,
     desc: str = "extract",
     progress: bool = True,
+    precision: str = "fp32",
 ) -> np.ndarray:
     """(N, D) float32 L2-normalised global descriptors of ``paths`` in order (cached, resumable)."""
-    return extract_features(model, paths, device, batch_size, num_workers, use_cache, desc=desc, progress=progress)[0]
+    return extract_features(
+        model, paths, device, batch_size, num_workers, use_cache, desc=desc, progress=progress, precision=precision
+    )[0]
 
 
 @torch.inference_mode()
@@ -167,7 +231,7 @@ def extract_local(
         bar = tqdm(total=len(todo), desc=f"{desc} ({reranker.name})", unit="img", leave=False, disable=not progress)
         for idx, images, sizes, errors in loader:
             check_batch_errors(errors)
-            feats = reranker.extract(images.to(device), [tuple(int(v) for v in s) for s in sizes])
+            feats = reranker.extract(images.to(device, non_blocking=True), [tuple(int(v) for v in s) for s in sizes])
             store.add_many([(keys[todo[int(i)]], f) for i, f in zip(idx, feats)])
             bar.update(len(idx))
         bar.close()

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from placerank.descriptors.cache import image_key
-from placerank.descriptors.extract import extract_features, local_store_for
+from placerank.descriptors.extract import extract_features, local_precision, local_store_for
 from placerank.errors import PlaceRankError
 from placerank.utils import read_stage_json, save_npy_atomic, write_json_atomic
 
@@ -28,8 +28,9 @@ FORMAT = 1
 KIND = "placerank-descriptors"
 
 
-def fingerprint(model: str, weights_id: str, preprocess: str, keys: list[str]) -> str:
-    h = hashlib.sha256(f"{model}|{weights_id}|{preprocess}".encode())
+def fingerprint(model: str, weights_id: str, preprocess: str, keys: list[str], precision: str = "fp32") -> str:
+    made = f"{model}|{weights_id}|{preprocess}" + (f"|{precision}" if precision != "fp32" else "")
+    h = hashlib.sha256(made.encode())
     for k in keys:
         h.update(k.encode())
     return h.hexdigest()[:32]
@@ -49,10 +50,11 @@ class DescriptorSet:
     input_size: tuple[int, int] | None = None
     local: list[dict] = field(default_factory=list)  # [{"reranker", "signature", "store"}]
     folder: Path | None = None
+    precision: str = "fp32"  # the model's forward: fp32, or bf16 / fp16 autocast
 
     @property
     def fingerprint(self) -> str:
-        return fingerprint(self.model, self.weights_id, self.preprocess, self.keys)
+        return fingerprint(self.model, self.weights_id, self.preprocess, self.keys, self.precision)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -66,6 +68,7 @@ class DescriptorSet:
             "weights_id": self.weights_id,
             "preprocess": self.preprocess,
             "input_size": list(self.input_size) if self.input_size else None,
+            "precision": self.precision,
             "descriptor_dim": int(self.descriptors.shape[1]),
             "count": len(self.paths),
             "fingerprint": self.fingerprint,
@@ -121,6 +124,7 @@ def load_descriptors(folder: str | Path) -> DescriptorSet:
         input_size=tuple(meta["input_size"]) if meta.get("input_size") else None,
         local=list(meta.get("local") or []),
         folder=folder,
+        precision=str(meta.get("precision", "fp32")),
     )
     if ds.fingerprint != meta["fingerprint"]:
         raise _bad(folder, "descriptors.json fingerprint does not match its contents")
@@ -138,12 +142,22 @@ def extract_descriptors(
     store=None,
     weights: str | None = None,
     desc: str = "extract",
+    precision: str = "fp32",
 ) -> DescriptorSet:
     """The extract stage: global descriptors of ``paths`` (and, with ``reranker`` + ``store``,
     their local features in ``store``, in the same backbone pass when the re-ranker uses the
     model's own head)."""
     d, keys = extract_features(
-        model, paths, device, batch_size, num_workers, use_cache, reranker=reranker, store=store, desc=desc
+        model,
+        paths,
+        device,
+        batch_size,
+        num_workers,
+        use_cache,
+        reranker=reranker,
+        store=store,
+        desc=desc,
+        precision=precision,
     )
     local = []
     if reranker is not None and store is not None:
@@ -158,10 +172,11 @@ def extract_descriptors(
         weights=None if weights is None else str(weights),
         input_size=tuple(model.preprocess.size),
         local=local,
+        precision=precision,
     )
 
 
-def up_to_date(folder: str | Path, model, paths: list[Path], reranker=None) -> bool:
+def up_to_date(folder: str | Path, model, paths: list[Path], reranker=None, precision: str = "fp32") -> bool:
     """True when ``folder`` already holds this model's descriptors of exactly these images (same
     content) and, with ``reranker``, a complete local-feature store for it: a rerun skips them."""
     try:
@@ -169,7 +184,7 @@ def up_to_date(folder: str | Path, model, paths: list[Path], reranker=None) -> b
     except PlaceRankError:
         return False
     keys = [image_key(p) for p in paths]
-    if meta["fingerprint"] != fingerprint(model.name, model.weights_id, model.preprocess.signature(), keys):
+    if meta["fingerprint"] != fingerprint(model.name, model.weights_id, model.preprocess.signature(), keys, precision):
         return False
     if not (Path(folder) / "descriptors.npy").is_file():
         return False
@@ -177,7 +192,7 @@ def up_to_date(folder: str | Path, model, paths: list[Path], reranker=None) -> b
         return True
     if not any(e.get("signature") == reranker.signature() for e in meta.get("local") or []):
         return False
-    store = local_store_for(reranker, Path(folder) / "local")
+    store = local_store_for(reranker, Path(folder) / "local", local_precision(model, reranker, precision))
     try:
         return all(k in store for k in keys)
     finally:
@@ -194,18 +209,30 @@ def extract_to_folder(
     num_workers: int | None = None,
     use_cache: bool = True,
     weights: str | None = None,
+    precision: str = "fp32",
 ) -> tuple[DescriptorSet, bool]:
     """``placerank extract``: the extract stage written to ``folder`` (local features, with
     ``reranker``, in ``folder/local/``). Returns (descriptors, skipped): a folder that already
     holds exactly this is left as it is."""
     folder = Path(folder)
     paths = [Path(p) for p in paths]
-    if up_to_date(folder, model, paths, reranker):
+    if up_to_date(folder, model, paths, reranker, precision):
         return load_descriptors(folder), True
-    store = local_store_for(reranker, folder / "local") if reranker is not None else None
+    store = None
+    if reranker is not None:
+        store = local_store_for(reranker, folder / "local", local_precision(model, reranker, precision))
     try:
         ds = extract_descriptors(
-            model, paths, device, batch_size, num_workers, use_cache, reranker=reranker, store=store, weights=weights
+            model,
+            paths,
+            device,
+            batch_size,
+            num_workers,
+            use_cache,
+            reranker=reranker,
+            store=store,
+            weights=weights,
+            precision=precision,
         )
     finally:
         if store is not None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from placerank.data.dataset import Dataset
 from placerank.data.layouts import LayoutOptions, open_dataset
-from placerank.descriptors.extract import local_store_for
+from placerank.descriptors.extract import check_precision, local_precision, local_store_for
 from placerank.descriptors.files import extract_descriptors
 from placerank.eval.recall import DEFAULT_NS, ns_for, recall_at_n
 from placerank.eval.report import write_examples, write_predictions
@@ -47,6 +47,7 @@ class EvalConfig:
     images_root: str | Path | None = None
     image_size: tuple[int, int] | None = None
     device: str = "auto"
+    precision: str = "fp32"  # the model's forward: fp32, or bf16 / fp16 (CUDA) autocast
     batch_size: int = 16
     num_workers: int | None = None
     use_cache: bool = True
@@ -88,6 +89,7 @@ def evaluate(config: EvalConfig, model=None, dataset: Dataset | None = None) -> 
     final_out = check_output_folder(config.out, owned=EVAL_OUTPUTS)
     check_eval_numbers(config)
     device = resolve_device(config.device)
+    check_precision(config.precision, device)
     ds = dataset if dataset is not None else open_eval_dataset(config)
     positives = ds.positives
     if model is None:
@@ -102,7 +104,7 @@ def evaluate(config: EvalConfig, model=None, dataset: Dataset | None = None) -> 
 
         rerank_options = reranker_options(config.rerank, config.rerank_options or {})
         reranker = create_reranker(config.rerank, model=model, **rerank_options).to(device)
-        store = local_store_for(reranker)
+        store = local_store_for(reranker, precision=local_precision(model, reranker, config.precision))
     # A re-ranker on the model's own local head gets its features in the same backbone pass.
     shared = store if shares_model_head(model, reranker) else None
     with timer("extract"):
@@ -119,12 +121,13 @@ def evaluate(config: EvalConfig, model=None, dataset: Dataset | None = None) -> 
                 reranker=reranker if shared is not None else None,
                 store=shared,
                 desc=side,
+                precision=config.precision,
             )
             for images, side in ((ds.database, "database"), (ds.queries, "queries"))
         )
     depth = min(len(ds.database), max(DEFAULT_NS[-1], config.top_k))
     with timer("search"):
-        candidates = search(db_desc, q_desc, depth)
+        candidates = search(db_desc, q_desc, depth, device=device)
     ids = candidates.ids
     ns = ns_for(depth)
     recall_first = recall_at_n(ids, positives, ns) if ds.labelled else {}
@@ -165,7 +168,7 @@ def evaluate(config: EvalConfig, model=None, dataset: Dataset | None = None) -> 
             "rule": ds.rule.describe(),
             "protocol": ds.describe(),
         },
-        model=model.describe(),
+        model={**model.describe(), "precision": config.precision},
         rerank=rerank_info,
         device=str(device),
         placerank_version=__version__,

@@ -145,9 +145,9 @@ def load_candidates(folder: str | Path) -> Candidates:
     )
 
 
-def search(database, queries, depth: int) -> Candidates:
+def search(database, queries, depth: int, device=None) -> Candidates:
     """The search stage: top-``depth`` database rows per query by inner product (FAISS flat,
-    chunked over queries). ``database`` / ``queries`` are
+    chunked over queries; on the GPU with faiss-gpu and a CUDA ``device``). ``database`` / ``queries`` are
     :class:`~placerank.descriptors.files.DescriptorSet` of the same model and weights."""
     made = [(d.model, d.weights_id, d.preprocess) for d in (database, queries)]
     if made[0] != made[1]:
@@ -161,7 +161,7 @@ def search(database, queries, depth: int) -> Candidates:
             f"database descriptors are {database.descriptors.shape[1]}-d, queries {queries.descriptors.shape[1]}-d"
         )
     index = FlatIndex.build(np.asarray(database.descriptors), database.model, database.weights_id)
-    sims, ids = index.search(np.asarray(queries.descriptors), depth)
+    sims, ids = index.search(np.asarray(queries.descriptors), depth, device=device)
 
     def side(ds) -> dict:
         return {"descriptors": str(ds.folder) if ds.folder is not None else None, "fingerprint": ds.fingerprint}

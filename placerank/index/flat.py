@@ -3,7 +3,10 @@
 ``DIR/index.faiss`` + ``DIR/index.json`` = {format, kind, dimension, model, weights_id, count}.
 Loading checks the schema against the model in use, so an index built with another model,
 other weights or another dimension is refused in one line instead of returning garbage.
-Search runs in query chunks: no N_query x N_db matrix is ever materialised.
+Search runs in query chunks: no N_query x N_db matrix is ever materialised. With a CUDA
+``device`` and a faiss build that has GPU support (``faiss-gpu``: ``faiss.StandardGpuResources``),
+search runs on a GPU copy of the index (:func:`gpu_copy`); otherwise, or when the copy fails, on
+the CPU index, with the same results.
 """
 
 from __future__ import annotations
@@ -19,6 +22,28 @@ from placerank.errors import IndexMismatchError, PlaceRankError
 from placerank.utils import atomic_path, write_json_atomic
 
 FORMAT = 1
+_GPU_RESOURCES: dict = {}
+
+
+def gpu_copy(index: faiss.Index, device) -> faiss.Index | None:
+    """A GPU copy of ``index`` on ``device`` (a CUDA ``torch.device`` or ``cuda:N``) when faiss
+    was built with GPU support and sees that GPU; None otherwise (search stays on the CPU)."""
+    if device is None or getattr(device, "type", str(device).split(":")[0]) != "cuda":
+        return None
+    if not hasattr(faiss, "StandardGpuResources") or not hasattr(faiss, "index_cpu_to_gpu"):
+        return None
+    try:
+        gpu = getattr(device, "index", None)
+        if gpu is None and ":" in str(device):
+            gpu = int(str(device).split(":")[1])
+        gpu = int(gpu or 0)
+        if gpu >= faiss.get_num_gpus():
+            return None
+        if gpu not in _GPU_RESOURCES:  # one set of GPU resources per GPU, kept for the process
+            _GPU_RESOURCES[gpu] = faiss.StandardGpuResources()
+        return faiss.index_cpu_to_gpu(_GPU_RESOURCES[gpu], gpu, index)
+    except (RuntimeError, AttributeError, TypeError, ValueError):
+        return None
 
 
 @dataclass
@@ -35,6 +60,7 @@ class FlatIndex:
     def __init__(self, dimension: int, model: str = "", weights_id: str = ""):
         self.schema = IndexSchema(int(dimension), model, weights_id, 0)
         self.index: faiss.Index = faiss.IndexFlatIP(int(dimension))
+        self.searched_on = "cpu"  # where the last search ran: "cpu" or "gpu" (faiss-gpu)
 
     @classmethod
     def build(cls, descriptors: np.ndarray, model: str = "", weights_id: str = "") -> FlatIndex:
@@ -52,16 +78,20 @@ class FlatIndex:
     def __len__(self) -> int:
         return int(self.index.ntotal)
 
-    def search(self, queries: np.ndarray, k: int, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (similarities, indices), each (Q, k), best first; k is capped at the index size."""
+    def search(self, queries: np.ndarray, k: int, chunk: int = 1024, device=None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (similarities, indices), each (Q, k), best first; k is capped at the index size.
+        A CUDA ``device`` searches a GPU copy when faiss has GPU support (see :func:`gpu_copy`)."""
         if len(self) == 0:
             raise PlaceRankError("the database index is empty: add images before searching")
         k = min(int(k), len(self))
         q = np.ascontiguousarray(queries, dtype=np.float32)
         sims = np.empty((len(q), k), dtype=np.float32)
         ids = np.empty((len(q), k), dtype=np.int64)
+        # faiss-gpu's flat search handles k <= 2048; beyond that the CPU index answers
+        index = (gpu_copy(self.index, device) if k <= 2048 else None) or self.index
+        self.searched_on = "gpu" if index is not self.index else "cpu"
         for s in range(0, len(q), chunk):
-            sims[s : s + chunk], ids[s : s + chunk] = self.index.search(q[s : s + chunk], k)
+            sims[s : s + chunk], ids[s : s + chunk] = index.search(q[s : s + chunk], k)
         return sims, ids
 
     def save(self, folder: str | Path) -> None:
@@ -99,5 +129,5 @@ class FlatIndex:
         if index.ntotal != schema.count or index.d != schema.dimension:
             raise IndexMismatchError(f"{folder}: index.faiss ({index.ntotal} x {index.d}) does not match index.json")
         obj = cls.__new__(cls)
-        obj.schema, obj.index = schema, index
+        obj.schema, obj.index, obj.searched_on = schema, index, "cpu"
         return obj

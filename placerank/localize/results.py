@@ -1,12 +1,47 @@
 """What the localize database answers: the report of an ``index`` run or a removal, and the
-estimate for one photo (saved as ``<photo>.json``; its fields are that file's schema)."""
+estimate for one photo (saved as ``<photo>.json``; its fields are that file's schema).
+
+The saved JSON is always strict JSON: a number that is not finite (NaN, inf) is written as
+``null``, never as a bare ``NaN`` / ``Infinity`` that JSON readers refuse."""
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
-from placerank.utils import write_json_atomic
+import numpy as np
+
+from placerank.utils import atomic_path
+
+
+def finite_json(obj: Any) -> Any:
+    """``obj`` with NumPy scalars/arrays as Python values, paths as strings, tuples as lists and
+    every non-finite float (NaN, inf) as ``None``: safe for ``json.dumps(..., allow_nan=False)``."""
+    if isinstance(obj, dict):
+        return {str(k): finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return finite_json(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_strict_json(path: str | Path, obj: Any) -> None:
+    """Atomic write of ``obj`` as strict JSON (non-finite numbers become ``null``)."""
+    text = json.dumps(finite_json(obj), indent=2, allow_nan=False)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text + "\n")
 
 
 @dataclass
@@ -105,12 +140,13 @@ class LocalizeResult:
         return self.easting is not None
 
     def to_json(self) -> dict:
-        """The saved fields in declaration order (``extras`` left out, and never deep-copied)."""
+        """The saved fields in declaration order (``extras`` left out, and never deep-copied);
+        strict JSON values: a non-finite number is ``None`` (:func:`finite_json`)."""
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extras"}
         d["matches"] = [asdict(m) for m in self.matches]
         d["query_gps"] = None if self.query_gps is None else asdict(self.query_gps)
         d["timing_s"], d["notes"] = dict(self.timing_s), list(self.notes)
-        return d
+        return finite_json(d)
 
     def save_json(self, path: str | Path) -> None:
-        write_json_atomic(path, self.to_json())
+        write_strict_json(path, self.to_json())

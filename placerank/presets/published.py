@@ -155,6 +155,7 @@ def reproduce(
     batch_size: int = 16,
     num_workers: int | None = None,
     use_cache: bool = True,
+    precision: str = "fp32",
 ):
     """Run a published configuration on ``NAME:ROOT``; returns (result, rows, out folder). Writes
     ``OUT/reproduce.json`` (settings, published and measured numbers, deltas) and eval's outputs
@@ -179,6 +180,7 @@ def reproduce(
         top_k=pub.top_k,
         image_size=image_size or pub.image_size,
         device=device,
+        precision=precision,
         batch_size=batch_size,
         num_workers=num_workers,
         use_cache=use_cache,
@@ -194,6 +196,7 @@ def reproduce(
             "benchmark": benchmark.name,
             "source": pub.numbers[benchmark.name].source,
             "image_size_overridden": deviation,
+            "precision": precision,
             "tolerance": TOLERANCE,
             "rows": [{**asdict(r), "delta": round(r.delta, 2), "ok": r.ok} for r in rows],
             "all_within_tolerance": not failures(rows),

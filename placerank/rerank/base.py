@@ -10,13 +10,16 @@ and appear in ``placerank eval --rerank NAME`` and ``benchmarks/rerank.py`` auto
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from placerank.data.images import Preprocess
+from placerank.errors import PlaceRankError
 from placerank.models.base import LocalFeatures
 from placerank.options import parse_options, split_key_values
 from placerank.registry import Entry, Registry
@@ -78,13 +81,58 @@ def shares_model_head(model, reranker: Reranker | None) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class Bound:
+    """The allowed range of one numeric re-ranker option: ``low`` <= value <= ``high`` (either
+    may be None: unbounded; ``open_low``: value > ``low``); ``whole``: a whole number."""
+
+    low: float | None = None
+    high: float | None = None
+    whole: bool = False
+    open_low: bool = False
+
+    def holds(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.open_low else value < self.low):
+            return False
+        return self.high is None or value <= self.high
+
+    def describe(self) -> str:
+        kind = "a whole number" if self.whole else "a number"
+        low = None if self.low is None else f"{self.low:g}"
+        high = None if self.high is None else f"{self.high:g}"
+        if low is not None and high is not None:
+            return f"{kind} in {'(' if self.open_low else '['}{low}, {high}]"
+        if low is not None:
+            return f"{kind} {'>' if self.open_low else '>='} {low}"
+        return f"{kind} <= {high}"
+
+
+def check_option_ranges(name: str, values: Mapping[str, Any], bounds: Mapping[str, Bound]) -> None:
+    """One :class:`PlaceRankError` line for the first option of re-ranker ``name`` outside its
+    :class:`Bound` (None: the option's default, always allowed; booleans are not numbers here),
+    e.g. ``fol-region option chunk: must be a whole number >= 1, got 0``."""
+    for key, bound in bounds.items():
+        value = values.get(key)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+            continue
+        if not bound.holds(float(value)):
+            raise PlaceRankError(f"{name} option {key}: must be {bound.describe()}, got {value}")
+
+
 RERANKERS: Registry = Registry("re-ranker", "placerank.rerank", skip=("base",))
 RerankerEntry = Entry
 
 
-def register_reranker(name: str, description: str, needs_model: bool = False) -> Callable:
-    """``needs_model``: the factory takes ``model=`` (a VPRModel whose local head it uses)."""
-    return RERANKERS.register(name, description, needs_model=needs_model)
+def register_reranker(
+    name: str, description: str, needs_model: bool = False, bounds: Mapping[str, Bound] | None = None
+) -> Callable:
+    """``needs_model``: the factory takes ``model=`` (a VPRModel whose local head it uses).
+    ``bounds``: the allowed range of its numeric options, checked when ``--rerank-option`` values
+    are parsed (:func:`reranker_options`, before any work) and again by the factory
+    (:func:`check_option_ranges`)."""
+    return RERANKERS.register(name, description, needs_model=needs_model, bounds=dict(bounds or {}))
 
 
 def list_rerankers() -> list[Entry]:
@@ -101,7 +149,8 @@ def create_reranker(name: str, model=None, **kwargs) -> Reranker:
 def reranker_options(name: str, values: Mapping[str, Any] | Iterable[str] | None) -> dict[str, Any]:
     """``--rerank-option KEY=VALUE`` strings (or a dict) -> the keyword arguments of re-ranker
     ``name``, each converted to the type of its option (:mod:`placerank.options`); an unknown key
-    or a bad value is one :class:`PlaceRankError` line. Only the keys given are returned, so the
+    or a bad value (wrong type, NaN / inf, outside the option's :class:`Bound`) is one
+    :class:`PlaceRankError` line. Only the keys given are returned, so the
     re-ranker's own defaults apply to the rest (``weights``, where a factory takes it, is the
     path of its feature network's weights)."""
     values = (
@@ -109,5 +158,8 @@ def reranker_options(name: str, values: Mapping[str, Any] | Iterable[str] | None
         if values is not None and not isinstance(values, Mapping)
         else dict(values or {})
     )
-    parsed = parse_options(RERANKERS.get(name).options(), values, what=f"{name} option")
-    return {k: getattr(parsed, k) for k in values}
+    entry = RERANKERS.get(name)
+    parsed = parse_options(entry.options(), values, what=f"{name} option")
+    options = {k: getattr(parsed, k) for k in values}
+    check_option_ranges(name, options, entry.traits.get("bounds", {}))
+    return options

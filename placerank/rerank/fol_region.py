@@ -37,7 +37,7 @@ import torch
 
 from placerank.errors import PlaceRankError
 from placerank.models.base import LocalFeatures
-from placerank.rerank.base import Reranker, register_reranker
+from placerank.rerank.base import Bound, Reranker, check_option_ranges, register_reranker
 from placerank.rerank.mutual_nn import mnn_counts, mnn_counts_cpu, mutual_pairs_array
 
 
@@ -119,11 +119,21 @@ class FoLRegionReranker(Reranker):
         return mutual_pairs_array(query.descriptors, candidate.descriptors, self.threshold)
 
 
+# the allowed range of the numeric options (threshold: a cosine similarity)
+BOUNDS = {
+    "threshold": Bound(-1.0, 1.0),
+    "num_regions": Bound(1, whole=True),
+    "chunk": Bound(1, whole=True),
+    "min_matches": Bound(0, whole=True),
+}
+
+
 @register_reranker(
     "fol-region",
     "FoL: count of mutual NNs (cos > 0.7) between top-225 region features (official dense cells for "
     "fol-vit*, 60 KB/image pool3 for the CNN); needs a fol-* model",
     needs_model=True,
+    bounds=BOUNDS,
 )
 def _fol_region(
     model=None,
@@ -134,6 +144,8 @@ def _fol_region(
     min_matches: int = 0,
     single_pair_zero: bool | None = None,
 ) -> FoLRegionReranker:
+    options = dict(threshold=threshold, num_regions=num_regions, chunk=chunk, min_matches=min_matches)
+    check_option_ranges("fol-region", options, BOUNDS)
     return FoLRegionReranker(
         model,
         threshold=threshold,

@@ -28,7 +28,7 @@ from placerank.data.images import Preprocess, load_tensor
 from placerank.errors import PlaceRankError
 from placerank.models.base import LocalFeatures
 from placerank.models.localfeat.base import create_features, to_original_pixels
-from placerank.rerank.base import Reranker, register_reranker
+from placerank.rerank.base import Bound, Reranker, check_option_ranges, register_reranker
 from placerank.rerank.matching import LighterGlue, VerifyConfig, verify_pairs
 from placerank.rerank.mutual_nn import mutual_nn_pairs
 
@@ -181,6 +181,17 @@ def _make(features: str, matcher: str = "mnn", **kw) -> RansacReranker:
     return RansacReranker(cfg, device=device)
 
 
+# the allowed range of the numeric options (min_matches: at least 8 for a fundamental matrix, 4
+# for a homography, checked by VerifyConfig)
+BOUNDS = {
+    "max_keypoints": Bound(1, whole=True),
+    "threshold_px": Bound(0.0, open_low=True),
+    "confidence": Bound(0.0, 1.0, open_low=True),
+    "max_iters": Bound(1, whole=True),
+    "min_matches": Bound(0, whole=True),
+}
+
+
 def _factory(features: str, matcher: str = "mnn"):
     """A registered factory whose keyword parameters are the typed ``--rerank-option`` keys;
     ``**unknown`` keeps the one-line error for a key it does not take."""
@@ -204,20 +215,21 @@ def _factory(features: str, matcher: str = "mnn"):
         kw.update(geometry=geometry, threshold_px=threshold_px, confidence=confidence, max_iters=max_iters)
         if min_matches is not None:
             kw["min_matches"] = min_matches
+        check_option_ranges(f"ransac-{features}" + ("-lighterglue" if matcher == "lighterglue" else ""), kw, BOUNDS)
         return _make(features, matcher, device=device, **kw, **unknown)
 
     return factory
 
 
-ransac_xfeat = register_reranker("ransac-xfeat", "XFeat + mutual NN + MAGSAC fundamental matrix; score = inliers")(
-    _factory("xfeat")
-)
+ransac_xfeat = register_reranker(
+    "ransac-xfeat", "XFeat + mutual NN + MAGSAC fundamental matrix; score = inliers", bounds=BOUNDS
+)(_factory("xfeat"))
 ransac_aliked = register_reranker(
-    "ransac-aliked", "ALIKED-n16 + mutual NN + MAGSAC fundamental matrix; score = inliers"
+    "ransac-aliked", "ALIKED-n16 + mutual NN + MAGSAC fundamental matrix; score = inliers", bounds=BOUNDS
 )(_factory("aliked"))
-ransac_disk = register_reranker("ransac-disk", "DISK + mutual NN + MAGSAC fundamental matrix; score = inliers")(
-    _factory("disk")
-)
+ransac_disk = register_reranker(
+    "ransac-disk", "DISK + mutual NN + MAGSAC fundamental matrix; score = inliers", bounds=BOUNDS
+)(_factory("disk"))
 ransac_xfeat_lighterglue = register_reranker(
-    "ransac-xfeat-lighterglue", "XFeat + LighterGlue matches + MAGSAC; score = inliers"
+    "ransac-xfeat-lighterglue", "XFeat + LighterGlue matches + MAGSAC; score = inliers", bounds=BOUNDS
 )(_factory("xfeat", matcher="lighterglue"))

@@ -24,7 +24,7 @@ import torch
 
 from placerank.errors import PlaceRankError
 from placerank.models.base import LocalFeatures
-from placerank.rerank.base import Reranker, register_reranker
+from placerank.rerank.base import Bound, Reranker, check_option_ranges, register_reranker
 from placerank.rerank.mutual_nn import mnn_counts, mutual_pairs_array
 
 
@@ -86,10 +86,15 @@ class SelaVPRMNNReranker(Reranker):
             return mutual_pairs_array(query.descriptors, candidate.descriptors, device=self.device)
 
 
+BOUNDS = {"max_chunk_mb": Bound(0.0, open_low=True), "min_matches": Bound(0, whole=True)}
+
+
 @register_reranker(
     "selavpr-mnn",
     "SelaVPR: count of mutual nearest neighbours between dense local features (needs a selavpr-* model)",
     needs_model=True,
+    bounds=BOUNDS,
 )
 def _selavpr_mnn(model=None, max_chunk_mb: float = 256.0, min_matches: int = 2, device="cpu") -> SelaVPRMNNReranker:
+    check_option_ranges("selavpr-mnn", {"max_chunk_mb": max_chunk_mb, "min_matches": min_matches}, BOUNDS)
     return SelaVPRMNNReranker(model, max_chunk_mb=max_chunk_mb, min_matches=min_matches, device=device)

@@ -239,11 +239,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_state() -> dict:
+    """The global random generators (Python, NumPy, torch CPU and CUDA): saved in every checkpoint
+    so a resumed run draws the same dropout masks and loader seeds as an uninterrupted one."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
 class RunDir:
     """``RUN_DIR/config.json``, ``checkpoint.pt`` (latest, for resume), ``model.pt`` (a
     placerank checkpoint loadable with ``--weights``) and ``log.jsonl`` (one JSON per step/epoch).
 
     All writes are atomic; a run interrupted mid-epoch resumes from the last completed epoch.
+    A checkpoint also holds the global random generators (:func:`rng_state`), restored when it is
+    loaded: a resumed run ends with the same weights, bit for bit, as an uninterrupted one.
     """
 
     def __init__(self, config: TrainConfig):
@@ -280,12 +300,17 @@ class RunDir:
 
     def save_checkpoint(self, state: dict) -> None:
         with atomic_path(self.checkpoint_path) as tmp:
-            torch.save(state, tmp)
+            torch.save({**state, "rng": rng_state()}, tmp)
 
     def load_checkpoint(self) -> dict | None:
+        """The latest checkpoint (None: start afresh); restores the random generators it saved
+        (checkpoints from before they were saved resume without them)."""
         if not (self.config.resume and self.checkpoint_path.exists()):
             return None
-        return torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        if isinstance(state, dict) and "rng" in state:
+            restore_rng_state(state["rng"])
+        return state
 
     def out_of_time(self) -> bool:
         m = self.config.max_minutes

@@ -153,3 +153,58 @@ def test_bad_option_values_are_one_line(cli, tmp_path):
         argv = ["rerank", "--candidates", tmp_path, "--rerank", "fol-region", "--rerank-option", value, "--out", out]
         assert cli(*argv) == (2, [f"placerank: error: {line}"])
     assert not out.exists()
+
+
+OUT_OF_RANGE = [
+    # (--rerank, --rerank-option, the one expected line): the right type, outside the option's range
+    ("fol-region", "threshold=1.5", "fol-region option threshold: must be a number in [-1, 1], got 1.5"),
+    ("fol-region", "threshold=-2", "fol-region option threshold: must be a number in [-1, 1], got -2.0"),
+    ("fol-region", "chunk=0", "fol-region option chunk: must be a whole number >= 1, got 0"),
+    ("fol-region", "num_regions=-4", "fol-region option num_regions: must be a whole number >= 1, got -4"),
+    ("fol-region", "min_matches=-1", "fol-region option min_matches: must be a whole number >= 0, got -1"),
+    ("selavpr-mnn", "max_chunk_mb=0", "selavpr-mnn option max_chunk_mb: must be a number > 0, got 0.0"),
+    ("selavpr-mnn", "min_matches=-2", "selavpr-mnn option min_matches: must be a whole number >= 0, got -2"),
+    ("ransac-xfeat", "max_keypoints=0", "ransac-xfeat option max_keypoints: must be a whole number >= 1, got 0"),
+    ("ransac-disk", "threshold_px=-1", "ransac-disk option threshold_px: must be a number > 0, got -1.0"),
+    ("ransac-aliked", "confidence=1.5", "ransac-aliked option confidence: must be a number in (0, 1], got 1.5"),
+    ("ransac-xfeat", "max_iters=0", "ransac-xfeat option max_iters: must be a whole number >= 1, got 0"),
+    (
+        "ransac-xfeat-lighterglue",
+        "min_matches=-3",
+        "ransac-xfeat-lighterglue option min_matches: must be a whole number >= 0, got -3",
+    ),
+]
+
+
+@pytest.mark.parametrize("name, option, line", OUT_OF_RANGE, ids=[f"{n} {o}" for n, o, _ in OUT_OF_RANGE])
+def test_out_of_range_option_values_are_one_line_before_any_work(name, option, line, cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["rerank", "--candidates", "C", "--rerank", name, "--rerank-option", option, "--out", "O"]
+    assert cli(*argv) == (2, [f"placerank: error: {line}"])
+    argv = ["eval", "--database", "D", "--queries", "Q", "--out", "O", "--rerank", name, "--rerank-option", option]
+    assert cli(*argv) == (2, [f"placerank: error: {line}"])
+    assert list(tmp_path.iterdir()) == []  # nothing created
+
+
+def test_in_range_edges_pass_and_the_factories_check_too():
+    from placerank.errors import PlaceRankError
+    from placerank.rerank.base import create_reranker, reranker_options
+
+    assert reranker_options("fol-region", ["threshold=-1", "chunk=1", "min_matches=0"]) == {
+        "threshold": -1.0,
+        "chunk": 1,
+        "min_matches": 0,
+    }
+    assert reranker_options("ransac-xfeat", ["confidence=1", "max_keypoints=1"]) == {
+        "confidence": 1.0,
+        "max_keypoints": 1,
+    }
+    # the API path (no option strings): the factory refuses before it loads a network or needs a model
+    with pytest.raises(
+        PlaceRankError, match=r"^ransac-xfeat option max_keypoints: must be a whole number >= 1, got -5$"
+    ):
+        create_reranker("ransac-xfeat", max_keypoints=-5)
+    with pytest.raises(PlaceRankError, match=r"^fol-region option chunk: must be a whole number >= 1, got 0$"):
+        create_reranker("fol-region", model=None, chunk=0)
+    with pytest.raises(PlaceRankError, match=r"^selavpr-mnn option max_chunk_mb: must be a number > 0, got -1$"):
+        create_reranker("selavpr-mnn", model=None, max_chunk_mb=-1)

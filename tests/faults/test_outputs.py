@@ -175,3 +175,29 @@ def test_eval_config_numbers_are_checked_from_python(inputs, tmp_path):
             evaluate(cfg)
         assert str(e.value) == message
     assert not (tmp_path / "o").exists()
+
+
+def test_localize_json_is_strict_json_non_finite_numbers_are_null(tmp_path):
+    import json
+    import math
+
+    import numpy as np
+
+    from placerank.localize.results import LocalizeResult, Match
+
+    nan, inf = float("nan"), float("inf")
+    match = Match(1, "db/a.jpg", np.float32(nan), inf, 0.0, True, -inf, nan, nan, nan, nan, "")
+    result = LocalizeResult(
+        "q.jpg", "local", nan, nan, np.float64(nan), inf, "", np.float32(nan), 1.0, None, 1.5, 25.0, [match],
+        "effnet-lite0-gem", "w", None, "db", 1, timing_s={"total": nan, "ok": np.float32(0.5)},
+    )  # fmt: skip
+    path = tmp_path / "q.json"
+    result.save_json(path)
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    saved = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in the JSON"))
+    assert saved == result.to_json()
+    assert (saved["lat"], saved["easting"], saved["northing"], saved["confidence"]) == (None, None, None, None)
+    assert saved["matches"][0]["similarity"] is None and saved["matches"][0]["rerank_score"] is None
+    assert saved["matches"][0]["distance_m"] is None and saved["timing_s"] == {"total": None, "ok": 0.5}
+    assert saved["share"] == 1.0 and saved["radius_m"] == 25.0 and not math.isnan(saved["margin_factor"])
