@@ -17,7 +17,7 @@
 # Usage:  benchmarks/recipes/selavpr_cpu.sh            # the full recipe
 #         TINY=1 benchmarks/recipes/selavpr_cpu.sh     # a ~3-minute smoke version of every step
 # Knobs (environment, each overrides the preset only when given): DATA WORK OUT MINUTES SIZE
-#   NORDLAND QPL POOL TOPK PROTOCOLS EPOCHS GP_FRAMES VAL_STOP VAL_N RESUME
+#   NORDLAND QPL POOL TOPK PROTOCOLS EPOCHS GP_FRAMES VAL_STOP VAL_N RESUME OPTIONS
 # On a machine shared with other jobs, run with OMP_NUM_THREADS=1: two OpenMP threads competing
 # for two busy cores spin-wait and made each training step ~10x slower here.
 set -euo pipefail
@@ -51,6 +51,8 @@ if [[ -n "${EPOCHS:-}" ]]; then OVERRIDES+=(--epochs "$EPOCHS"); fi
 if [[ -n "${QPL:-}" ]]; then OVERRIDES+=(--option queries_per_loop="$QPL"); fi
 if [[ -n "${POOL:-}" ]]; then OVERRIDES+=(--option negative_pool="$POOL"); fi
 if [[ -n "${VAL_N:-}" ]]; then OVERRIDES+=(--option val_select_n="$VAL_N"); fi
+# OPTIONS="k=v k=v": more method options, e.g. OPTIONS="val_rerank=true val_patience=3" (the official rule)
+for opt in ${OPTIONS:-}; do OVERRIDES+=(--option "$opt"); done
 if [[ -n "${GP_FRAMES:-}" || -n "${VAL_STOP:-}" || "${NORDLAND:-0}" != "0" ]]; then
   GP_FRAMES="${GP_FRAMES:-80}"; VAL_STOP="${VAL_STOP:-100}"
   TRAIN=("$GP/day_left" "$GP/day_right" "$GP/night_right")
