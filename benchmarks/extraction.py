@@ -186,14 +186,18 @@ def plot(result: dict, path: Path) -> None:
             ("one_pass", "+local, 1 pass", "#228833"),
             ("two_pass", "+local, 2 passes", "#cc6677"),
         ):
-            labels.append(f"{row['model']}\n{label}")
+            labels.append(f"{row['model'].replace('-effnet-lite0', '')}\n{label}")
             values.append(row[mode]["img_s"])
             colors.append(color)
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(labels)), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(labels)), 4))
     ax.bar(range(len(values)), values, color=colors)
     ax.set_xticks(range(len(values)), labels, fontsize=7)
     ax.set_ylabel("images / s")
-    ax.set_title(f"extraction throughput ({result['device']}, {result['threads']} threads)")
+    ax.set_title(
+        f"extraction throughput ({result['device']}, {result['threads']} threads; models on EfficientNet-Lite0)"
+    )
+    for x, v in enumerate(values):
+        ax.annotate(f"{v:.2f}", (x, v), ha="center", va="bottom", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
