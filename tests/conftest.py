@@ -113,3 +113,19 @@ def shared_copy(shared_data, tmp_path_factory) -> Callable[[str], Path]:
         return dest
 
     return copy
+
+
+def _write_frames_csv(path: Path, folder: Path, frames) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "frame"])
+        for k in frames:
+            w.writerow([str(Path(folder) / f"Image{k:03d}.jpg"), k])
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def frames_csv() -> Callable[..., Path]:
+    """``frames_csv(path, folder, frames)`` writes a ``path,frame`` manifest of a GardensPoint
+    traversal's frames (``ImageNNN.jpg``) and returns ``path``."""
+    return _write_frames_csv

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,15 +19,6 @@ SIZE = ["96", "160"]
 RANSAC = ["--rerank-option", "image_size=128x224", "--rerank-option", "max_keypoints=256"]
 
 
-def _frames_csv(path: Path, folder: Path, frames) -> Path:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "frame"])
-        for k in frames:
-            w.writerow([str(folder / f"Image{k:03d}.jpg"), k])
-    return path
-
-
 def _error(capsys) -> str:
     lines = [ln for ln in capsys.readouterr().err.replace("\r", "\n").splitlines() if ln.strip() and "%|" not in ln]
     assert len(lines) == 1, lines
@@ -36,7 +26,7 @@ def _error(capsys) -> str:
 
 
 @pytest.fixture(scope="module")
-def stages(tmp_path_factory, gardens):
+def stages(frames_csv, tmp_path_factory, gardens):
     """Three stage commands and one eval on the same 24 + 24 frames (own cache)."""
     import os
 
@@ -44,8 +34,8 @@ def stages(tmp_path_factory, gardens):
     old = os.environ.get("PLACERANK_CACHE")
     os.environ["PLACERANK_CACHE"] = str(tmp / "cache")
     try:
-        db = _frames_csv(tmp / "db.csv", gardens / "day_right", range(0, 48, 2))
-        q = _frames_csv(tmp / "q.csv", gardens / "night_right", range(1, 48, 2))
+        db = frames_csv(tmp / "db.csv", gardens / "day_right", range(0, 48, 2))
+        q = frames_csv(tmp / "q.csv", gardens / "night_right", range(1, 48, 2))
         common = ["--image-size", *SIZE, "--workers", "0"]
         assert main(["extract", "--images", str(db), "--out", str(tmp / "db"), *common]) == 0
         assert main(["extract", "--images", str(q), "--out", str(tmp / "q"), *common]) == 0

@@ -6,7 +6,6 @@ import csv
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,15 +14,6 @@ from PIL import Image
 import placerank.descriptors.extract as extract_mod
 from placerank.eval.evaluate import EvalConfig, evaluate
 from placerank.eval.recall import recall_at_n
-
-
-def _frames_csv(path: Path, folder: Path, frames) -> Path:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "frame"])
-        for k in frames:
-            w.writerow([str(folder / f"Image{k:03d}.jpg"), k])
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +54,9 @@ def test_results_json_and_pictures(full_eval):
     assert np.mean([int(r["correct_at_1"]) for r in rows]) == pytest.approx(data["recall"]["1"])
 
 
-def test_second_run_extracts_nothing(tmp_path, gardens, monkeypatch):
-    db = _frames_csv(tmp_path / "db.csv", gardens / "day_right", range(0, 20))
-    q = _frames_csv(tmp_path / "q.csv", gardens / "night_right", range(0, 20))
+def test_second_run_extracts_nothing(frames_csv, tmp_path, gardens, monkeypatch):
+    db = frames_csv(tmp_path / "db.csv", gardens / "day_right", range(0, 20))
+    q = frames_csv(tmp_path / "q.csv", gardens / "night_right", range(0, 20))
     cfg = EvalConfig(
         database=db, queries=q, frame_tolerance=2, out=tmp_path / "a", image_size=(180, 320), num_examples=0
     )

@@ -3,9 +3,6 @@ and the region features, with the recall and ranking of the two-pass pipeline.""
 
 from __future__ import annotations
 
-import csv
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -16,25 +13,18 @@ from placerank.models import create
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def _frames_csv(path: Path, folder: Path, frames) -> Path:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "frame"])
-        for k in frames:
-            w.writerow([str(folder / f"Image{k:03d}.jpg"), k])
-    return path
-
-
 @pytest.mark.parametrize(
     ("model_name", "reranker"), [("fol-effnet-lite0", "fol-region"), ("selavpr-effnet-lite0", "selavpr-mnn")]
 )
-def test_local_head_rerank_runs_the_backbone_once_per_image(model_name, reranker, tmp_path, gardens, monkeypatch):
+def test_local_head_rerank_runs_the_backbone_once_per_image(
+    frames_csv, model_name, reranker, tmp_path, gardens, monkeypatch
+):
     torch.manual_seed(0)  # ImageNet backbone, seeded random heads
     model = create(model_name, image_size=(128, 224)).eval()
     seen = {"images": 0}
     model.backbone.register_forward_hook(lambda m, inp, out: seen.__setitem__("images", seen["images"] + len(inp[0])))
-    db = _frames_csv(tmp_path / "db.csv", gardens / "day_right", range(0, 64, 4))
-    q = _frames_csv(tmp_path / "q.csv", gardens / "night_right", range(2, 64, 4))
+    db = frames_csv(tmp_path / "db.csv", gardens / "day_right", range(0, 64, 4))
+    q = frames_csv(tmp_path / "q.csv", gardens / "night_right", range(2, 64, 4))
 
     def run(out: str):
         cfg = EvalConfig(

@@ -14,14 +14,9 @@ DB_FRAMES = range(0, 140, 4)  # 35 database images
 QUERY_FRAMES = range(2, 140, 14)  # 10 queries, each with 1-2 positives among the database frames
 
 
-def _csv(path, folder, frames):
-    path.write_text("path,frame\n" + "".join(f"{folder / f'Image{i:03d}.jpg'},{i}\n" for i in frames))
-    return path
-
-
-def test_ransac_xfeat_rerank_does_not_lower_recall(gardens, tmp_path):
-    db = _csv(tmp_path / "db.csv", gardens / "day_left", DB_FRAMES)
-    q = _csv(tmp_path / "q.csv", gardens / "day_right", QUERY_FRAMES)
+def test_ransac_xfeat_rerank_does_not_lower_recall(frames_csv, gardens, tmp_path):
+    db = frames_csv(tmp_path / "db.csv", gardens / "day_left", DB_FRAMES)
+    q = frames_csv(tmp_path / "q.csv", gardens / "day_right", QUERY_FRAMES)
     res = evaluate(
         EvalConfig(
             database=db,

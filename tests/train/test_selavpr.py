@@ -183,16 +183,14 @@ def test_dinov2_backbone_trains_through_the_same_code(gardens, tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a if "D_fc2" in k)
 
 
-def test_validation_keeps_the_best_epoch(gardens, tmp_path):
+def test_validation_keeps_the_best_epoch(frames_csv, gardens, tmp_path):
     """With a validation pair, every epoch (and the untrained start) is scored on the re-ranked
     recall (the official selection metric) and model.pt is the best one: reloading model.pt
     reproduces the selected recall exactly."""
     from placerank.train.common import ValidationSet
 
     def manifest(name, trav, frames):
-        path = tmp_path / f"{name}.csv"
-        path.write_text("path,frame\n" + "".join(f"{gardens / trav / f'Image{k:03d}.jpg'},{k}\n" for k in frames))
-        return str(path)
+        return str(frames_csv(tmp_path / f"{name}.csv", gardens / trav, frames))
 
     val_db, val_q = manifest("vdb", "day_right", range(20, 32)), manifest("vq", "night_right", range(20, 32))
     out = tmp_path / "run"
@@ -235,15 +233,13 @@ def test_validation_keeps_the_best_epoch(gardens, tmp_path):
         ValidationSet.from_options(val_db, "")
 
 
-def test_validation_patience_stops_training(gardens, tmp_path):
+def test_validation_patience_stops_training(frames_csv, gardens, tmp_path):
     """Official early stopping: training ends once the selection recall has not improved for
     ``val_patience`` validations (official 3; 1 here, so a short run exercises it)."""
     from placerank.train.common import ValidationSet
 
     def manifest(name, trav, frames):
-        path = tmp_path / f"{name}.csv"
-        path.write_text("path,frame\n" + "".join(f"{gardens / trav / f'Image{k:03d}.jpg'},{k}\n" for k in frames))
-        return str(path)
+        return str(frames_csv(tmp_path / f"{name}.csv", gardens / trav, frames))
 
     val_db, val_q = manifest("vdb", "day_right", range(20, 30)), manifest("vq", "night_right", range(20, 30))
     opts = {"queries_per_loop": 8, "negative_pool": 12, "val_database": val_db, "val_queries": val_q}
