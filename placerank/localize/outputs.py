@@ -124,27 +124,12 @@ def _pictures(db, result, out_dir: Path, stem: str, top: int) -> list[Path]:
             f" (green = within {result.radius_m:g} m of the estimate)",
         )
         written.append(path)
-    reranker = result.extras.get("reranker")
-    if reranker is not None and hasattr(reranker, "matches") and result.matches:
-        from placerank.viz.matches import draw_matches
-
-        qlf, blf = result.extras["query_lf"], result.extras["cand_lf"][0]
-        pairs = reranker.matches(qlf, blf)
-        path = out_dir / f"{stem}_inliers.png"
-        try:
-            draw_matches(
-                result.query,
-                result.matches[0].path,
-                qlf.keypoints,
-                blf.keypoints,
-                pairs,
-                path,
-                title=f"{reranker.name}: {len(pairs)} verified matches, "
-                f"{Path(result.query).name} vs #1 {Path(result.matches[0].path).name}",
-            )
+    path = out_dir / f"{stem}_inliers.png"
+    try:
+        if draw_best_match(result, path):
             written.append(path)
-        except DataError as e:  # the database photo was moved or deleted since indexing
-            result.notes.append(f"inlier picture not drawn: {e}")
+    except DataError as e:  # the database photo was moved or deleted since indexing
+        result.notes.append(f"inlier picture not drawn: {e}")
     if result.found:
         from placerank.viz.maps import draw_map
 
@@ -152,6 +137,31 @@ def _pictures(db, result, out_dir: Path, stem: str, top: int) -> list[Path]:
         draw_map(map_data(result, db.positions(result.extras.get("ref_epsg"))), path)
         written.append(path)
     return written
+
+
+def draw_best_match(result, path: Path, query_name: str | None = None, best_name: str | None = None) -> bool:
+    """With a re-ranker that exposes its matches: draw the verified matches between the query and
+    its best candidate to ``path`` (``<photo>_inliers.png`` here, the service's match picture).
+    The title names the photos by ``query_name`` / ``best_name`` (default: their file names).
+    False when there is nothing to draw; :class:`DataError` when a photo cannot be read."""
+    reranker = result.extras.get("reranker")
+    if reranker is None or not hasattr(reranker, "matches") or not result.matches:
+        return False
+    from placerank.viz.matches import draw_matches
+
+    qlf, blf = result.extras["query_lf"], result.extras["cand_lf"][0]
+    pairs = reranker.matches(qlf, blf)
+    draw_matches(
+        result.query,
+        result.matches[0].path,
+        qlf.keypoints,
+        blf.keypoints,
+        pairs,
+        path,
+        title=f"{reranker.name}: {len(pairs)} verified matches, "
+        f"{query_name or Path(result.query).name} vs #1 {best_name or Path(result.matches[0].path).name}",
+    )
+    return True
 
 
 def map_data(result, database: np.ndarray):

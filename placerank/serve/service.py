@@ -167,27 +167,14 @@ class LocalizeService:
     def _match_picture(self, result, query: Path, name: str) -> bytes | None:
         """With a re-ranker that exposes its matches: the verified matches to the best candidate
         (JPEG bytes), as ``placerank localize`` draws them in ``<photo>_inliers.png``."""
-        reranker = result.extras.get("reranker")
-        if reranker is None or not hasattr(reranker, "matches") or not result.matches:
-            return None
         from placerank.errors import DataError
-        from placerank.viz.matches import draw_matches
+        from placerank.localize.outputs import draw_best_match
 
-        qlf, blf = result.extras["query_lf"], result.extras["cand_lf"][0]
-        pairs = reranker.matches(qlf, blf)
         out = query.with_name("inliers.jpg")
-        best = self.places.get(result.matches[0].id or -1)
+        best = self.places.get(result.matches[0].id or -1) if result.matches else None
         try:
-            draw_matches(
-                query,
-                result.matches[0].path,
-                qlf.keypoints,
-                blf.keypoints,
-                pairs,
-                out,
-                title=f"{reranker.name}: {len(pairs)} verified matches, {name} vs #1 "
-                f"{best.name if best else Path(result.matches[0].path).name}",
-            )
+            if not draw_best_match(result, out, name, best.name if best else None):
+                return None
         except DataError as e:  # the database photo was moved since indexing
             result.notes.append(f"match picture not drawn: {e}")
             return None
