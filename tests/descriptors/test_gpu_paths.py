@@ -58,8 +58,9 @@ def test_precision_is_part_of_the_cache_namespace(model, images):
     for precision, expected in (("fp32", fp32), ("bf16", bf16)):
         cache = descriptor_cache_for(model, precision)
         try:
-            rows = cache.get_many([extract_mod.image_key(p) for p in images[:2]])
-            np.testing.assert_array_equal(np.stack(list(rows.values())), expected)
+            keys = [extract_mod.image_key(p) for p in images[:2]]
+            rows = cache.get_many(keys)  # a dict: SQLite returns rows in no promised order
+            np.testing.assert_array_equal(np.stack([rows[k] for k in keys]), expected)
         finally:
             cache.close()
 
