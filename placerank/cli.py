@@ -79,8 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from placerank.descriptors.memory import memory_budget
+
     try:
-        result = args.func(args)
+        with memory_budget(getattr(args, "max_memory_gb", None)):  # --max-memory-gb, where a command has it
+            result = args.func(args)
     except PlaceRankError as e:
         return _fail(str(e), debug)
     except KeyboardInterrupt:

@@ -6,6 +6,7 @@ import argparse
 import math
 from collections.abc import Callable
 
+from placerank.descriptors.memory import DEFAULT_MAX_MEMORY_GB
 from placerank.errors import PlaceRankError
 
 DEFAULT_MODEL = "effnet-lite0-gem"
@@ -56,6 +57,13 @@ def add_model_args(
         size_help = "input size: one value (square) or HEIGHT WIDTH (default: the model's)"
     p.add_argument("--image-size", type=positive_int, nargs="+", default=None, metavar="PX", help=size_help)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument(
+        "--max-memory-gb",
+        type=positive_float,
+        default=DEFAULT_MAX_MEMORY_GB,
+        metavar="GB",
+        help=f"extraction cuts its batch size so this process's peak RSS stays under GB (default {DEFAULT_MAX_MEMORY_GB:g})",
+    )
     if not for_database:
         p.add_argument("--batch-size", type=positive_int, default=16)
         p.add_argument(
@@ -72,6 +80,25 @@ def add_precision_arg(p: argparse.ArgumentParser) -> None:
         help="inference precision: fp32 (default), bf16 (CPU or CUDA) or fp16 (CUDA only) autocast;"
         " descriptors stay float32, cached per precision",
     )
+
+
+def add_nproc_arg(p: argparse.ArgumentParser) -> None:
+    """``--nproc N``: extract with N local processes (torch's elastic launcher), one shard each."""
+    p.add_argument(
+        "--nproc",
+        type=int_arg,
+        default=1,
+        metavar="N",
+        help="extract with N local processes, 1 to 64 (default 1; under torchrun leave it out)",
+    )
+
+
+def int_arg(text: str) -> int:
+    """A whole number (its range is checked with a one-line error by the command)."""
+    try:
+        return int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got '{text}'") from None
 
 
 def image_size_arg(values: list[int] | None) -> tuple[int, int] | None:
@@ -105,3 +132,30 @@ def rerank_options_arg(name: str | None, values: list[str]) -> dict:
             raise PlaceRankError("--rerank-option needs --rerank NAME")
         return {}
     return reranker_options(name, values)
+
+
+def add_index_args(p: argparse.ArgumentParser, for_database: bool = False) -> None:
+    """``--index SPEC`` (a FAISS index-factory string, docs/index.md) and repeatable
+    ``--index-option KEY=VALUE`` (search parameters: nprobe, efSearch, ...)."""
+    default_help = "an existing database keeps its own; new: flat" if for_database else "default flat"
+    p.add_argument(
+        "--index",
+        default=None if for_database else "flat",
+        metavar="SPEC",
+        help=f"index kind: flat, flat-fp16 or a FAISS factory string such as IVF1024,Flat, IVF4096,PQ64, "
+        f"HNSW32 ({default_help}; see docs/index.md)",
+    )
+    p.add_argument(
+        "--index-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="index search option, e.g. nprobe=32 (IVF) or efSearch=64 (HNSW); repeatable",
+    )
+
+
+def index_options_arg(values: list[str]) -> dict[str, str]:
+    """``--index-option`` strings -> {"nprobe": "32"} (checked against the index when it is built)."""
+    from placerank.options import split_key_values
+
+    return split_key_values(values, "--index-option")

@@ -6,12 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from placerank.commands._common import (
+    add_index_args,
     add_model_args,
+    add_nproc_arg,
     add_precision_arg,
     add_rerank_args,
     image_size_arg,
+    index_options_arg,
+    non_negative_float,
     non_negative_int,
     positive_float,
+    positive_int,
     rerank_options_arg,
 )
 
@@ -36,6 +41,15 @@ def register(sub) -> None:
     add_model_args(p)
     add_precision_arg(p)
     add_rerank_args(p)
+    p.add_argument(
+        "--rerank-below",
+        type=non_negative_float,
+        default=None,
+        metavar="CONF",
+        help="re-rank only queries whose global confidence (place margin, see docs/eval.md) is below CONF;"
+        " the others keep their global ranking (a labelled run's precision_recall_first_stage"
+        " threshold_at_100_precision is a safe CONF)",
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument(
         "--radius", type=positive_float, default=None, help="positive radius in metres (default 25 for positions)"
@@ -51,7 +65,17 @@ def register(sub) -> None:
     p.add_argument("--queries-subset", default=None, help="query subset: day|sunset|night (Tokyo 24/7), v1|night|...")
     p.add_argument("--images-root", type=Path, default=None, help="image root for .mat / Patch-NetVLAD lists")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the descriptor cache")
+    p.add_argument(
+        "--sequence-length",
+        type=positive_int,
+        default=1,
+        metavar="L",
+        help="ordered traversals: match the last L query frames along constant-velocity paths through the"
+        " ordered database (SeqSLAM-style; 1 = off, the default; see docs/sequence.md)",
+    )
     p.add_argument("--examples", type=non_negative_int, default=8, help="example pictures to draw")
+    add_nproc_arg(p)  # extraction by N ranks, then search + re-rank here
+    add_index_args(p)  # --index SPEC, --index-option KEY=VALUE (docs/index.md)
     p.add_argument("--out", required=True, type=Path, help="output folder (results.json, recall_curve.png, examples/)")
     p.set_defaults(func=run)
 
@@ -98,6 +122,11 @@ def run(args) -> int:
         use_cache=not args.no_cache,
         num_examples=args.examples,
         rerank_options=options,
+        nproc=args.nproc,
+        rerank_below=args.rerank_below,
+        sequence_length=args.sequence_length,
+        index=args.index,
+        index_options=index_options_arg(args.index_option),
     )
     result = evaluate(cfg, dataset=dataset)
     print_summary(result, args.out)
@@ -127,7 +156,15 @@ def print_summary(result, out) -> None:
     print(f"{'':18s}{header}")
     print(f"{'global':18s}" + "  ".join(f"{100 * v:5.1f}" for v in first.values()))
     if result.rerank:
-        print(f"{'+ ' + result.rerank['name']:18s}" + "  ".join(f"{100 * v:5.1f}" for v in result.recall.values()))
+        shown = result.sequence["recall_single_frame"] if result.sequence else result.recall
+        print(f"{'+ ' + result.rerank['name']:18s}" + "  ".join(f"{100 * v:5.1f}" for v in shown.values()))
+    if result.sequence:
+        label = f"+ sequence L={result.sequence['length']}"
+        print(f"{label:18s}" + "  ".join(f"{100 * v:5.1f}" for v in result.recall.values()))
+    from placerank.eval.precision import summary_lines
+
+    for line in summary_lines(result):  # confidence: PR-AUC, Recall@100%Precision (docs/eval.md)
+        print(line)
     t = result.timing_s
     print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()) + f"; peak memory {result.peak_memory_mb:.0f} MB")
-    print(f"wrote {Path(out) / 'results.json'}, recall_curve.png, examples/")
+    print(f"wrote {Path(out) / 'results.json'}, recall_curve.png, pr_curve.png, examples/")

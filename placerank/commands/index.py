@@ -6,8 +6,10 @@ import sys
 from pathlib import Path
 
 from placerank.commands._common import (
+    add_index_args,
     add_model_args,
     image_size_arg,
+    index_options_arg,
     non_negative_float,
     non_negative_int,
     positive_float,
@@ -57,6 +59,7 @@ def register(sub) -> None:
     p.add_argument("--workers", type=non_negative_int, default=None, help="DataLoader workers (default: min(4, CPUs))")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_model_args(p, for_database=True)
+    add_index_args(p, for_database=True)  # --index SPEC, --index-option KEY=VALUE (docs/index.md)
     p.set_defaults(func=run)
 
 
@@ -64,8 +67,8 @@ def run(args) -> int:
     from placerank.errors import PlaceRankError
     from placerank.localize.database import Database
 
-    if args.folder is None and args.positions is None and not args.remove:
-        raise PlaceRankError("give a FOLDER of photos, --positions CSV, or --remove PATH...")
+    if args.folder is None and args.positions is None and not args.remove and not (args.index or args.index_option):
+        raise PlaceRankError("give a FOLDER of photos, --positions CSV, --remove PATH... or --index SPEC")
     size = image_size_arg(args.image_size)
     if args.positions is not None:  # a bad CSV is refused before a database is made
         from placerank.data.positions import read_positions_csv
@@ -85,6 +88,8 @@ def run(args) -> int:
             device=args.device,
             radius=args.radius,
             wait=args.wait,
+            index=args.index,
+            index_options=index_options_arg(args.index_option) if args.index_option else None,
         )
     except BaseException:
         if created:  # a database that failed to be made (e.g. disk full) leaves nothing behind
@@ -94,7 +99,8 @@ def run(args) -> int:
         info = db.info()
         print(
             f"database {db.folder}: {info['model']} (weights {info['weights_id']}), {info['images']} photo(s), "
-            f"positions: {info['frame']}"
+            f"positions: {info['frame']}, index: {info['index']}"
+            + "".join(f" {k}={v}" for k, v in info["index_options"].items())
         )
         if args.remove:
             rep = db.remove(args.remove, wait=args.wait)

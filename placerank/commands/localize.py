@@ -33,6 +33,15 @@ def register(sub) -> None:
         help="metres: matches this close to the best one agree with it (default: the database's, 25 for GPS)",
     )
     p.add_argument("--no-pictures", action="store_true", help="write only the JSON files")
+    p.add_argument(
+        "--sequence-length",
+        type=positive_int,
+        default=1,
+        metavar="L",
+        help="the photos are frames of a traversal, in the order given (a folder: sorted names): match the"
+        " last L along constant-velocity paths through the database's frames (sorted names, one traversal"
+        " per folder); 1 = off (default; see docs/sequence.md)",
+    )
     p.add_argument("--show", type=non_negative_int, default=5, help="top matches printed per photo (default 5)")
     add_model_args(p, for_database=True)
     p.set_defaults(func=run)
@@ -71,6 +80,16 @@ def print_result(r, show: int = 5) -> None:
         print(f"  note: {note}")
 
 
+def sequence_tracker(db, length: int):
+    """None for ``--sequence-length 1``; else the tracker over the database's frame order."""
+    if length <= 1:
+        return None
+    from placerank.localize.sequence import SequenceTracker
+    from placerank.rerank.sequence import SequenceOptions
+
+    return SequenceTracker(db.store, SequenceOptions(length=length))
+
+
 def run(args) -> int:
     from placerank.commands._common import image_size_arg
     from placerank.errors import DataError
@@ -88,9 +107,16 @@ def run(args) -> int:
     rows = []
     taken: set[str] = set()
     with db:
+        tracker = sequence_tracker(db, args.sequence_length)
         for photo in photos:
             try:
-                r = db.localize(photo, top_k=args.top_k, rerank=args.rerank, radius=args.radius)
+                if tracker is None:
+                    r = db.localize(photo, top_k=args.top_k, rerank=args.rerank, radius=args.radius)
+                else:
+                    from placerank.localize.query import localize
+
+                    store, feats, model = db.store, db.features, db.model
+                    r = localize(store, feats, model, photo, args.top_k, args.rerank, args.radius, None, None, tracker)
             except DataError as e:  # one bad photo must not stop the others
                 print(f"placerank: error: {e}", file=sys.stderr)
                 failures += 1

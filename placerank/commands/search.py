@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from placerank.commands._common import positive_int
+from placerank.commands._common import add_index_args, index_options_arg, positive_int
 
 
 def register(sub) -> None:
@@ -14,6 +14,7 @@ def register(sub) -> None:
     p.add_argument("--queries", required=True, type=Path, help="query descriptor folder (placerank extract)")
     p.add_argument("--top-k", type=positive_int, default=100, help="candidates kept per query (default 100)")
     p.add_argument("--out", required=True, type=Path, help="candidates folder to write")
+    add_index_args(p)  # --index SPEC, --index-option KEY=VALUE (docs/index.md)
     p.set_defaults(func=run)
 
 
@@ -22,8 +23,8 @@ def run(args) -> int:
     from placerank.utils import check_output_folder
 
     check_output_folder(args.out)  # before any work
-
-    cands, skipped = search_folders(args.database, args.queries, args.top_k, args.out)
+    options = index_options_arg(args.index_option)
+    cands, skipped = search_folders(args.database, args.queries, args.top_k, args.out, args.index, options)
     what = f"top-{cands.depth} of {len(cands.database_paths)} database images for {len(cands.query_paths)} queries"
     print(f"{args.out}: up to date, {what}" if skipped else f"wrote {args.out}: {what}")
     return 0

@@ -4,6 +4,7 @@ every flag the user gives then overrides it (flags default to None so the two ca
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from placerank.commands._common import image_size_arg, non_negative_int, positive_float, positive_int
@@ -54,6 +55,12 @@ def register(sub) -> None:
     p.add_argument("--weights", default=None, help="backbone weights file")
     p.add_argument("--device", default=None, help="auto | cpu | cuda (default auto)")
     p.add_argument("--workers", type=non_negative_int, default=None)
+    p.add_argument(
+        "--nproc",
+        type=positive_int,
+        default=1,
+        help="train in N local processes with DDP (as torchrun --nproc-per-node N; gloo on CPU, nccl on CUDA)",
+    )
     p.add_argument("--no-resume", action="store_true", help="start over even if RUN_DIR has a checkpoint")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method-specific option")
     p.set_defaults(func=run)
@@ -145,10 +152,16 @@ def run(args) -> int:
     out = Path(settings["out"])
     created = not out.exists()
     try:
-        model_path = run_training(TrainConfig(**settings))
+        if args.nproc > 1:
+            from placerank.train.distributed import launch_training
+
+            model_path = launch_training(TrainConfig(**settings), args.nproc)
+        else:
+            model_path = run_training(TrainConfig(**settings))
     except Exception:
         if created:
             _remove_failed_start(out)
         raise
-    print(f"model written to {model_path}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun: one line, not one per process
+        print(f"model written to {model_path}")
     return 0

@@ -13,6 +13,9 @@ pass per image. A re-ranker with its own network (RANSAC on XFeat, ...) runs its
 ``torch.autocast`` (:func:`autocast_for`); descriptors are still float32 and L2-normalised, and
 the precision is part of the descriptor-cache namespace, so descriptors of two precisions never
 mix. ``fp16`` needs CUDA. Pinned host memory is used for loading when the device is CUDA.
+
+The batch size is cut to the memory budget (``--max-memory-gb``, :mod:`placerank.descriptors.memory`),
+and the rows can go straight into a caller's memory-mapped file (``out=``).
 """
 
 from __future__ import annotations
@@ -29,10 +32,12 @@ from tqdm.auto import tqdm
 from placerank.data.images import check_batch_errors, make_loader
 from placerank.descriptors.cache import DescriptorCache, cache_root, image_key, namespace
 from placerank.descriptors.local_store import LocalFeatureStore
+from placerank.descriptors.memory import fit_batch_size, workers_for
 from placerank.errors import PlaceRankError
 from placerank.models.base import LocalFeatures
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+CACHE_CHUNK = 8192  # cached descriptors read per SQLite round (8192 x 1280-d = 40 MB)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -123,6 +128,25 @@ def _float32_local(f: LocalFeatures) -> LocalFeatures:
     return f
 
 
+def _output_rows(out: np.ndarray | None, rows: int, dim: int) -> np.ndarray:
+    """``out`` checked to be a writable (rows, dim) float32 array, or a new zeroed one."""
+    if out is None:
+        return np.zeros((rows, dim), dtype=np.float32)
+    if out.shape != (rows, dim) or out.dtype != np.float32 or not out.flags.writeable:
+        raise PlaceRankError(
+            f"extract_features: out must be a writable float32 array of shape ({rows}, {dim}),"
+            f" got {out.dtype} {out.shape}"
+        )
+    return out
+
+
+def _budgeted_batch(model, batch_size: int, device: torch.device, num_workers: int | None, todo: int) -> int:
+    """``batch_size`` cut to the memory budget (``--max-memory-gb``, :mod:`.memory`); the workers
+    counted are the ones ``make_loader`` starts for ``todo`` images."""
+    workers = workers_for(num_workers) if todo >= 2 * batch_size else 0
+    return fit_batch_size(model, batch_size, device, workers)
+
+
 @torch.inference_mode()
 def extract_features(
     model,
@@ -136,6 +160,7 @@ def extract_features(
     desc: str = "extract",
     progress: bool = True,
     precision: str = "fp32",
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[str]]:
     """(N, D) float32 L2-normalised descriptors of ``paths`` in order, and the images' keys.
 
@@ -143,27 +168,33 @@ def extract_features(
     batch (an interrupted run resumes after the last finished batch). With ``reranker`` and
     ``store``, every image also gets its local features in ``store`` (images already there are
     not extracted again). ``progress=False`` hides the progress bar. ``precision``: the model's
-    forward under autocast (see the module docstring); the cache is per precision."""
+    forward under autocast (see the module docstring); the cache is per precision.
+
+    ``out``: a caller's (N, D) float32 array the rows are written into (and returned), e.g. an
+    ``np.memmap`` on disk, so a city-sized database never has all its descriptors in RAM; by
+    default a new in-memory array."""
     check_precision(precision, device)
     paths = [Path(p) for p in paths]
-    out = np.zeros((len(paths), model.descriptor_dim), dtype=np.float32)
+    out = _output_rows(out, len(paths), model.descriptor_dim)
     keys = [image_key(p) for p in paths]
     options = shared_local_options(model, reranker) if store is not None else None
     cache = descriptor_cache_for(model, precision) if use_cache else None
     try:
         need_global = set(range(len(paths)))
-        if cache is not None:
-            hits = cache.get_many(keys)
-            for i, k in enumerate(keys):
-                if k in hits:
-                    out[i] = hits[k]
-                    need_global.discard(i)
+        if cache is not None:  # read in chunks: a city's cached vectors are not held at once
+            for start in range(0, len(keys), CACHE_CHUNK):
+                hits = cache.get_many(keys[start : start + CACHE_CHUNK])
+                for i, k in enumerate(keys[start : start + CACHE_CHUNK], start):
+                    if k in hits:
+                        out[i] = hits[k]
+                        need_global.discard(i)
         need_local = (
             {i for i, k in enumerate(keys) if k not in store} if store is not None and options is not None else set()
         )
         todo = sorted(need_global | need_local)
         if todo:
             model.eval()
+            batch_size = _budgeted_batch(model, batch_size, device, num_workers, len(todo))
             loader = make_loader(
                 [paths[i] for i in todo], model.preprocess, batch_size, num_workers, pin_memory=device.type == "cuda"
             )

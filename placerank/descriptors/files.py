@@ -5,7 +5,9 @@
 count, paths, keys, fingerprint, local}; ``DIR/local/<re-ranker namespace>/`` the local-feature
 stores (:class:`~placerank.descriptors.local_store.LocalFeatureStore`) of the re-rankers it was
 extracted for. The arrays are written first and the JSON last, both atomically, so a folder with a
-JSON is complete. ``fingerprint`` identifies the content (model, weights, preprocessing and every
+JSON is complete. The descriptors stream into a memory-mapped ``.npy`` beside the final one during extraction
+(never all in RAM) and the folder is read back memory-mapped (``mmap_mode="r"``).
+``fingerprint`` identifies the content (model, weights, preprocessing and every
 image's path + mtime + size): the next stage records it, and a rerun whose fingerprint matches
 skips the work. See ``docs/pipeline.md``.
 """
@@ -13,6 +15,7 @@ skips the work. See ``docs/pipeline.md``.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,11 +81,27 @@ class DescriptorSet:
         }
 
     def save(self, folder: str | Path) -> None:
+        """``descriptors.npy`` then ``descriptors.json``, each atomically. Descriptors already
+        streamed into a ``.npy`` memmap in ``folder`` (:func:`extract_to_folder`) are flushed and
+        renamed into place, never copied through RAM."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_npy_atomic(folder / "descriptors.npy", np.ascontiguousarray(self.descriptors, dtype=np.float32))
+        final = folder / "descriptors.npy"
+        written = getattr(self.descriptors, "filename", None)
+        if isinstance(self.descriptors, np.memmap) and written and Path(written).parent.resolve() == folder.resolve():
+            self.descriptors.flush()
+            os.replace(written, final)
+            self.descriptors = np.load(final, mmap_mode="r", allow_pickle=False)
+        else:
+            save_npy_atomic(final, np.ascontiguousarray(self.descriptors, dtype=np.float32))
         write_json_atomic(folder / "descriptors.json", self.meta())
         self.folder = folder
+
+
+def open_rows(path: str | Path, rows: int, dim: int) -> np.memmap:
+    """A new (rows, dim) float32 ``.npy`` file at ``path``, memory-mapped for writing: extraction
+    streams rows into it batch by batch, and only the pages being written stay in RAM."""
+    return np.lib.format.open_memmap(Path(path), mode="w+", dtype=np.float32, shape=(rows, dim))
 
 
 def _bad(folder: Path, why: str) -> PlaceRankError:
@@ -143,10 +162,12 @@ def extract_descriptors(
     weights: str | None = None,
     desc: str = "extract",
     precision: str = "fp32",
+    out: np.ndarray | None = None,
 ) -> DescriptorSet:
     """The extract stage: global descriptors of ``paths`` (and, with ``reranker`` + ``store``,
     their local features in ``store``, in the same backbone pass when the re-ranker uses the
-    model's own head)."""
+    model's own head). ``out``: an (N, D) float32 array (a memmap: :func:`open_rows`) the
+    descriptors are written into instead of a new array in RAM."""
     d, keys = extract_features(
         model,
         paths,
@@ -158,6 +179,7 @@ def extract_descriptors(
         store=store,
         desc=desc,
         precision=precision,
+        out=out,
     )
     local = []
     if reranker is not None and store is not None:
@@ -221,6 +243,10 @@ def extract_to_folder(
     store = None
     if reranker is not None:
         store = local_store_for(reranker, folder / "local", local_precision(model, reranker, precision))
+    folder.mkdir(parents=True, exist_ok=True)
+    # descriptors stream into a memory-mapped file beside the final one, renamed when complete
+    partial = folder / f".descriptors-{os.getpid()}.partial.npy"
+    rows = open_rows(partial, len(paths), int(model.descriptor_dim))
     try:
         ds = extract_descriptors(
             model,
@@ -233,10 +259,19 @@ def extract_to_folder(
             store=store,
             weights=weights,
             precision=precision,
+            out=rows,
         )
+        _finish(folder, ds)
     finally:
         if store is not None:
             store.close()
+        partial.unlink(missing_ok=True)  # still there only when the run failed
+    return ds, False
+
+
+def _finish(folder: Path, ds: DescriptorSet) -> None:
+    """Record the local stores relative to ``folder``, keep other re-rankers' stores of the same
+    images, and write the folder (the streamed descriptors renamed into place)."""
     for entry in ds.local:
         entry["store"] = str(Path(entry["store"]).relative_to(folder))
     try:  # keep the stores other re-rankers already have for these same images
@@ -247,4 +282,3 @@ def extract_to_folder(
     except PlaceRankError:
         pass
     ds.save(folder)
-    return ds, False

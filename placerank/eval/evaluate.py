@@ -7,6 +7,7 @@ keeping their outputs in memory, and adds the report."""
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,19 +15,28 @@ from pathlib import Path
 from placerank.data.dataset import Dataset
 from placerank.data.layouts import LayoutOptions, open_dataset
 from placerank.descriptors.extract import check_precision, local_precision, local_store_for
-from placerank.descriptors.files import extract_descriptors
+from placerank.descriptors.files import extract_descriptors, open_rows
+from placerank.eval.confidence import (
+    check_rerank_below,
+    global_confidence,
+    queries_to_rerank,
+    query_confidence,
+    rerank_below_info,
+)
+from placerank.eval.precision import precision_recall_entries
 from placerank.eval.recall import DEFAULT_NS, ns_for, recall_at_n
 from placerank.eval.report import write_examples, write_predictions
 from placerank.eval.results import EvalResult
+from placerank.eval.sequence import apply_sequence, sequence_options, sequence_orders
 from placerank.index.candidates import search
 from placerank.rerank.base import shares_model_head
 from placerank.rerank.stage import rerank_candidates
 from placerank.utils import Timer, atomic_folder, check_output_folder, peak_memory_mb, resolve_device
 from placerank.version import __version__
-from placerank.viz.examples import plot_recall_curve
+from placerank.viz.examples import plot_pr_curve, plot_recall_curve
 
 # what eval writes under --out; the folder is replaced as a whole, so it may hold only these
-EVAL_OUTPUTS = ("results.json", "predictions.csv", "recall_curve.png", "examples")
+EVAL_OUTPUTS = ("results.json", "predictions.csv", "recall_curve.png", "pr_curve.png", "examples")
 
 
 @dataclass
@@ -53,6 +63,12 @@ class EvalConfig:
     use_cache: bool = True
     num_examples: int = 8
     rerank_options: dict | None = None
+    rerank_below: float | None = None  # queries with a first-stage confidence >= this skip re-ranking
+    sequence_length: int = 1  # >1: sequence matching over the last L query frames (docs/sequence.md)
+    sequence_candidates: int = 100  # per-frame candidates the sequence aggregation reads
+    nproc: int = 1  # >1: extraction by N local ranks (placerank.descriptors.launch), the rest here
+    index: str = "flat"  # first-stage index kind: flat, flat-fp16 or a FAISS factory string (docs/index.md)
+    index_options: dict | None = None  # its search options, e.g. {"nprobe": "32"}
 
 
 def load_model(name: str, weights, image_size, device):
@@ -91,11 +107,16 @@ def evaluate(config: EvalConfig, model=None, dataset: Dataset | None = None) -> 
     device = resolve_device(config.device)
     check_precision(config.precision, device)
     ds = dataset if dataset is not None else open_eval_dataset(config)
+    seq = sequence_options(config.sequence_length, config.sequence_candidates)
+    orders = sequence_orders(ds) if seq is not None else None  # unordered data fails before any work
     positives = ds.positives
     if model is None:
         model = load_model(config.model, config.weights, config.image_size, device)
     else:
         model = model.to(device).eval()
+    from placerank.index.spec import check_spec
+
+    check_spec(config.index, config.index_options, int(model.descriptor_dim), len(ds.database))  # before work
 
     reranker = store = None
     rerank_options: dict = {}
@@ -107,10 +128,14 @@ def evaluate(config: EvalConfig, model=None, dataset: Dataset | None = None) -> 
         store = local_store_for(reranker, precision=local_precision(model, reranker, config.precision))
     # A re-ranker on the model's own local head gets its features in the same backbone pass.
     shared = store if shares_model_head(model, reranker) else None
+    # database descriptors stream into a memmap in a scratch folder ($TMPDIR), not a list in RAM
+    scratch = tempfile.TemporaryDirectory(prefix="placerank-eval-")
+    db_rows = open_rows(Path(scratch.name) / "database.npy", len(ds.database), int(model.descriptor_dim))
     with timer("extract"):
         if model.needs_data_init:
             model.init_from_images(ds.database.paths)
-        db_desc, q_desc = (
+        sharded = _extract_in_processes(config, model, ds, reranker if shared is not None else None)
+        db_desc, q_desc = sharded or (
             extract_descriptors(
                 model,
                 images.paths,
@@ -122,23 +147,32 @@ def evaluate(config: EvalConfig, model=None, dataset: Dataset | None = None) -> 
                 store=shared,
                 desc=side,
                 precision=config.precision,
+                out=db_rows if side == "database" else None,
             )
             for images, side in ((ds.database, "database"), (ds.queries, "queries"))
         )
-    depth = min(len(ds.database), max(DEFAULT_NS[-1], config.top_k))
+    depth = min(len(ds.database), max(DEFAULT_NS[-1], config.top_k, seq.candidates if seq else 0))
     with timer("search"):
-        candidates = search(db_desc, q_desc, depth, device=device)
+        candidates = search(
+            db_desc, q_desc, depth, device=device, index_spec=config.index, index_options=config.index_options
+        )
+    del db_desc, db_rows
+    scratch.cleanup()
     ids = candidates.ids
     ns = ns_for(depth)
     recall_first = recall_at_n(ids, positives, ns) if ds.labelled else {}
     first_stage_ids = ids.copy()
+    first_confidence = global_confidence(ds, candidates.similarities, ids)  # placerank.eval.confidence
+    rerun = queries_to_rerank(first_confidence, config.rerank_below)
 
     rerank_info = None
+    reranked = None
     if reranker is not None and store is not None:
         k = min(config.top_k, depth)
         candidates, reranked = rerank_candidates(
-            candidates, reranker, k, store, store, device, config.num_workers, timer, rerank_options
-        )
+            candidates, reranker, k, store, store, device, config.num_workers, timer, rerank_options,
+            queries=None if config.rerank_below is None else rerun,
+        )  # fmt: skip
         ids = candidates.ids
         rerank_info = {
             "name": reranker.name,
@@ -147,7 +181,20 @@ def evaluate(config: EvalConfig, model=None, dataset: Dataset | None = None) -> 
             "bytes_per_image": round(store.bytes_per_image(), 1),
             **reranked.timing_summary(),
             "ties": "broken by first-stage rank (stable sort)",
+            **rerank_below_info(config.rerank_below, rerun, timer.totals),
         }
+    scores = None if reranked is None else reranked.scores
+    confidence = query_confidence(first_confidence, scores, rerun, config.rerank)
+    pr_label = f"+ re-rank {config.rerank} (top-{rerank_info['top_k']})" if rerank_info else None
+    pr_final, pr_first, pr_curves = (
+        precision_recall_entries(confidence, first_stage_ids, ids, positives, pr_label) if ds.labelled else ({}, {}, {})
+    )  # before sequence matching: the single-frame answers the confidences belong to
+    sequence_info: dict | None = None
+    if seq is not None and orders is not None:
+        recall_frames = recall_at_n(ids, positives, ns) if ds.labelled else {}
+        with timer("sequence"):
+            ids, sequence_info = apply_sequence(candidates, orders, seq, depth)
+        sequence_info["recall_single_frame"] = recall_frames
     recall = recall_at_n(ids, positives, ns) if ds.labelled else {}
 
     timing = {k: round(v, 3) for k, v in timer.totals.items()}
@@ -173,22 +220,44 @@ def evaluate(config: EvalConfig, model=None, dataset: Dataset | None = None) -> 
         device=str(device),
         placerank_version=__version__,
         labelled=ds.labelled,
+        sequence=sequence_info,
+        precision_recall=pr_final,
+        precision_recall_first_stage=pr_first,
+        index=candidates.index,
     )
     try:
         with atomic_folder(final_out) as out:
             result.save(out / "results.json")
-            write_predictions(out / "predictions.csv", ds, ids, positives)
+            write_predictions(out / "predictions.csv", ds, ids, positives, confidence)
             if ds.labelled:
                 curves = {"global retrieval": recall_first}
                 if config.rerank:
-                    curves[f"+ re-rank {config.rerank} (top-{(rerank_info or {}).get('top_k')})"] = recall
+                    label = f"+ re-rank {config.rerank} (top-{(rerank_info or {}).get('top_k')})"
+                    curves[label] = sequence_info["recall_single_frame"] if sequence_info else recall
+                if sequence_info:
+                    curves[f"+ sequence matching (L={config.sequence_length})"] = recall
                 title = f"{model.name} | {ds.name} | {ds.rule.describe()}"
                 plot_recall_curve(curves, out / "recall_curve.png", title=title)
+                plot_pr_curve(pr_curves, out / "pr_curve.png", title=title)
             write_examples(out / "examples", ds, first_stage_ids, ids, positives, config.num_examples, reranker, store)
     finally:
         if store is not None:
             store.close()
     return result
+
+
+def _extract_in_processes(config: EvalConfig, model, ds: Dataset, reranker) -> list | None:
+    """With ``nproc`` > 1: database and query descriptors from ``nproc`` ranks (one-pass local
+    features of ``reranker`` into the cache's store); else None (extracted here)."""
+    if config.nproc <= 1:
+        return None
+    from placerank.descriptors.launch import extract_in_processes
+
+    sets = [list(ds.database.paths), list(ds.queries.paths)]
+    return extract_in_processes(
+        model, sets, config.nproc, config.device, config.batch_size, config.num_workers, config.use_cache,
+        reranker, config.precision,
+    )  # fmt: skip
 
 
 def check_eval_numbers(config: EvalConfig) -> None:
@@ -203,3 +272,8 @@ def check_eval_numbers(config: EvalConfig) -> None:
         raise PlaceRankError(f"frame_tolerance must be >= 0, got {config.frame_tolerance}")
     if config.batch_size < 1:
         raise PlaceRankError(f"batch_size must be >= 1, got {config.batch_size}")
+    from placerank.descriptors.shards import check_nproc
+
+    check_nproc(config.nproc)
+    if check_rerank_below(config.rerank_below) is not None and not config.rerank:
+        raise PlaceRankError("rerank_below (--rerank-below) needs a re-ranker (--rerank NAME)")

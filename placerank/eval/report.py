@@ -16,23 +16,33 @@ from placerank.utils import atomic_path
 from placerank.viz.examples import draw_example, pick_example_queries
 
 
-def write_predictions(path: Path, ds, ids: np.ndarray, positives) -> None:
-    """One row per query: its top-5 database images (and, when labelled, whether they are right)."""
+def write_predictions(path: Path, ds, ids: np.ndarray, positives, confidence=None) -> None:
+    """One row per query: its top-5 database images (and, when labelled, whether they are right);
+    with ``confidence`` (a :class:`~placerank.eval.confidence.QueryConfidence`) the top-1's
+    ``confidence`` (the final stage's: re-ranker score or global place margin), the global
+    ``first_stage_confidence`` and whether the query was ``reranked``."""
+    conf_head = ["confidence", "first_stage_confidence", "reranked"] if confidence is not None else []
+
+    def conf_cells(q: int) -> list:
+        if confidence is None:
+            return []
+        return [f"{confidence.final[q]:.6g}", f"{confidence.first[q]:.6g}", int(confidence.reranked[q])]
+
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         if not ds.labelled:
-            w.writerow(["query", "top5"])
+            w.writerow(["query", *conf_head, "top5"])
             for q in range(len(ids)):
-                w.writerow([ds.queries.paths[q], " ".join(str(ds.database.paths[j]) for j in ids[q, :5] if j >= 0)])
+                top5 = " ".join(str(ds.database.paths[j]) for j in ids[q, :5] if j >= 0)
+                w.writerow([ds.queries.paths[q], *conf_cells(q), top5])
             return
-        w.writerow(["query", "correct_at_1", "first_positive_rank", "top5"])
+        w.writerow(["query", "correct_at_1", "first_positive_rank", *conf_head, "top5"])
         hits = hits_matrix(ids[:, :5], positives)
         full = hits_matrix(ids, positives)
         for q in range(len(ids)):
             rank = int(np.argmax(full[q])) + 1 if full[q].any() else -1
-            w.writerow(
-                [ds.queries.paths[q], int(hits[q, 0]), rank, " ".join(str(ds.database.paths[j]) for j in ids[q, :5])]
-            )
+            top5 = " ".join(str(ds.database.paths[j]) for j in ids[q, :5])
+            w.writerow([ds.queries.paths[q], int(hits[q, 0]), rank, *conf_cells(q), top5])
 
 
 def write_examples(folder: Path, ds, before: np.ndarray, after: np.ndarray, positives, n: int, reranker, store) -> None:

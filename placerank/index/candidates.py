@@ -6,7 +6,8 @@
 ``DIR/candidates.json`` says what they are: {format, kind, stage ("search" | "rerank"), model,
 weights_id, num_queries, num_database, depth, arrays_sha256, database / queries {descriptors
 folder, fingerprint, paths}, rerank {name, signature, top_k, options, input fingerprint} or null,
-fingerprint}. Arrays first, JSON last, both atomic. Loading checks every shape, id range and the
+fingerprint, index {spec, options, train_size, bytes, bytes_per_image, build_s, search_ms_per_query}
+of the first-stage index, or null in files from before index kinds}. Arrays first, JSON last, both atomic. Loading checks every shape, id range and the
 arrays' hash, so a file from another run is refused in one line. See ``docs/pipeline.md``.
 """
 
@@ -15,13 +16,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from placerank.errors import PlaceRankError
-from placerank.index.flat import FlatIndex
+from placerank.index.factory import build_index
 from placerank.utils import atomic_path, read_stage_json, write_json_atomic
 
 FORMAT = 1
@@ -42,6 +44,7 @@ class Candidates:
     queries: dict = field(default_factory=dict)
     scores: np.ndarray | None = None
     rerank: dict | None = None
+    index: dict | None = None  # the first-stage index: VPRIndex.describe() + search_ms_per_query
 
     @property
     def stage(self) -> str:
@@ -88,6 +91,7 @@ class Candidates:
             "arrays_sha256": hashlib.sha256(data).hexdigest(),
             "fingerprint": self.fingerprint(),
             "rerank": self.rerank,
+            "index": self.index,
             "database": {**self.database, "paths": self.database_paths},
             "queries": {**self.queries, "paths": self.query_paths},
         }
@@ -142,13 +146,18 @@ def load_candidates(folder: str | Path) -> Candidates:
         queries={k: v for k, v in meta["queries"].items() if k != "paths"},
         scores=scores,
         rerank=meta.get("rerank"),
+        index=meta.get("index"),
     )
 
 
-def search(database, queries, depth: int, device=None) -> Candidates:
-    """The search stage: top-``depth`` database rows per query by inner product (FAISS flat,
-    chunked over queries; on the GPU with faiss-gpu and a CUDA ``device``). ``database`` / ``queries`` are
-    :class:`~placerank.descriptors.files.DescriptorSet` of the same model and weights."""
+def search(
+    database, queries, depth: int, device=None, index_spec: str = "flat", index_options: dict | None = None
+) -> Candidates:
+    """The search stage: top-``depth`` database rows per query by inner product, from an index of
+    kind ``index_spec`` (:func:`~placerank.index.factory.build_index`: "flat", "IVF1024,Flat", ...;
+    search options such as {"nprobe": "32"}), chunked over queries, on the GPU with faiss-gpu and a
+    CUDA ``device``. ``database`` / ``queries`` are :class:`~placerank.descriptors.files.DescriptorSet`
+    of the same model and weights; their descriptors may be memory-mapped (read in chunks)."""
     made = [(d.model, d.weights_id, d.preprocess) for d in (database, queries)]
     if made[0] != made[1]:
         a, b = (f"{m} (weights {w}, input {p.split('-')[0]})" for m, w, p in made)
@@ -160,8 +169,12 @@ def search(database, queries, depth: int, device=None) -> Candidates:
         raise PlaceRankError(
             f"database descriptors are {database.descriptors.shape[1]}-d, queries {queries.descriptors.shape[1]}-d"
         )
-    index = FlatIndex.build(np.asarray(database.descriptors), database.model, database.weights_id)
-    sims, ids = index.search(np.asarray(queries.descriptors), depth, device=device)
+    index = build_index(
+        database.descriptors, index_spec, index_options, model=database.model, weights_id=database.weights_id
+    )
+    start = time.perf_counter()
+    sims, ids = index.search(queries.descriptors, depth, device=device)
+    ms = 1000 * (time.perf_counter() - start) / max(len(queries.paths), 1)
 
     def side(ds) -> dict:
         return {"descriptors": str(ds.folder) if ds.folder is not None else None, "fingerprint": ds.fingerprint}
@@ -175,12 +188,21 @@ def search(database, queries, depth: int, device=None) -> Candidates:
         weights_id=database.weights_id,
         database=side(database),
         queries=side(queries),
+        index={**index.describe(), "search_ms_per_query": round(ms, 4)},
     )
 
 
-def search_folders(database: str | Path, queries: str | Path, depth: int, out: str | Path) -> tuple[Candidates, bool]:
+def search_folders(
+    database: str | Path,
+    queries: str | Path,
+    depth: int,
+    out: str | Path,
+    index_spec: str = "flat",
+    index_options: dict | None = None,
+) -> tuple[Candidates, bool]:
     """``placerank search``: descriptor folders -> candidates folder ``out``. Returns
-    (candidates, skipped): an ``out`` that already holds this search is left as it is."""
+    (candidates, skipped): an ``out`` that already holds this search (same index spec and options
+    too) is left as it is."""
     from placerank.descriptors.files import load_descriptors
 
     db, q = load_descriptors(database), load_descriptors(queries)
@@ -195,11 +217,21 @@ def search_folders(database: str | Path, queries: str | Path, depth: int, out: s
             and meta["database"].get("fingerprint") == db.fingerprint
             and meta["queries"].get("fingerprint") == q.fingerprint
             and int(meta["depth"]) == depth
+            and (meta.get("index") or {"spec": "flat", "options": {}}).get("spec") == index_spec
+            and (meta.get("index") or {}).get("options", {}) == _effective_options(db, index_spec, index_options)
         )
         if same:
             return load_candidates(out), True
     except PlaceRankError:
         pass
-    candidates = search(db, q, depth)
+    candidates = search(db, q, depth, index_spec=index_spec, index_options=index_options)
     candidates.save(out)
     return candidates, False
+
+
+def _effective_options(db, index_spec: str, index_options: dict | None) -> dict:
+    """The options a search of ``index_spec`` would record (defaults such as IVF's nprobe included)."""
+    from placerank.index import spec as S
+
+    empty = S.make_index(int(db.descriptors.shape[1]), index_spec)
+    return S.with_defaults(empty, S.normalize_options(index_options))

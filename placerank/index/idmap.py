@@ -3,8 +3,13 @@
 
 On disk, in the owner's folder::
 
-    index.g<N>.faiss   FAISS IndexIDMap2(IndexFlatIP) holding the owner's row ids, generation N
-    index.json         {format, kind, dimension, model, weights_id, count, generation}
+    index.g<N>.faiss   FAISS IndexIDMap2(<index of kind spec>) holding the owner's row ids, generation N
+    index.json         {format, kind, dimension, model, weights_id, count, generation, spec, options}
+
+``spec`` is any index kind of :mod:`placerank.index.spec` ("flat" by default and in folders from
+before index kinds). A kind that needs training (IVF, PQ) is trained on a random sample of the
+owner's descriptors when the index is (re)built; one that cannot remove rows (HNSW) makes
+:meth:`IdMapIndex.remove` return False, and the owner rebuilds from its stored descriptors.
 
 The owner bumps its generation with every change; the index file carries the generation in its
 name and ``index.json`` names the file that is current. Both are written to a temporary file and
@@ -23,7 +28,7 @@ import contextlib
 import json
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +36,7 @@ import faiss
 import numpy as np
 
 from placerank.errors import IndexMismatchError, PlaceRankError
+from placerank.index import spec as S
 from placerank.utils import atomic_path, write_json_atomic
 
 FORMAT = 1
@@ -47,6 +53,8 @@ class IdMapSchema:
     generation: int
     kind: str = KIND
     format: int = FORMAT
+    spec: str = "flat"
+    options: dict = field(default_factory=dict)  # search options as strings, e.g. {"nprobe": "32"}
 
 
 def index_file(folder: str | Path, generation: int) -> Path:
@@ -66,9 +74,27 @@ def read_schema(folder: str | Path) -> IdMapSchema | None:
 class IdMapIndex:
     """Inner-product index over caller-chosen int64 ids (cosine similarity for L2-normalised rows)."""
 
-    def __init__(self, dimension: int, model: str = "", weights_id: str = "", generation: int = 0):
-        self.schema = IdMapSchema(int(dimension), model, weights_id, 0, int(generation))
-        self.index: Any = faiss.IndexIDMap2(faiss.IndexFlatIP(int(dimension)))
+    def __init__(
+        self,
+        dimension: int,
+        model: str = "",
+        weights_id: str = "",
+        generation: int = 0,
+        spec: str = "flat",
+        options: dict | None = None,
+        inner: faiss.Index | None = None,
+    ):
+        """``inner``: an empty, trained index of kind ``spec`` (made from ``spec`` if None)."""
+        self.schema = IdMapSchema(int(dimension), model, weights_id, 0, int(generation), spec=spec)
+        self.index: Any = faiss.IndexIDMap2(inner if inner is not None else S.make_index(int(dimension), spec))
+        self.set_options(options)
+
+    def set_options(self, options: dict | None) -> None:
+        """Search options (see :func:`placerank.index.spec.apply_options`) on the wrapped index."""
+        inner = faiss.downcast_index(self.index.index)
+        opts = S.with_defaults(inner, S.normalize_options(options))
+        S.apply_options(inner, opts, self.schema.spec)
+        self.schema.options = opts
 
     @property
     def generation(self) -> int:
@@ -91,10 +117,15 @@ class IdMapIndex:
         self.index.add_with_ids(v, i)
         self.schema.count = len(self)
 
-    def remove(self, ids: np.ndarray | list[int]) -> None:
+    def remove(self, ids: np.ndarray | list[int]) -> bool:
+        """Drop ``ids``; False when the index kind cannot remove rows (HNSW): rebuild it instead."""
         if len(ids):
-            self.index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64))
+            try:
+                self.index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64))
+            except RuntimeError:
+                return False
         self.schema.count = len(self)
+        return True
 
     def ids(self) -> np.ndarray:
         """The stored ids, sorted."""
@@ -127,7 +158,7 @@ class IdMapIndex:
         """The saved index when its schema equals ``expected`` (count included) and it holds
         exactly ``ids``; None when it is missing, stale, damaged or built for something else."""
         schema = read_schema(folder)
-        if schema != expected:
+        if schema is None or replace(schema, options={}) != replace(expected, options={}):
             return None
         try:
             index: Any = faiss.read_index(str(index_file(folder, expected.generation)))
@@ -140,20 +171,33 @@ class IdMapIndex:
             return None
         obj = cls.__new__(cls)
         obj.schema, obj.index = schema, index
+        try:
+            obj.set_options(expected.options)
+        except PlaceRankError:
+            return None
         return obj
 
     @classmethod
     def build(
         cls,
         dimension: int,
-        chunks: Iterable[tuple[np.ndarray, np.ndarray]],
+        chunks: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]] | Iterable[tuple[np.ndarray, np.ndarray]],
         model: str = "",
         weights_id: str = "",
         generation: int = 0,
+        spec: str = "flat",
+        options: dict | None = None,
+        count: int | None = None,
     ) -> IdMapIndex:
-        """A new index from ``(ids, vectors)`` chunks."""
-        obj = cls(dimension, model, weights_id, generation)
-        for ids, vectors in chunks:
+        """A new index from ``(ids, vectors)`` chunks. A kind that needs training takes ``chunks``
+        as a callable (read twice: the training sample of ``count`` rows, then every row)."""
+        inner = S.make_index(int(dimension), spec)
+        if S.needs_training(inner):
+            if not callable(chunks) or count is None:
+                raise ValueError("an index kind that needs training reads its chunks twice: pass a callable and count")
+            _train(inner, spec, chunks, int(count))
+        obj = cls(dimension, model, weights_id, generation, spec, options, inner=inner)
+        for ids, vectors in chunks() if callable(chunks) else chunks:
             obj.add(ids, vectors)
         return obj
 
@@ -171,4 +215,31 @@ class IdMapIndex:
         if index is not None:
             return index, False
         e = expected
-        return cls.build(e.dimension, chunks(), e.model, e.weights_id, e.generation), True
+        return cls.build(e.dimension, chunks, e.model, e.weights_id, e.generation, e.spec, e.options, len(ids)), True
+
+
+def _train(
+    inner: faiss.Index, spec: str, chunks: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]], n: int
+) -> None:
+    """Train ``inner`` on the documented random sample (:func:`placerank.index.spec.train_rows`) of
+    the ``n`` rows ``chunks()`` yields, gathered in one pass."""
+    rows = S.train_rows(n, S.check_train_size(spec, inner, n, None))
+    parts, start = [], 0
+    for _, vectors in chunks():
+        v = np.asarray(vectors, dtype=np.float32)
+        lo, hi = np.searchsorted(rows, [start, start + len(v)])
+        parts.append(v[rows[lo:hi] - start])
+        start += len(v)
+    try:
+        inner.train(np.ascontiguousarray(np.concatenate(parts)))
+    except (RuntimeError, ValueError) as e:
+        raise PlaceRankError(f"index '{spec}' could not be trained: {S.faiss_message(e)}") from None
+
+
+def usable_spec(spec: str, dimension: int, count: int) -> str:
+    """``spec``, or "flat" while the owner has fewer rows than ``spec`` needs to train (an owner
+    that grows from empty is searched exactly until then, and retrained once it has enough)."""
+    inner = S.make_index(int(dimension), spec)
+    if S.needs_training(inner) and count < max(S.kmeans_sizes(inner) or [1]):
+        return "flat"
+    return spec

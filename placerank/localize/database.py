@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from placerank.errors import DataError, PlaceRankError
+from placerank.index.idmap import IdMapIndex
 from placerank.localize import metadata
 from placerank.localize.estimate import EstimateConfig
 from placerank.localize.features import LocalFeatureCache
@@ -74,8 +75,11 @@ class Database(contextlib.AbstractContextManager):
         device: str = "auto",
         radius: float = 25.0,
         wait: float = 0.0,
+        index: str = "flat",
+        index_options: dict | None = None,
     ) -> Database:
-        """Make a new, empty database for ``model`` (a registry name or a built VPRModel)."""
+        """Make a new, empty database for ``model`` (a registry name or a built VPRModel), searched
+        with an index of kind ``index`` (docs/index.md)."""
         from placerank.utils import resolve_device
 
         folder = Path(path).resolve()
@@ -88,6 +92,8 @@ class Database(contextlib.AbstractContextManager):
             raise PlaceRankError(f"radius must be > 0 metres, got {radius}")
         m = build_model(model if model is not None else DEFAULT_MODEL, weights, image_size, resolve_device(device))
         meta = model_meta(m, weights, radius, metadata.now())
+        IdMapIndex(int(m.descriptor_dim), spec=index, options=index_options)  # a bad kind fails before any file
+        meta.update(index=index, index_options=json.dumps(dict(index_options or {}), sort_keys=True))
         folder.mkdir(parents=True, exist_ok=True)
         with WriteLock(folder, wait):
             if metadata.is_initialised(folder):
@@ -121,18 +127,32 @@ class Database(contextlib.AbstractContextManager):
 
     @classmethod
     def open_or_create(
-        cls, path: str | Path, model=None, weights=None, image_size=None, device: str = "auto", radius=None, wait=0.0
+        cls,
+        path: str | Path,
+        model=None,
+        weights=None,
+        image_size=None,
+        device: str = "auto",
+        radius=None,
+        wait=0.0,
+        index: str | None = None,
+        index_options: dict | None = None,
     ) -> Database:
+        """Open the database at ``path``, or create it. ``index`` (a kind, docs/index.md) and
+        ``index_options``, when given, become the database's index (rebuilt on next use)."""
         if not metadata.is_initialised(Path(path).resolve()):
             try:  # ``wait``: another process may be creating it right now
                 args = (model if model is not None else DEFAULT_MODEL, weights, image_size, device)
-                return cls.create(path, *args, 25.0 if radius is None else radius, wait=wait)
+                kind = {"index": index or "flat", "index_options": index_options}
+                return cls.create(path, *args, 25.0 if radius is None else radius, wait=wait, **kind)
             except PlaceRankError as e:
                 if not _made_meanwhile(Path(path).resolve()):
                     raise e from None
         db = cls.open(path, model, weights, image_size, device)
         if radius is not None and float(radius) != db.info()["radius_m"]:
             db.set_radius(radius)
+        if index is not None or index_options:
+            db.set_index(index, index_options, wait)
         return db
 
     def close(self) -> None:
@@ -163,6 +183,8 @@ class Database(contextlib.AbstractContextManager):
             "rerankers": json.loads(meta["rerankers"]),
             "generation": int(meta["generation"]),
             "created": meta["created"],
+            "index": meta.get("index") or "flat",
+            "index_options": json.loads(meta.get("index_options") or "{}"),
         }
 
     def positions(self, epsg: int | None = None) -> np.ndarray:
@@ -178,6 +200,18 @@ class Database(contextlib.AbstractContextManager):
         return self._model
 
     # -- changing it ------------------------------------------------------------------------------
+    def set_index(self, index: str | None, index_options: dict | None = None, wait: float = 0.0) -> None:
+        """Search this database with an index of kind ``index`` (None: keep the kind) and these
+        search options (None: keep them); a no-op when nothing changes."""
+        _check_writable(self)
+        spec, options = self.store.index_kind()
+        new = (index or spec, dict(index_options) if index_options is not None else options)
+        if new != (spec, options):
+            with self.store.slot.hold(wait):
+                self.store.set_index_kind(*new)
+                self.store.index()  # rebuilt (trained) and saved now, not by every reader
+                self.store.save_index()
+
     def set_radius(self, radius: float, wait: float = 0.0) -> None:
         _check_writable(self)
         if radius <= 0:

@@ -21,6 +21,7 @@ from placerank.localize.features import LocalFeatureCache, MemoryStore, extract_
 from placerank.localize.metadata import Row
 from placerank.localize.results import LocalizeResult, Match, QueryGps
 from placerank.localize.store import Store
+from placerank.rerank.sequence import frame_scores
 from placerank.rerank.topk import rerank_topk
 
 
@@ -70,6 +71,15 @@ def rerank(features: LocalFeatureCache, reranker, query_lf, cand: list[Row], nam
     return order, ranked.scores[0], extras
 
 
+def sequence_step(store: Store, sequence, path: Path, cand: list[Row], sims: np.ndarray, rerank_scores, top_k: int):
+    """(candidate rows, their sequence scores, frames used) of ``path`` as the next frame."""
+    scores = frame_scores(sims[None], None if rerank_scores is None else np.asarray(rerank_scores)[None])[0]
+    best, seq_scores, used = sequence.step(path, np.array([r.id for r in cand], dtype=np.int64), scores, top_k)
+    rows = store.images.rows(best)
+    keep = [k for k, i in enumerate(best) if i in rows]
+    return [rows[best[k]] for k in keep], np.asarray(seq_scores, dtype=np.float64)[keep], used
+
+
 def localize(
     store: Store,
     features: LocalFeatureCache,
@@ -80,7 +90,11 @@ def localize(
     radius: float | None,
     rerank_options: dict | None,
     estimate: EstimateConfig | None,
+    sequence=None,
 ) -> LocalizeResult:
+    """``sequence``: a :class:`~placerank.localize.sequence.SequenceTracker` (``--sequence-length``):
+    ``image`` is the next frame of a traversal; the top-``top_k`` are then ranked by sequence score
+    (the per-frame candidates, re-ranked when asked, enter it; see ``docs/sequence.md``)."""
     t0 = time.perf_counter()
     timing: dict[str, float] = {}
     notes: list[str] = []
@@ -110,7 +124,7 @@ def localize(
     )
     timing["describe"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    sims, ids = index.search(q, top_k)
+    sims, ids = index.search(q, max(top_k, sequence.candidates) if sequence is not None else top_k)
     found = [(int(i), float(s)) for s, i in zip(sims[0], ids[0]) if i >= 0]
     rows = store.images.rows([i for i, _ in found])
     found = [(i, s) for i, s in found if i in rows]  # a concurrent writer may just have removed one
@@ -122,10 +136,19 @@ def localize(
     extras: dict = {}
     if reranker is not None and mem is not None and rerank_name:
         t2 = time.perf_counter()
-        order, rerank_scores, extras = rerank(features, reranker, mem[keys[0]], cand, rerank_name, notes)
+        order, rerank_scores, extras = rerank(features, reranker, mem[keys[0]], cand[:top_k], rerank_name, notes)
+        order = np.concatenate([order, np.arange(len(order), len(cand))]).astype(np.int64)  # past top_k: unmoved
         cand = [cand[j] for j in order]
         cand_sims = cand_sims[order]
         timing["rerank"] = time.perf_counter() - t2
+    if sequence is not None:
+        t3 = time.perf_counter()
+        cand, cand_sims, used = sequence_step(store, sequence, path, cand, cand_sims, rerank_scores, top_k)
+        rerank_scores, extras = None, {}  # the re-ranker's evidence is inside the sequence score now
+        notes.append(
+            f"sequence matching: similarity = mean per-frame score along the best path over the last {used} photo(s)"
+        )
+        timing["sequence"] = time.perf_counter() - t3
 
     default_radius = float(store.meta.get("radius") or 25.0)
     cfg = estimate or EstimateConfig(radius=float(radius) if radius is not None else default_radius)

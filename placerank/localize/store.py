@@ -2,10 +2,17 @@
 bumps the generation, then the same change in the in-memory index, which is saved (stamped with
 that generation) by the writer at the end of its run. Readers take no lock: SQLite gives them a
 consistent snapshot and, when the saved index is not the current generation's, they rebuild it in
-memory (and save it when no writer is busy)."""
+memory (and save it when no writer is busy).
+
+The index kind is the database's ``index`` metadata ("flat" unless ``placerank index --index SPEC``
+set another, with ``index_options``). A kind that needs training is trained from the stored
+descriptors when the index is rebuilt; while the database has fewer photos than it needs, the
+index is flat (exact) and it is rebuilt with the kind once there are enough. A kind that cannot
+remove rows (HNSW) is rebuilt from the stored descriptors after every change that removes rows."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from placerank.data.positions import Position
-from placerank.index.idmap import IdMapIndex, IdMapSchema
+from placerank.index.idmap import IdMapIndex, IdMapSchema, usable_spec
 from placerank.localize.lock import WriterSlot
 from placerank.localize.metadata import Images, Metadata
 
@@ -52,9 +59,12 @@ class Store:
         m = self.meta
         with m.snapshot():
             ids = self.images.ids()
+            dim, (spec, options) = int(m.get("descriptor_dim")), self.index_kind()
+            use = usable_spec(spec, dim, len(ids))
             expected = IdMapSchema(
-                int(m.get("descriptor_dim")), m.get("model"), m.get("weights_id"), len(ids), m.generation
-            )
+                dim, m.get("model"), m.get("weights_id"), len(ids), m.generation, spec=use,
+                options=options if use == spec else {},
+            )  # fmt: skip
             index, rebuilt = IdMapIndex.open(self.folder, expected, ids, self.images.descriptor_chunks)
         self._index, self.index_rebuilt = index, rebuilt
         self._saved = -1 if rebuilt else index.generation
@@ -64,8 +74,32 @@ class Store:
                     self.save_index()
         return index
 
+    def index_kind(self) -> tuple[str, dict]:
+        """(spec, search options) the database asks for (docs/index.md)."""
+        return self.meta.get("index") or "flat", json.loads(self.meta.get("index_options") or "{}")
+
+    def set_index_kind(self, spec: str, options: dict | None) -> None:
+        """By the writer: a new index kind (checked on an empty index first); rebuilt on next use."""
+        dim = int(self.meta.get("descriptor_dim"))
+        IdMapIndex(dim, spec=spec, options=options)  # a bad spec or option fails here, changing nothing
+        with self.meta.transaction():
+            for key, value in (("index", spec), ("index_options", json.dumps(dict(options or {}), sort_keys=True))):
+                self.meta.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+            self.meta.bump_generation()
+        self._index = None
+
+    def _rebuild(self) -> IdMapIndex:
+        """The index rebuilt from the stored rows (after a change the index kind cannot apply)."""
+        self._index = None
+        return self.index()
+
     def save_index(self) -> None:
-        """By the writer, after its changes (also when interrupted); a no-op when unchanged."""
+        """By the writer, after its changes (also when interrupted); a no-op when unchanged. An
+        index kept flat while the database was too small to train its kind is rebuilt first."""
+        if self._index is not None:
+            spec = self.index_kind()[0]
+            if self._index.schema.spec != usable_spec(spec, self._index.schema.dimension, len(self._index)):
+                self._rebuild()
         if self._index is not None and self._index.generation != self._saved:
             self._index.save(self.folder)
             self._saved = self._index.generation
@@ -82,7 +116,9 @@ class Store:
                     self.images.insert(str(p.path), p.sha, p.mtime_ns, p.size, p.pos, p.source, p.hw, p.desc)
                 )
             gen = self.meta.bump_generation()
-        index.remove(old_ids)
+        if not index.remove(old_ids):
+            self._rebuild()  # the stored rows already hold this change
+            return
         index.add(new_ids, np.stack([np.asarray(p.desc, dtype=np.float32) for p in photos]))
         index.generation = gen
 
@@ -92,6 +128,8 @@ class Store:
         with self.meta.transaction():
             ids = self.images.delete_paths(paths)
             gen = self.meta.bump_generation()
-        index.remove(ids)
+        if not index.remove(ids):
+            self._rebuild()
+            return paths
         index.generation = gen
         return paths

@@ -29,6 +29,23 @@ EFFNET_WEIGHT_FILES = {
     "tf_efficientnet_lite2": "efficientnet_lite2_in1k_timm.safetensors",
 }
 
+# Channels of the cuts the methods use, by output stride: 16 = timm ``blocks.4`` (FoL's and SFRS's
+# map), 32 = ``blocks.6`` (the NetVLAD baseline's map); ``conv_head`` is 1280 for every Lite (the
+# Lite rule keeps stem and head fixed while scaling width/depth: Lite1 = Lite0 widths with deeper
+# stages, Lite2 = 1.1x widths). Registry descriptions read this table, so listing models never
+# builds a network; tests check it against timm's ``feature_info``.
+EFFNET_LITES = ("lite0", "lite1", "lite2")
+EFFNET_STAGE_CHANNELS = {
+    "tf_efficientnet_lite0": {16: 112, 32: 320},
+    "tf_efficientnet_lite1": {16: 112, 32: 320},
+    "tf_efficientnet_lite2": {16: 120, 32: 352},
+}
+
+
+def effnet_variant(lite: str) -> str:
+    """``"lite2"`` -> timm's ``"tf_efficientnet_lite2"``."""
+    return f"tf_efficientnet_{lite}"
+
 
 class EfficientNetBackbone(nn.Module):
     """timm ``tf_efficientnet_lite*`` up to ``conv_head`` (1280 channels, stride 32).

@@ -171,6 +171,8 @@ class FoLModel(VPRModel):
         """
         h, w = fmap.shape[-2:]
         Hl, Wl = 4 * h - 3, 4 * w - 3
+        if rows.numel() and bool(((rows % 4 == 0) & (cols % 4 == 0)).all()):
+            return self._pooled_centres(fmap, b, rows // 4, cols // 4)
         out = []
         for bi, u, v in zip(b.tolist(), rows.tolist(), cols.tolist()):
             r0, r1 = max(0, (u - 4) // 4), min(h - 1, -((-(u + 4)) // 4))
@@ -183,6 +185,22 @@ class FoLModel(VPRModel):
         if not out:
             return fmap.new_zeros(0, self.local_dim)
         return torch.stack(out)
+
+    def _pooled_centres(self, fmap: torch.Tensor, b: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """:meth:`pooled_cells` at patch-centre cells (4r, 4c), batched: the head runs once on the
+        zero-padded 3 x 3 feature windows of all patches. Zero inputs add nothing to a transposed
+        conv, so the window's output cells 3..5 equal the dense map's 4r-1..4r+1; cells outside the
+        map (4r-1 < 0 or 4r+1 > 4h-4) are left out of the mean, as ``count_include_pad=False``."""
+        h, w = fmap.shape[-2:]
+        C = fmap.shape[1]
+        windows = F.unfold(F.pad(fmap, (1, 1, 1, 1)), 3)  # (B, C*9, h*w)
+        win = windows[b, :, r * w + c].reshape(-1, C, 3, 3)
+        L = F.normalize(self._head(win, normalize=False).float(), dim=1)[:, :, 3:6, 3:6]  # (n, D, 3, 3)
+        d = torch.arange(-1, 2, device=fmap.device)
+        ok_r = ((4 * r[:, None] + d) >= 0) & ((4 * r[:, None] + d) <= 4 * h - 4)  # (n, 3)
+        ok_c = ((4 * c[:, None] + d) >= 0) & ((4 * c[:, None] + d) <= 4 * w - 4)
+        mask = (ok_r[:, :, None] & ok_c[:, None, :]).to(L.dtype)  # (n, 3, 3)
+        return (L * mask[:, None]).sum(dim=(2, 3)) / mask.sum(dim=(1, 2))[:, None]
 
     def region_sets(
         self, out: FoLOutput, training: bool, mode: str | None = None, num_regions: int | None = None

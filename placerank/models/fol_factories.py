@@ -1,4 +1,4 @@
-"""Registry entries ``fol-effnet-lite0`` and ``fol-vit{s,b,l}14`` and their builders (see
+"""Registry entries ``fol-effnet-lite{0,1,2}`` and ``fol-vit{s,b,l}14`` and their builders (see
 :mod:`placerank.models.fol`)."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import torch
 
 from placerank.data.images import normalize_image_size
 from placerank.errors import WeightsError
+from placerank.models.backbones import EFFNET_LITES, EFFNET_STAGE_CHANNELS, effnet_variant
 from placerank.models.checkpoints import is_placerank_checkpoint, load_placerank_checkpoint, read_weights
 from placerank.models.fol import (
     ARCH_LABEL,
@@ -164,6 +165,35 @@ def fol_effnet_lite0(
     return build_fol_cnn(
         "tf_efficientnet_lite0", weights, pretrained, image_size, num_regions, local_mode, train_blocks
     )
+
+
+# Larger Lites (issue 16 item 6): the same design cut at the same stride-16 stage (timm
+# ``blocks.4``: 112 ch on Lite1, 120 ch on Lite2), the same last-4-blocks training rule, 8448-d.
+for _lite in EFFNET_LITES[1:]:
+
+    def _cnn_factory(
+        weights=None,
+        image_size=None,
+        pretrained: bool = True,
+        num_regions: int | None = None,
+        local_mode: str | None = None,
+        train_blocks: int | None = None,
+        _lite=_lite,
+    ) -> FoLModel:
+        name = f"fol-effnet-{_lite}"
+        if weights is not None and is_placerank_checkpoint(weights):
+            model = load_placerank_checkpoint(weights, expected_name=name)
+            return apply_overrides(model, image_size, num_regions, local_mode)
+        return build_fol_cnn(
+            effnet_variant(_lite), weights, pretrained, image_size, num_regions, local_mode, train_blocks, name=name
+        )
+
+    register_model(
+        f"fol-effnet-{_lite}",
+        f"FoL on EfficientNet-{_lite.capitalize()} (ImageNet) stride-16 map "
+        f"({EFFNET_STAGE_CHANNELS[effnet_variant(_lite)][16]} ch): 8448-d global + top-225 region local features; "
+        "train with `placerank train --method fol --backbone effnet-" + _lite + "`",
+    )(_cnn_factory)
 
 
 for _arch, _desc in (

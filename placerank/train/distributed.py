@@ -12,6 +12,15 @@ on two machines (run on each, ``--node_rank`` 0 and 1, the address of node 0 rea
 
     torchrun --nnodes 2 --node_rank 0 --nproc_per_node 4 --master_addr 10.0.0.1 --master_port 29500 \\
         -m placerank.cli train --method sfrs ...
+
+or let ``placerank train --nproc N`` start the N local processes (:func:`launch_training`).
+
+Batch-global losses (FoL): every rank runs the forward on its rows of the global batch
+(:func:`shard_rows`), :func:`gather_rows` puts the whole batch's outputs on every rank with
+autograd (``torch.distributed.nn.functional.all_gather``), and every rank computes the same
+loss on the same full batch. The gather's backward sums the W identical gradients of a rank's
+rows (W x dL/d rows) and DDP divides by W, so each parameter gets exactly dL/dθ of the one-process
+run. Dropout masks are those of one process too (:class:`ShardDropout`).
 """
 
 from __future__ import annotations
@@ -19,9 +28,12 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from placerank.errors import PlaceRankError
 from placerank.utils import resolve_device
@@ -67,7 +79,10 @@ def init_distributed(device: str | None = "auto", backend: str | None = None) ->
     backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
     owns = False
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, init_method="env://")
+        # rank 0 alone validates and writes files while the others wait at a barrier: allow long
+        # waits (the default 30 minutes is shorter than a large validation on CPU)
+        wait_s = float(os.environ.get("PLACERANK_DIST_TIMEOUT_S", str(24 * 3600)))
+        dist.init_process_group(backend=backend, init_method="env://", timeout=timedelta(seconds=wait_s))
         owns = True
     return DistContext(
         rank=dist.get_rank(),
@@ -166,4 +181,153 @@ def wrap_ddp(module: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return DDP(module, device_ids=ids, broadcast_buffers=False, find_unused_parameters=False)
+    # buffers are synced from rank 0 once, at construction, and never again
+    return DDP(module, device_ids=ids, forward_sync_buffers=False, find_unused_parameters=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# One global batch split over the ranks (FoL, SelaVPR)
+# ---------------------------------------------------------------------------------------------
+
+
+def shard_rows(n: int, ctx: DistContext, what: str = "the batch") -> slice:
+    """This rank's contiguous rows of a global batch of ``n``: rank r of W takes rows
+    [r n/W, (r+1) n/W). Equal shares (all_gather needs equal shapes, and DDP's mean over ranks
+    equals the batch mean only then), so ``n`` must be a multiple of W."""
+    if n % ctx.world_size:
+        raise PlaceRankError(f"{what}: {n} cannot be split evenly over {ctx.world_size} processes")
+    per = n // ctx.world_size
+    return slice(ctx.rank * per, (ctx.rank + 1) * per)
+
+
+class ShardedBatches:
+    """A batch sampler cut to this rank's rows of every batch: every rank draws the same global
+    batches (same seed and epoch) and loads only its own images."""
+
+    def __init__(self, batches, rows: slice):
+        self.batches = batches
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for batch in self.batches:
+            yield list(batch)[self.rows]
+
+
+def gather_rows(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Every rank's ``tensor`` concatenated along dim 0 in rank order (the global batch), with
+    autograd: gradients reaching another rank's rows flow back to that rank (summed over the
+    ranks, see the module docstring). The tensor itself with one process."""
+    if not ctx.distributed:
+        return tensor
+    import warnings
+
+    from torch.distributed.nn.functional import all_gather
+
+    with warnings.catch_warnings():  # its suggested successor is private (_functional_collectives)
+        warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_gather", FutureWarning)
+        return torch.cat(all_gather(tensor.contiguous()), dim=0)
+
+
+class ShardDropout(torch.nn.Dropout):
+    """Dropout that draws the mask of the whole global batch (W x this rank's rows) and applies
+    this rank's rows of it. The generators of all ranks start from the same seed and make the
+    same draws, so the masks are those of the one-process run (bit for bit on CPU, where
+    ``F.dropout`` is exactly ``x * bernoulli(1 - p) / (1 - p)`` with a mask laid out like ``x``)."""
+
+    def __init__(self, p: float, rank: int, world_size: int):
+        super().__init__(p)
+        self.rank, self.world_size = rank, world_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        n = x.shape[0]
+        fmt = torch.contiguous_format
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            fmt = torch.channels_last
+        full = torch.empty((n * self.world_size, *x.shape[1:]), dtype=x.dtype, device=x.device, memory_format=fmt)
+        keep = 1.0 - self.p
+        mask = full.bernoulli_(keep).div_(keep)[self.rank * n : (self.rank + 1) * n]
+        return x * mask
+
+
+def shard_dropouts(module: torch.nn.Module, ctx: DistContext) -> int:
+    """Replace every ``nn.Dropout`` inside ``module`` by a :class:`ShardDropout` (no parameters,
+    so checkpoints are unchanged); returns how many. Nothing to do with one process."""
+    if not ctx.distributed:
+        return 0
+    swaps = [
+        (parent, name, child)
+        for parent in module.modules()
+        for name, child in parent.named_children()
+        if type(child) is torch.nn.Dropout
+    ]
+    for parent, name, child in swaps:
+        setattr(parent, name, ShardDropout(child.p, ctx.rank, ctx.world_size))
+    return len(swaps)
+
+
+# ---------------------------------------------------------------------------------------------
+# placerank train --nproc N
+# ---------------------------------------------------------------------------------------------
+
+MAX_NPROC = 64
+
+
+@record
+def _launched_training(config) -> str:
+    """What each process started by :func:`launch_training` runs (module level: pickled by name;
+    ``record`` hands a failure's message back to the launcher)."""
+    from placerank.train.common import run_training
+
+    return str(run_training(config))
+
+
+def launch_training(config, nproc: int) -> Path:
+    """Run ``run_training(config)`` in ``nproc`` local processes with torch's elastic launcher
+    (what ``torchrun --standalone --nproc-per-node N`` runs: a c10d rendezvous on a free
+    localhost port; the processes then join with gloo on CPU, nccl on CUDA) and wait for them.
+    A failed process is one line (its own error message when it raised one)."""
+    import logging
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if not 1 <= nproc <= MAX_NPROC:
+        raise PlaceRankError(f"--nproc must be a whole number from 1 to {MAX_NPROC}, got {nproc}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise PlaceRankError("--nproc starts its own processes; under torchrun drop --nproc")
+    launch = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=uuid.uuid4().hex,
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.1,
+    )
+    loggers = [logging.getLogger(name) for name in ("torch.distributed.elastic", "torch.multiprocessing")]
+    levels = [lg.level for lg in loggers]
+    if os.environ.get("PLACERANK_DEBUG", "") in ("", "0"):
+        for lg in loggers:  # the failure is reported below in one line
+            lg.setLevel(logging.CRITICAL)
+    try:
+        results = elastic_launch(launch, _launched_training)(config)
+    except ChildFailedError as e:
+        rank, failure = min(e.failures.items())
+        message = failure.message.get("message", "") if isinstance(failure.message, dict) else failure.message
+        text = str(message or "").strip()
+        for prefix in ("PlaceRankError: ", "DataError: ", "WeightsError: "):
+            text = text.removeprefix(prefix)
+        if not text or text.startswith("To enable traceback"):
+            text = f"exit status {failure.exitcode}"
+        raise PlaceRankError(f"training process {rank} of {nproc} failed: {text}") from None
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+    return Path(results[0])

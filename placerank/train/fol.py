@@ -47,11 +47,25 @@ from placerank.train.common import (
     register_method,
     seed_everything,
 )
+from placerank.train.distributed import (
+    DistContext,
+    ShardedBatches,
+    all_true,
+    barrier,
+    gather_rows,
+    init_distributed,
+    shard_dropouts,
+    shard_rows,
+    shutdown,
+    wrap_ddp,
+)
 from placerank.train.losses.fol import FoLCriterion, FoLLossConfig
-from placerank.utils import resolve_device
+from placerank.train.losses.fol_adapt import adapt_loss_config, head_parameters, shared_parameters
 
 BACKBONE_MODELS = {
     "effnet-lite0": "fol-effnet-lite0",
+    "effnet-lite1": "fol-effnet-lite1",
+    "effnet-lite2": "fol-effnet-lite2",
     "dinov2-vits14": "fol-vits14",
     "dinov2-vitb14": "fol-vitb14",
     "dinov2-vitl14": "fol-vitl14",
@@ -134,30 +148,80 @@ def lr_factor(step: int, decay_iters: int, final: float) -> float:
     return 1.0 + (final - 1.0) * t
 
 
-def fol_step_loss(
-    model, criterion: FoLCriterion, images: torch.Tensor, labels: torch.Tensor, train_local_mode: str = "center"
-):
-    """One batch's FoL loss. With ``train_local_mode="center"`` (default) nothing needs the dense
-    local map's gradient (CEL detaches it, the triplet loss's region features are the patch-centre
-    cells, and the pseudo-correspondence 3 x 3 cells are recomputed from small windows by
+def fol_forward(model, images: torch.Tensor, train_local_mode: str = "center"):
+    """The per-image part of a step: (FoL output, dense local map for the CEL/pseudo-correspondence
+    losses). With ``train_local_mode="center"`` (default) nothing needs the dense local map's
+    gradient (CEL detaches it, the triplet loss's region features are the patch-centre cells, and
+    the pseudo-correspondence 3 x 3 cells are recomputed from small windows by
     ``model.pooled_cells``), so the dense map is computed without autograd: ~2x cheaper per step
     on CPU. "pool3"/"dense" (the official choice for the triplet loss) keep the dense map's graph."""
-    import torch.nn.functional as F
-
-    sparse = train_local_mode == "center"
-    out = model.run(images, local_map=not sparse)
-    if sparse:
+    if train_local_mode == "center":
+        out = model.run(images, local_map=False)
         with torch.no_grad():
             local_map = model._head(out.feature_map, normalize=False)
+        return out, local_map
+    out = model.run(images, local_map=True)
+    return out, out.local_map
+
+
+def fol_batch_loss(model, criterion: FoLCriterion, out, local_map, labels: torch.Tensor, train_local_mode: str):
+    """The batch part of a step: every FoL loss over the whole batch (MS pairs, batch-hard
+    triplets, CEL and pseudo-correspondence partners are batch-global)."""
+    import torch.nn.functional as F
+
+    cells = None
+    if train_local_mode == "center":
         cells = lambda b, r, c: model.pooled_cells(out.feature_map, b, r, c)  # noqa: E731
-    else:
-        local_map, cells = out.local_map, None
     sets = model.region_sets(out, training=True, mode=train_local_mode)
     return criterion(out, [s.descriptors.float() for s in sets], labels, F.normalize(local_map.float(), dim=1), cells)
 
 
+def fol_step_loss(
+    model, criterion: FoLCriterion, images: torch.Tensor, labels: torch.Tensor, train_local_mode: str = "center"
+):
+    """One batch's FoL loss in one process (:func:`fol_forward` then :func:`fol_batch_loss`)."""
+    out, local_map = fol_forward(model, images, train_local_mode)
+    return fol_batch_loss(model, criterion, out, local_map, labels, train_local_mode)
+
+
+class FoLForward(torch.nn.Module):
+    """:func:`fol_forward` as a module: what DistributedDataParallel wraps (its forward runs on
+    this rank's rows; the batch loss then runs on the gathered outputs, see
+    :mod:`placerank.train.distributed`)."""
+
+    def __init__(self, model, train_local_mode: str):
+        super().__init__()
+        self.model = model
+        self.train_local_mode = train_local_mode
+
+    def forward(self, images: torch.Tensor):
+        return fol_forward(self.model, images, self.train_local_mode)
+
+
+def gather_output(out, local_map: torch.Tensor, ctx: DistContext):
+    """Every tensor of a rank's FoL output gathered into the global batch's (with autograd)."""
+    from dataclasses import replace
+
+    full = {f.name: getattr(out, f.name) for f in fields(out)}
+    full = {k: None if v is None else gather_rows(v, ctx) for k, v in full.items()}
+    return replace(out, **full), gather_rows(local_map, ctx)
+
+
 @register_method("fol")
 def train_fol(config: TrainConfig) -> Path:
+    """Entry point of ``placerank train --method fol`` (one process or under torchrun: DDP over
+    the ranks, each on its rows of every P x K batch; N processes train as one does)."""
+    ctx = init_distributed(config.device)
+    ok = False
+    try:
+        path = _train_fol(config, ctx)
+        ok = True
+        return path
+    finally:
+        shutdown(ctx, wait=ok)
+
+
+def _train_fol(config: TrainConfig, ctx: DistContext) -> Path:
     from placerank.models.checkpoints import save_placerank_checkpoint
     from placerank.models.registry import create
 
@@ -166,9 +230,13 @@ def train_fol(config: TrainConfig) -> Path:
     local_mode, train_local_mode = resolve_local_modes(name, opts)
     if config.images_per_place < 2:
         raise PlaceRankError("fol needs --images-per-place >= 2 (positives for the MS, local, CEL and WS losses)")
+    batch = config.batch_places * config.images_per_place
+    rows = shard_rows(batch, ctx, "fol batch (--places-per-batch x --images-per-place)")
     seed_everything(config.seed)
-    device = resolve_device(config.device)
+    device = ctx.device
     run = RunDir(config)
+    main = ctx.is_main
+    log = run.log if main else (lambda record: None)
 
     model = create(
         name,
@@ -185,6 +253,7 @@ def train_fol(config: TrainConfig) -> Path:
         "train_blocks": model.cfg.train_blocks,
     }
     model.to(device)
+    shard_dropouts(model, ctx)  # N processes draw the one-process dropout masks
 
     places = read_places(config, opts)
     groups = place_groups(places, min_images=config.images_per_place)
@@ -192,12 +261,12 @@ def train_fol(config: TrainConfig) -> Path:
     workers = config.num_workers if config.num_workers is not None else min(2, os.cpu_count() or 1)
     loader = torch.utils.data.DataLoader(
         PlaceImageDataset(places, model.preprocess),
-        batch_sampler=sampler,
+        batch_sampler=ShardedBatches(sampler, rows),
         num_workers=workers,
         persistent_workers=False,
     )
 
-    lr = config.lr if config.lr is not None else (1e-4 if name == "fol-effnet-lite0" else 6e-5)
+    lr = config.lr if config.lr is not None else (1e-4 if name.startswith("fol-effnet") else 6e-5)
     params = model.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=opts.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -205,7 +274,8 @@ def train_fol(config: TrainConfig) -> Path:
     )
     use_amp = bool(opts.amp) and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    criterion = FoLCriterion(loss_cfg)
+    loss_cfg = adapt_loss_config(loss_cfg, name, config.options)  # CNN: relative miner (losses/fol_adapt.py)
+    criterion = FoLCriterion(loss_cfg, shared_parameters(model), head_parameters(model))
 
     start_epoch, step = 0, 0
     state = run.load_checkpoint()
@@ -217,9 +287,9 @@ def train_fol(config: TrainConfig) -> Path:
             scaler.load_state_dict(state["scaler"])
         criterion.rng.setstate(state["criterion_rng"])
         start_epoch, step = int(state["epoch"]), int(state["step"])
-        run.log({"event": "resume", "epoch": start_epoch, "step": step})
+        log({"event": "resume", "epoch": start_epoch, "step": step})
     else:
-        run.log(
+        log(
             {
                 "event": "start",
                 "model": name,
@@ -228,11 +298,13 @@ def train_fol(config: TrainConfig) -> Path:
                 "batches_per_epoch": len(sampler),
                 "lr": lr,
                 "device": str(device),
+                "processes": ctx.world_size,
                 "trainable_params": int(sum(p.numel() for p in params)),
                 "options": {**asdict(opts), "local_mode": local_mode, "train_local_mode": train_local_mode},
                 "loss": asdict(loss_cfg),
             }
         )
+    forward = wrap_ddp(FoLForward(model, train_local_mode), ctx)
 
     stop_reason = None
     for epoch in range(start_epoch, config.epochs):
@@ -242,12 +314,18 @@ def train_fol(config: TrainConfig) -> Path:
         model.train()
         sampler.set_epoch(epoch)
         totals: list[float] = []
-        bar = tqdm(loader, desc=f"fol epoch {epoch + 1}/{config.epochs}", unit="batch", dynamic_ncols=True)
+        bar = tqdm(
+            loader, desc=f"fol epoch {epoch + 1}/{config.epochs}", unit="batch", dynamic_ncols=True, disable=not main
+        )
         for images, labels in bar:
             images, labels = images.to(device, non_blocking=True), labels.to(device)
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                loss, log = fol_step_loss(model, criterion, images, labels, train_local_mode)
-            if not math.isfinite(float(loss.detach())):
+                out, local_map = forward(images)
+                if ctx.distributed:  # the batch-global losses see the whole batch on every rank
+                    out, local_map = gather_output(out, local_map, ctx)
+                    labels = gather_rows(labels, ctx)
+                loss, record = fol_batch_loss(model, criterion, out, local_map, labels, train_local_mode)
+            if not math.isfinite(float(loss.detach())):  # the same loss on every rank: all stop
                 raise PlaceRankError(f"fol training diverged at step {step} (loss {float(loss)}); lower --lr")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -255,28 +333,30 @@ def train_fol(config: TrainConfig) -> Path:
             scaler.update()
             scheduler.step()
             step += 1
-            totals.append(log["loss"])
-            run.log({"epoch": epoch, "step": step, "lr": scheduler.get_last_lr()[0], **log})
-            bar.set_postfix(loss=f"{log['loss']:.3f}", ms=f"{log['ms']:.3f}", local=f"{log['local']:.2f}")
+            totals.append(record["loss"])
+            log({"epoch": epoch, "step": step, "lr": scheduler.get_last_lr()[0], **record})
+            bar.set_postfix(loss=f"{record['loss']:.3f}", ms=f"{record['ms']:.3f}", local=f"{record['local']:.2f}")
             if opts.max_steps and step >= opts.max_steps:
                 stop_reason = "max_steps"
-            elif run.out_of_time():
+            elif not all_true(not run.out_of_time(), ctx):  # every rank stops after the same step
                 stop_reason = "max_minutes"
             if stop_reason:
                 break
         bar.close()
-        run.save_checkpoint(
-            {
-                "epoch": epoch + 1,
-                "step": step,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "criterion_rng": criterion.rng.getstate(),
-            }
-        )
-        run.log(
+        if main:
+            run.save_checkpoint(
+                {
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "criterion_rng": criterion.rng.getstate(),
+                }
+            )
+        barrier(ctx)
+        log(
             {
                 "event": "epoch_end",
                 "epoch": epoch,
@@ -290,8 +370,10 @@ def train_fol(config: TrainConfig) -> Path:
 
     model.eval()
     model.invalidate_weights_id()
-    save_placerank_checkpoint(
-        model, run.model_path, model_kwargs, extra={"method": "fol", "steps": step, "stopped": stop_reason}
-    )
-    run.log({"event": "done", "step": step, "model": str(run.model_path)})
+    if main:
+        save_placerank_checkpoint(
+            model, run.model_path, model_kwargs, extra={"method": "fol", "steps": step, "stopped": stop_reason}
+        )
+        log({"event": "done", "step": step, "model": str(run.model_path)})
+    barrier(ctx)
     return run.model_path

@@ -43,7 +43,7 @@ import torch
 from placerank.data.places import read_route_places
 from placerank.errors import DataError, PlaceRankError
 from placerank.models.checkpoints import save_placerank_checkpoint
-from placerank.models.selavpr import SelaVPRModel, is_trainable_name
+from placerank.models.selavpr import SelaVPRModel
 from placerank.options import parse_options
 from placerank.train.common import (
     RunDir,
@@ -52,24 +52,38 @@ from placerank.train.common import (
     register_method,
     seed_everything,
 )
-from placerank.train.losses.selavpr import SelaVPRLossConfig, selavpr_loss
+from placerank.train.distributed import (
+    DistContext,
+    all_true,
+    broadcast_object,
+    init_distributed,
+    mean_across,
+    shard_rows,
+    shutdown,
+    wrap_ddp,
+)
+from placerank.train.losses.selavpr import SelaVPRLossConfig
 from placerank.train.selavpr_mining import (
     FeatureSource,
+    SelaVPRForward,
     compute_descriptors,
     mine_tuples,
     reranked_validation_recall,
+    train_step,
+    trainable_state,
 )
-from placerank.utils import resolve_device
 
 BACKBONES = {
     "effnet-lite0": "selavpr-effnet-lite0",
+    "effnet-lite1": "selavpr-effnet-lite1",
+    "effnet-lite2": "selavpr-effnet-lite2",
     "dinov2-vits14": "selavpr-vits14",
     "dinov2-vitb14": "selavpr-vitb14",
     "dinov2-vitl14": "selavpr-vitl14",
 }
 # Official lr is 1e-5 (ViT-L adapters). The CNN adapters/head start from zero on a much smaller
 # network; 1e-4 moved recall within minutes on CPU where 1e-5 barely did (see docs/selavpr.md).
-DEFAULT_LR = {"effnet-lite0": 1e-4}
+DEFAULT_LR = {"effnet-lite0": 1e-4, "effnet-lite1": 1e-4, "effnet-lite2": 1e-4}
 OFFICIAL_LR = 1e-5
 
 
@@ -157,40 +171,32 @@ def build_model(config: TrainConfig) -> tuple[SelaVPRModel, dict]:
     return model, kwargs
 
 
-def trainable_state(model: SelaVPRModel) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if is_trainable_name(k)}
-
-
-def train_step(
-    model: SelaVPRModel,
-    inputs: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    num_negatives: int,
-    loss_config: SelaVPRLossConfig,
-    from_prefix: bool = False,
-) -> dict[str, float]:
-    """One optimisation step on a tuple-ordered batch of B*(2+k) images (or their cached
-    frozen-prefix features when ``from_prefix``)."""
-    model.train()
-    g, dense = model.forward_train(inputs, from_prefix=from_prefix)
-    loss, parts = selavpr_loss(g, dense, num_negatives, loss_config)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    model.invalidate_weights_id()
-    return parts
-
-
 @register_method("selavpr")
 def train_selavpr(config: TrainConfig) -> Path:
+    """Entry point of ``placerank train --method selavpr`` (one process or under torchrun: DDP,
+    each rank on an equal share of every batch's tuples; see :mod:`.selavpr_mining`)."""
+    ctx = init_distributed(config.device)
+    ok = False
+    try:
+        path = _train_selavpr(config, ctx)
+        ok = True
+        return path
+    finally:
+        shutdown(ctx, wait=ok)
+
+
+def _train_selavpr(config: TrainConfig, ctx: DistContext) -> Path:
     from tqdm import tqdm
 
     opts = SelaVPROptions.parse(config.options)
     if config.backbone not in BACKBONES:
         raise PlaceRankError(f"selavpr cannot train on backbone '{config.backbone}'; known: {', '.join(BACKBONES)}")
+    rows = shard_rows(opts.batch_tuples, ctx, "selavpr option batch_tuples")
     seed_everything(config.seed)
     run = RunDir(config)
-    device = resolve_device(config.device)
+    main = ctx.is_main
+    log = run.log if main else (lambda record: None)
+    device = ctx.device
     places = read_route_places(config.train, config.frames)
     n_images = len(places.images)
     counts = np.bincount(places.labels)
@@ -231,7 +237,8 @@ def train_selavpr(config: TrainConfig) -> Path:
         best = state.get("best")
         not_improved = int(state.get("not_improved", 0))
         model.invalidate_weights_id()
-        print(f"resuming {run.path} after epoch {start_epoch} (step {step})", file=sys.stderr)
+        if main:
+            print(f"resuming {run.path} after epoch {start_epoch} (step {step})", file=sys.stderr)
 
     info = {
         "event": "start",
@@ -240,13 +247,15 @@ def train_selavpr(config: TrainConfig) -> Path:
         "queryable": len(queryable),
         "lr": lr,
         "device": str(device),
+        "processes": ctx.world_size,
         "neighbour_exclusion": exclusion,
         "options": asdict(opts),
         "trainable_params": int(sum(p.numel() for p in params)),
         "model": model.name,
         "input_size": list(model.preprocess.size),
     }
-    run.log(info)
+    log(info)
+    forward = wrap_ddp(SelaVPRForward(model), ctx)
     paths = places.images.paths
     source = FeatureSource(model, paths, device, opts.prefix_cache_mb, opts.cache_batch, config.num_workers)
     stopped = False
@@ -256,8 +265,11 @@ def train_selavpr(config: TrainConfig) -> Path:
         val_paths = list(val.dataset.database.paths) + list(val.dataset.queries.paths)
         val_source = FeatureSource(model, val_paths, device, opts.prefix_cache_mb, opts.cache_batch, config.num_workers)
 
-    def validate(epochs_done: int) -> dict[str, float]:
+    def validate(epochs_done: int) -> dict[str, float] | None:
+        """Recall on the validation pair (rank 0 only: the others get None)."""
         assert val is not None and val_source is not None
+        if not main:
+            return None
         n_db = len(val.dataset.database)
         if val_rerank:
             rec = reranked_validation_recall(
@@ -266,10 +278,17 @@ def train_selavpr(config: TrainConfig) -> Path:
         else:
             desc = compute_descriptors(model, val_source, np.arange(len(val_source.paths)), opts.cache_batch)
             rec = val.recall(desc[:n_db], desc[n_db:])
-        run.log({"event": "validation", "epochs_done": epochs_done, "step": step, "recall": rec})
+        log({"event": "validation", "epochs_done": epochs_done, "step": step, "recall": rec})
         return rec
 
     def save(epoch_done: int, partial: bool, recall: dict | None = None) -> None:
+        """Rank 0 writes the files; every rank then holds its selection state (patience)."""
+        nonlocal best, not_improved
+        if main:
+            write(epoch_done, partial, recall)
+        best, not_improved = broadcast_object((best, not_improved), ctx)
+
+    def write(epoch_done: int, partial: bool, recall: dict | None) -> None:
         nonlocal best, not_improved
         extra = {
             "method": "selavpr",
@@ -317,10 +336,10 @@ def train_selavpr(config: TrainConfig) -> Path:
             same = [np.flatnonzero(places.labels == l) for l in np.unique(places.labels[queries])]
             need = np.unique(np.concatenate([queries, pool, *same]))
             t0 = time.monotonic()
-            desc = compute_descriptors(model, source, need, opts.cache_batch)
+            desc = compute_descriptors(model, source, need, opts.cache_batch, ctx)
             descriptors = {int(i): desc[k] for k, i in enumerate(need)}
             tuples = mine_tuples(places, descriptors, queries, pool, opts.num_negatives, exclusion)
-            run.log(
+            log(
                 {
                     "event": "mined",
                     "epoch": epoch,
@@ -343,14 +362,17 @@ def train_selavpr(config: TrainConfig) -> Path:
                 unit="step",
                 mininterval=2.0,
                 file=sys.stderr,
+                disable=not main,
             )
             for b in bar:
-                batch = tuples[b * opts.batch_tuples : (b + 1) * opts.batch_tuples].reshape(-1)
+                batch = tuples[b * opts.batch_tuples : (b + 1) * opts.batch_tuples][rows].reshape(-1)
                 inputs = source.get(batch)
-                parts = train_step(model, inputs, optimizer, opts.num_negatives, loss_config, from_prefix=True)
+                parts = train_step(model, inputs, optimizer, opts.num_negatives, loss_config, True, forward)
+                if ctx.distributed:  # the mean over equal shares of per-tuple means: the batch's
+                    parts = dict(zip(parts, mean_across(list(parts.values()), ctx)))
                 step += 1
                 epoch_losses.append(parts["loss"])
-                run.log(
+                log(
                     {
                         "event": "step",
                         "epoch": epoch,
@@ -361,7 +383,7 @@ def train_selavpr(config: TrainConfig) -> Path:
                     }
                 )
                 bar.set_postfix(loss=f"{parts['loss']:.4f}")
-                if run.out_of_time():
+                if not all_true(not run.out_of_time(), ctx):  # every rank stops after the same step
                     stopped = True
                     break
             bar.close()
@@ -371,10 +393,10 @@ def train_selavpr(config: TrainConfig) -> Path:
             save(
                 epoch, partial=True, recall=validate(epoch) if val is not None else None
             )  # partial: step tells it apart
-            run.log({"event": "stopped", "reason": "max-minutes", "epoch": epoch, "step": step})
+            log({"event": "stopped", "reason": "max-minutes", "epoch": epoch, "step": step})
             break
         save(epoch + 1, partial=False, recall=validate(epoch + 1) if val is not None else None)
-        run.log(
+        log(
             {
                 "event": "epoch",
                 "epoch": epoch,
@@ -383,11 +405,11 @@ def train_selavpr(config: TrainConfig) -> Path:
             }
         )
         if val is not None and val_patience > 0 and not_improved >= val_patience:
-            run.log({"event": "stopped", "reason": "patience", "epoch": epoch, "not_improved": not_improved})
+            log({"event": "stopped", "reason": "patience", "epoch": epoch, "not_improved": not_improved})
             break
-    if not run.model_path.exists():  # e.g. resumed a finished run: still hand back a model
+    if broadcast_object(not run.model_path.exists(), ctx):  # e.g. resumed a finished run: still hand back a model
         done = max(start_epoch, config.epochs)
         save(done, partial=False, recall=validate(done) if val is not None else None)
     if best is not None:
-        run.log({"event": "selected", "epoch": best["epoch"], "step": best["step"], "recall": best["recall"]})
+        log({"event": "selected", "epoch": best["epoch"], "step": best["step"], "recall": best["recall"]})
     return run.model_path

@@ -1,5 +1,14 @@
 """SelaVPR hard mining (spec §4.2) on cached global descriptors: the frozen-prefix feature
-source, the descriptor pass and the tuple miner of ``placerank train --method selavpr``."""
+source, the descriptor pass, the tuple miner and the optimisation step of
+``placerank train --method selavpr``.
+
+Several processes (DDP): the descriptor pass splits its batches over the ranks and sums the rows
+back (:func:`compute_descriptors`), so every rank mines the same tuples; each rank then trains on
+its equal share of every batch's tuples. SelaVPR's loss is a mean of per-tuple terms (global
+triplet and MNN local loss, each averaged over the B·k triplets), so the mean of the W ranks'
+losses over B/W tuples each is the batch loss, and DDP's gradient average is its gradient:
+no tuple needs another rank's images, nothing is gathered.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +19,9 @@ import torch
 
 from placerank.data.images import check_batch_errors, make_loader
 from placerank.data.places import TrainingPlaces
-from placerank.models.selavpr import SelaVPRModel
+from placerank.models.selavpr import SelaVPRModel, is_trainable_name
+from placerank.train.distributed import DistContext, sum_across
+from placerank.train.losses.selavpr import SelaVPRLossConfig, selavpr_loss
 
 
 class FeatureSource:
@@ -73,17 +84,65 @@ class FeatureSource:
 
 @torch.no_grad()
 def compute_descriptors(
-    model: SelaVPRModel, source: FeatureSource, indices: np.ndarray, batch_size: int = 16
+    model: SelaVPRModel,
+    source: FeatureSource,
+    indices: np.ndarray,
+    batch_size: int = 16,
+    ctx: DistContext | None = None,
 ) -> np.ndarray:
-    """Global descriptors of training images with the current model (eval mode, no grad)."""
+    """Global descriptors of training images with the current model (eval mode, no grad).
+    With several processes rank r computes batches r, r+W, ... (the batches of one process)
+    and the rows are summed over the ranks (x + 0 is exact): every rank gets the same array."""
     was_training = model.training
     model.eval()
     out = np.zeros((len(indices), model.descriptor_dim), dtype=np.float32)
-    for start in range(0, len(indices), batch_size):
+    starts = list(range(0, len(indices), batch_size))
+    if ctx is not None:
+        starts = starts[ctx.rank :: ctx.world_size]
+    for start in starts:
         chunk = indices[start : start + batch_size]
         out[start : start + len(chunk)] = model.global_from_prefix(source.get(chunk)).cpu().numpy()
+    if ctx is not None:
+        sum_across(torch.from_numpy(out), ctx)  # in place: the tensor shares out's memory
     model.train(was_training)
     return out
+
+
+def trainable_state(model: SelaVPRModel) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if is_trainable_name(k)}
+
+
+class SelaVPRForward(torch.nn.Module):
+    """``model.forward_train`` as a module: what DistributedDataParallel wraps."""
+
+    def __init__(self, model: SelaVPRModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor, from_prefix: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.forward_train(inputs, from_prefix=from_prefix)
+
+
+def train_step(
+    model: SelaVPRModel,
+    inputs: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    num_negatives: int,
+    loss_config: SelaVPRLossConfig,
+    from_prefix: bool = False,
+    forward: torch.nn.Module | None = None,
+) -> dict[str, float]:
+    """One optimisation step on a tuple-ordered batch of B*(2+k) images (or their cached
+    frozen-prefix features when ``from_prefix``). ``forward``: the DDP-wrapped
+    :class:`SelaVPRForward` of ``model`` when this rank holds a share of the batch."""
+    model.train()
+    g, dense = (forward or model.forward_train)(inputs, from_prefix=from_prefix)
+    loss, parts = selavpr_loss(g, dense, num_negatives, loss_config)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    model.invalidate_weights_id()
+    return parts
 
 
 def mine_tuples(

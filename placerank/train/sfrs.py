@@ -68,6 +68,10 @@ from placerank.train.sfrs_step import step_items, tuple_loss
 BACKBONE_MODELS = {
     "effnet-lite0": "sfrs-effnet-lite0",
     "sfrs-effnet-lite0": "sfrs-effnet-lite0",
+    "effnet-lite1": "sfrs-effnet-lite1",
+    "sfrs-effnet-lite1": "sfrs-effnet-lite1",
+    "effnet-lite2": "sfrs-effnet-lite2",
+    "sfrs-effnet-lite2": "sfrs-effnet-lite2",
     "vgg16": "sfrs-vgg16",
     "sfrs-vgg16": "sfrs-vgg16",
 }

@@ -1,4 +1,4 @@
-"""Evaluation pictures a person looks at: the recall curve and example strips (query + top-5,
+"""Evaluation pictures a person looks at: the recall and precision-recall curves and example strips (query + top-5,
 correct in green, wrong in red). Used by eval, localize and the service."""
 
 from __future__ import annotations
@@ -52,6 +52,36 @@ def plot_recall_curve(curves: dict[str, dict[str, float]], out_path: str | Path,
     ax.grid(True, which="both", alpha=0.3)
     ax.set_title(title, fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(out_path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def plot_pr_curve(curves: dict, out_path: str | Path, title: str = "") -> None:
+    """Precision over recall, one line per stage: ``curves`` maps a label to an object with
+    ``recall``, ``precision`` (from the (0, 1) start), ``auc`` and ``recall_at_100_precision``
+    (:class:`placerank.eval.precision.PRCurve`). The curve ends at recall = R@1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for label, c in curves.items():
+        line = ax.plot(100 * c.recall, 100 * c.precision, linewidth=1.6)[0]  # linear, as the trapezoidal AUC
+        line.set_label(f"{label}: PR-AUC {c.auc:.3f}, R@100%P {100 * c.recall_at_100_precision:.1f}%")
+        ax.plot(100 * c.recall[-1], 100 * c.precision[-1], "o", color=line.get_color(), markersize=4)
+    ax.set_xlabel("Recall (% of queries with a positive, answered correctly)")
+    ax.set_ylabel("Precision (% of accepted answers correct)")
+    ax.set_xlim(0, 101)
+    ax.set_ylim(0, 101)
+    ax.grid(True, alpha=0.3)
+    ax.set_title(
+        title + ("\n" if title else "") + "answers accepted by decreasing confidence; dot: all accepted (recall = R@1)",
+        fontsize=9,
+    )
+    ax.legend(loc="lower left", fontsize=7)
     fig.tight_layout()
     with atomic_path(out_path) as tmp:
         fig.savefig(tmp, format="png")

@@ -66,7 +66,8 @@ def test_unlabelled_folders_predict_without_recall(tmp_path, gardens, capsys):
     assert result["dataset"]["rule"] == "unlabelled" and result["num_queries_with_positives"] == 0
     rows = list(csv.DictReader(open(out / "predictions.csv")))
     assert [r["query"] for r in rows] == [str(q / f"q{i}.jpg") for i in range(1, 6)]
-    assert all(len(r["top5"].split()) == 5 for r in rows) and set(rows[0]) == {"query", "top5"}
+    assert all(len(r["top5"].split()) == 5 for r in rows)
+    assert set(rows[0]) == {"query", "confidence", "first_stage_confidence", "reranked", "top5"}
     assert len(list((out / "examples").glob("query_*.png"))) == 3 and not (out / "recall_curve.png").exists()
     # frame alignment only when asked for: the same folders with --layout frames are scored
     assert main([*args[:-3], "--layout", "frames", "--image-size", "96", "160", "--examples", "0"]) == 0

@@ -78,7 +78,9 @@ def test_rerun_replaces_outputs_as_a_whole_and_a_failed_run_keeps_them(inputs, c
         assert cli(*_eval(inputs, out, "--examples", "2"))[0] == 0
     finally:
         os.umask(old_umask)
-    assert sorted(p.name for p in out.iterdir()) == ["examples", "predictions.csv", "recall_curve.png", "results.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "examples", "pr_curve.png", "predictions.csv", "recall_curve.png", "results.json"
+    ]  # fmt: skip
     for p in out.rglob("*"):  # the umask's modes, not mkstemp's 0600
         assert stat.S_IMODE(p.stat().st_mode) == (0o755 if p.is_dir() else 0o644), p
     first = (out / "results.json").read_bytes()
@@ -95,7 +97,9 @@ def test_rerun_replaces_outputs_as_a_whole_and_a_failed_run_keeps_them(inputs, c
         [f"placerank: error: cannot write {out}: no space left on device; free some space or write elsewhere"],
     )
     assert (out / "results.json").read_bytes() == first
-    assert sorted(p.name for p in out.iterdir()) == ["examples", "predictions.csv", "recall_curve.png", "results.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "examples", "pr_curve.png", "predictions.csv", "recall_curve.png", "results.json"
+    ]  # fmt: skip
     assert sorted(p.name for p in out.parent.iterdir()) == ["run"]
 
     # a finished rerun replaces them all: no example pictures of the earlier run stay behind

@@ -66,6 +66,8 @@ def test_save_writes_schema_and_one_generation(tmp_path):
         "generation": 5,
         "kind": "idmap-flat-ip",
         "format": 1,
+        "spec": "flat",
+        "options": {},
     }
     loaded = IdMapIndex.load(tmp_path, _expected(ids[2:]), ids[2:])
     assert loaded is not None and np.array_equal(loaded.ids(), ids[2:])
@@ -113,3 +115,27 @@ def test_out_of_sync_index_is_rebuilt_from_the_owner(tmp_path):
         assert rebuilt and calls == [1], damage
         assert np.array_equal(index.ids(), ids) and index.generation == 5
         assert index.search(v[[11]], 1)[1][0, 0] == ids[11]
+
+
+def test_trained_kind_over_ids_and_hnsw_asks_for_a_rebuild(tmp_path):
+    rng = np.random.default_rng(4)
+    v = rng.normal(size=(400, DIM)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    ids = np.arange(1000, 1400, dtype=np.int64)
+
+    def chunks():
+        return [(ids[:150], v[:150]), (ids[150:], v[150:])]
+
+    ivf = IdMapIndex.build(DIM, chunks, "m", "w1", 2, spec="IVF8,Flat", options={"nprobe": "8"}, count=400)
+    exact = IdMapIndex.build(DIM, chunks(), "m", "w1", 2)
+    assert np.array_equal(ivf.search(v[:30], 5)[1], exact.search(v[:30], 5)[1])  # all lists probed: exact
+    assert ivf.remove(ids[:3]) and len(ivf) == 397
+    ivf.save(tmp_path)
+    expected = replace(IdMapSchema(DIM, "m", "w1", 397, 2), spec="IVF8,Flat", options={"nprobe": "2"})
+    loaded = IdMapIndex.load(tmp_path, expected, ids[3:])
+    assert loaded is not None and loaded.schema.options == {"nprobe": "2"}  # options apply, no rebuild
+    assert IdMapIndex.load(tmp_path, replace(expected, spec="flat"), ids[3:]) is None  # another kind: rebuild
+    hnsw = IdMapIndex.build(DIM, chunks(), spec="HNSW8")
+    assert hnsw.remove(ids[:1]) is False and len(hnsw) == 400
+    with pytest.raises(PlaceRankError, match=r"^index 'IVF512,Flat' needs at least 512 descriptors to train"):
+        IdMapIndex.build(DIM, chunks, spec="IVF512,Flat", count=400)

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from placerank.errors import PlaceRankError
 from placerank.rerank.mutual_nn import mnn_mean_similarity
+from placerank.train.losses.fol_adapt import WS_CELLS, WS_MINERS, centre_cells, mine_relative, term_grad_norms
 
 
 @dataclass
@@ -51,6 +53,13 @@ class FoLLossConfig:
     ws_max_pairs: int = 1200
     ws_scale: float = 0.01
     ws_drop_first_anchor: bool = True  # official quirk, kept for parity
+    # CNN adaptation (train/losses/fol_adapt.py; the CNN's defaults there): "official" miner |
+    # "relative" (top-fraction candidates per cluster row, mutual check, cos > ws_mutual_min_cos)
+    ws_miner: str = "official"
+    ws_candidate_fraction: float = 0.1
+    ws_mutual_min_cos: float = 0.5
+    ws_cells: str = "official"  # patch -> up-conv cell: "official" round((r+.5)H'/h) | "center" (4r, 4c)
+    grad_log_every: int = 20  # log each term's gradient norm every N steps (0: never)
     seed: int = 0  # CEL partner choice
 
 
@@ -239,7 +248,10 @@ def mine_pseudo_correspondences(
     Anchors: Ã_i(a) > 0.1 in index order (the first dropped, as in the official code); each
     anchor's cluster κ = argmax_k P_i(k, a); candidates b with P_j(κ, b) > 0.1; accept the best
     when s₁ > 0.8 and s₁/s₂ > 2 (a missing or negative s₂ fails); keep the first 5 accepted.
+    ``cfg.ws_miner == "relative"``: the CNN rules of :func:`~.fol_adapt.mine_relative` instead.
     """
+    if cfg.ws_miner == "relative":
+        return mine_relative(feat_i, feat_j, plan_i, plan_j, attn_i, cfg)
     anchors = torch.nonzero(attn_i > cfg.ws_anchor_threshold, as_tuple=False).squeeze(1)
     if cfg.ws_drop_first_anchor:
         anchors = anchors[1:]
@@ -307,8 +319,9 @@ def pseudo_correspondence_loss(
     dev = patch_feats.device
     t = torch.tensor([(i, a, j, b) for i, a, j, b, _ in rows], dtype=torch.long, device=dev)
     sims = torch.tensor([r[4] for r in rows], dtype=torch.float32, device=dev)
-    ri, ci = patch_to_local_cell(t[:, 1] // w, t[:, 1] % w, grid, local_grid)
-    rj, cj = patch_to_local_cell(t[:, 3] // w, t[:, 3] % w, grid, local_grid)
+    to_cell = patch_to_local_cell if cfg.ws_cells == "official" else lambda r, c, g, lg: centre_cells(r, c, lg)
+    ri, ci = to_cell(t[:, 1] // w, t[:, 1] % w, grid, local_grid)
+    rj, cj = to_cell(t[:, 3] // w, t[:, 3] % w, grid, local_grid)
     li = cell_descriptors(t[:, 0], ri, ci)
     lj = cell_descriptors(t[:, 2], rj, cj)
     per = sims * (1.0 - F.cosine_similarity(li.float(), lj.float(), dim=1)) * cfg.ws_scale
@@ -329,10 +342,20 @@ class FoLCriterion:
     pooled from ``local_map_normed``, which must then carry gradient).
     """
 
-    def __init__(self, cfg: FoLLossConfig | None = None):
+    def __init__(self, cfg: FoLLossConfig | None = None, grad_params: Sequence = (), head_params: Sequence = ()):
+        """``grad_params`` (e.g. :func:`~.fol_adapt.shared_parameters`): every ``grad_log_every``
+        calls the log gets each weighted term's gradient norm w.r.t. them (``grad_<term>``), and
+        w.r.t. ``head_params`` (``grad_head_<term>``)."""
         self.cfg = cfg or FoLLossConfig()
+        if self.cfg.ws_miner not in WS_MINERS or self.cfg.ws_cells not in WS_CELLS:
+            raise PlaceRankError(
+                f"fol option ws_miner must be one of {', '.join(WS_MINERS)} and ws_cells one of "
+                f"{', '.join(WS_CELLS)}, got '{self.cfg.ws_miner}' / '{self.cfg.ws_cells}'"
+            )
         self.ms = MultiSimilarity(self.cfg.ms_alpha, self.cfg.ms_beta, self.cfg.ms_base, self.cfg.miner_epsilon)
         self.rng = random.Random(self.cfg.seed)
+        self.grad_params, self.head_params = list(grad_params), list(head_params)
+        self.calls = 0
 
     def __call__(
         self,
@@ -365,7 +388,18 @@ class FoLCriterion:
             next_partner(lab),
             cfg,
         )
-        total = cfg.w_ms * l_ms + cfg.w_local * l_local + cfg.w_sal * (kl1 + kl2) + cfg.w_cel * l_cel + cfg.w_ws * l_ws
+        terms = {
+            "ms": cfg.w_ms * l_ms,
+            "local": cfg.w_local * l_local,
+            "sal": cfg.w_sal * (kl1 + kl2),
+            "cel": cfg.w_cel * l_cel,
+            "ws": cfg.w_ws * l_ws,
+        }
+        total = terms["ms"] + terms["local"] + terms["sal"] + terms["cel"] + terms["ws"]
+        every, self.calls = cfg.grad_log_every, self.calls + 1
+        grads = {}
+        if self.grad_params and every > 0 and (self.calls - 1) % every == 0 and total.requires_grad:
+            grads = term_grad_norms(terms, self.grad_params, self.head_params)
         v = lambda t: float(t.detach())  # noqa: E731
         log = {
             "loss": v(total),
@@ -378,5 +412,6 @@ class FoLCriterion:
             "ws_pairs": n_pairs,
             "triplets": int(triplets[0].numel()),
             "ms_mined": round(mined, 3),
+            **grads,
         }
         return total, log

@@ -1,0 +1,333 @@
+"""Index kinds from 10^3 to 10^6 database images: build time, bytes per image, query time, recall,
+peak RSS; plus an end-to-end ``placerank eval`` over 10^5 images (``scale_eval.py``).
+
+    python benchmarks/scale.py prepare                 # real descriptors, distractors, databases
+    python benchmarks/scale.py grid [--sizes 1000 ...] [--specs flat ...]   # one subprocess per cell
+    python benchmarks/scale.py eval [--images 100000]  # end-to-end placerank eval
+    python benchmarks/scale.py plot                    # scale.png + the table from scale.json
+
+Data (``scale_data.py``): real ``effnet-lite0-gem`` descriptors of every real shared image
+(+ flips), the rest distractors drawn from a Gaussian mixture fitted to them. Queries: the 280
+real GardensPoint queries (``night_right`` and ``day_right``), positives the ``day_left`` frames
+within 2 (in every database). R@N is on those real positives; "vs flat" is the share of queries
+whose exact (flat) nearest neighbour the index returns at rank 1 / in the top 5.
+
+Every (size, kind) cell runs in its own process (``cell``) so ``ru_maxrss`` is that index's
+peak: the descriptors are streamed from the ``.npy`` file in 65 536-row chunks
+(:class:`NpyRows`, no memory map, so file pages do not count as the index's memory), then the
+index is built with :func:`placerank.index.factory.build_index`. Query time: each of the first
+:data:`TIMED` queries searched alone (k = 20), p50 / p95 in ms. Threads: OMP_NUM_THREADS=2.
+Results are merged into ``benchmarks/results/scale.json`` cell by cell (a rerun of one cell
+replaces only it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scale_data import SCRATCH, Distractors, RealSet, extract_real, write_database  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+JSON = RESULTS / "scale.json"
+SIZES = (1_000, 10_000, 100_000, 1_000_000)
+TIMED = 50  # queries timed one at a time
+K = 20
+
+
+def nlist_for(n: int) -> int:
+    """IVF lists: ~4 sqrt(N) as a power of two, and >= 39 training points per list."""
+    target = 4 * np.sqrt(n)
+    nlist = int(2 ** round(np.log2(target)))
+    while nlist > 16 and 39 * nlist > n:
+        nlist //= 2
+    return nlist
+
+
+def specs_for(n: int) -> list[tuple[str, dict]]:
+    """The index kinds measured at size ``n`` (IVF lists scaled to the size)."""
+    nl = nlist_for(n)
+    probe = {"nprobe": str(max(8, min(64, nl // 16)))}
+    kinds: list[tuple[str, dict]] = [
+        ("flat", {}),
+        ("flat-fp16", {}),
+        (f"IVF{nl},Flat", probe),
+        (f"IVF{nl},PQ64", probe),
+        (f"IVF{nl},PQ256", probe),
+        (f"OPQ64,IVF{nl}_HNSW32,PQ64", {**probe, "quantizer_efSearch": "64"}),
+    ]
+    if n <= 100_000:
+        kinds.append(("HNSW32", {"efSearch": "64"}))
+    return kinds
+
+
+class NpyRows:
+    """A read-only ``.npy`` (N, D) float32 read by ``pread`` per slice: build_index sees an array
+    (shape, dtype, slicing, sorted fancy indexing) whose pages are not mapped into this process."""
+
+    def __init__(self, path: Path):
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            self.shape, _, self.dtype = read(f)
+            self.offset = f.tell()
+        self.path = path
+        self.row_bytes = self.shape[1] * 4
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        stop = min(stop, self.shape[0])
+        with open(self.path, "rb") as f:
+            f.seek(self.offset + start * self.row_bytes)
+            return np.fromfile(f, dtype=np.float32, count=(stop - start) * self.shape[1]).reshape(-1, self.shape[1])
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, slice):
+            start, stop, _ = key.indices(self.shape[0])
+            return self._read(start, stop)
+        rows = np.asarray(key)
+        out = np.empty((len(rows), self.shape[1]), np.float32)
+        for s in range(0, len(rows), 4096):  # sorted rows: read the spanned block, keep the rows
+            part = rows[s : s + 4096]
+            block = self._read(int(part[0]), int(part[-1]) + 1)
+            out[s : s + len(part)] = block[part - part[0]]
+        return out
+
+
+def database_path(n: int) -> Path:
+    return SCRATCH / f"db_{n}.npy"
+
+
+def prepare(sizes=SIZES) -> None:
+    real = RealSet(extract_real())
+    dist = Distractors(real.database)
+    np.savez(SCRATCH / "queries.npz", queries=real.queries, num_real=real.num_real)
+    with open(SCRATCH / "positives.json", "w") as f:
+        json.dump([p.tolist() for p in real.positives], f)
+    for n in sizes:
+        t = time.perf_counter()
+        write_database(database_path(n), real.database, dist, n)
+        print(f"database {n}: {min(n, real.num_real)} real + {max(0, n - real.num_real)} drawn ({time.perf_counter() - t:.0f} s)")
+    check = distribution_check(real, dist)
+    merge({"data": {"num_real_database": real.num_real, "num_queries": len(real.queries), **check}})
+
+
+def distribution_check(real: RealSet, dist: Distractors) -> dict:
+    """How alike the drawn distractors are to real database images, seen from the real queries:
+    each query's best similarity among N real non-positive images vs N drawn ones, and the norms
+    of the descriptors' mean (a drawn set that is too spread out or too tight shows here)."""
+    n = min(4000, real.num_real - 140)
+    rng = np.random.default_rng(1)
+    real_neg = real.database[140 + rng.choice(real.num_real - 140, n, replace=False)]
+    drawn = dist.block(999, n)
+    q = real.queries
+    top_real, top_drawn = (q @ real_neg.T).max(1), (q @ drawn.T).max(1)
+    pair_real = (real_neg[:1000] @ real_neg[1000:2000].T).ravel()
+    pair_drawn = (drawn[:1000] @ drawn[1000:2000].T).ravel()
+    return {
+        "distractors": "Gaussian mixture (16 components, full covariance) on 64 PCA dims of the real database "
+        "descriptors + isotropic noise for the dropped variance, L2-normalised",
+        "query_best_sim_real_negatives_mean": round(float(top_real.mean()), 4),
+        "query_best_sim_drawn_mean": round(float(top_drawn.mean()), 4),
+        "pair_sim_real_mean_std": [round(float(pair_real.mean()), 4), round(float(pair_real.std()), 4)],
+        "pair_sim_drawn_mean_std": [round(float(pair_drawn.mean()), 4), round(float(pair_drawn.std()), 4)],
+        "sample": n,
+    }
+
+
+def merge(update: dict, cell: str | None = None) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    data = json.loads(JSON.read_text()) if JSON.exists() else {}
+    if cell is None:
+        data.update(update)
+    else:
+        data.setdefault("cells", {})[cell] = update
+    tmp = JSON.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, JSON)
+
+
+def recall(ids: np.ndarray, positives: list[list[int]], ns=(1, 5, 10)) -> dict:
+    return {str(n): round(100 * float(np.mean([np.isin(ids[i, :n], p).any() for i, p in enumerate(positives)])), 2) for n in ns}
+
+
+def cell(n: int, spec: str, options: dict) -> dict:
+    """One (size, kind) measurement, in this process (``grid`` starts one process per cell)."""
+    from placerank.index.factory import build_index
+
+    data = np.load(SCRATCH / "queries.npz")
+    queries = data["queries"]
+    positives = json.loads((SCRATCH / "positives.json").read_text())
+    rows = NpyRows(database_path(n))
+    nl = nlist_for(n)
+    train = min(n, max(40 * nl, 10_000)) if ("IVF" in spec or "PQ" in spec) else None
+    t = time.perf_counter()
+    index = build_index(rows, spec, options=options, train_size=train)
+    build_s = time.perf_counter() - t
+    _, ids = index.search(queries, K)
+    times = []
+    for i in range(min(TIMED, len(queries))):
+        t = time.perf_counter()
+        index.search(queries[i : i + 1], K)
+        times.append(1000 * (time.perf_counter() - t))
+    flat_file = SCRATCH / f"flat_top_{n}.npy"
+    if spec == "flat":
+        np.save(flat_file, ids)
+    vs_flat = {}
+    if flat_file.exists():
+        exact = np.load(flat_file)[:, 0]
+        vs_flat = {
+            "1": round(100 * float(np.mean(ids[:, 0] == exact)), 2),
+            "5": round(100 * float(np.mean([exact[i] in ids[i, :5] for i in range(len(ids))])), 2),
+        }
+    desc = index.describe()
+    return {
+        "size": n,
+        "spec": spec,
+        "options": index.options,
+        "train_size": desc["train_size"],
+        "build_s": round(build_s, 2),
+        "bytes": desc["bytes"],
+        "bytes_per_image": desc["bytes_per_image"],
+        "compression": round(n * queries.shape[1] * 4 / max(desc["bytes"], 1), 1),
+        "query_ms_p50": round(float(np.percentile(times, 50)), 3),
+        "query_ms_p95": round(float(np.percentile(times, 95)), 3),
+        "recall": recall(ids, positives),
+        "vs_flat": vs_flat,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "omp_threads": os.environ.get("OMP_NUM_THREADS"),
+    }
+
+
+def grid(sizes, only: list[str] | None, timeout: float) -> None:
+    """Every cell in its own process, flat first (the others are compared with it)."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    for n in sizes:
+        for spec, options in specs_for(n):
+            if only and not any(spec.startswith(o) for o in only):
+                continue
+            argv = [sys.executable, __file__, "cell", str(n), spec, json.dumps(options)]
+            t = time.perf_counter()
+            try:
+                done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                print(f"{n:>8} {spec:<32} skipped: over {timeout:.0f} s", flush=True)
+                merge({"size": n, "spec": spec, "skipped": f"build + search over {timeout:.0f} s"}, f"{n}|{spec}")
+                continue
+            if done.returncode != 0:
+                print(f"{n:>8} {spec:<32} failed: {done.stderr.strip().splitlines()[-1:]}", flush=True)
+                continue
+            res = json.loads(done.stdout.strip().splitlines()[-1])
+            merge(res, f"{n}|{spec}")
+            print(f"{n:>8} {spec:<32} {time.perf_counter() - t:6.0f} s  {row(res)}", flush=True)
+
+
+def row(r: dict) -> str:
+    if "skipped" in r:
+        return f"{r['size']:>9,} {r['spec']:<30} skipped ({r['skipped']})"
+    return (
+        f"{r['size']:>9,} {r['spec']:<30} {r['build_s']:>8.1f} {r['bytes_per_image']:>8.0f} {r['compression']:>6.1f}x"
+        f" {r['query_ms_p50']:>8.2f} {r['query_ms_p95']:>8.2f} {r['recall']['1']:>6.1f} {r['recall']['5']:>6.1f}"
+        f" {r['vs_flat'].get('1', float('nan')):>6.1f} {r['vs_flat'].get('5', float('nan')):>6.1f} {r['peak_rss_mb']:>8.0f}"
+    )
+
+
+HEADER = (
+    f"{'images':>9} {'index':<30} {'build s':>8} {'B/image':>8} {'compr':>7} {'p50 ms':>8} {'p95 ms':>8}"
+    f" {'R@1':>6} {'R@5':>6} {'=flat1':>6} {'=flat5':>6} {'RSS MB':>8}"
+)
+
+
+def table(data: dict) -> str:
+    cells = sorted(data.get("cells", {}).values(), key=lambda r: (r["size"], r["spec"] != "flat", r["spec"]))
+    return "\n".join([HEADER] + [row(r) for r in cells])
+
+
+def kind_of(spec: str) -> str:
+    return "IVF-Flat" if spec.endswith(",Flat") else spec.split(",")[-1] if "IVF" in spec else spec
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [r for r in data.get("cells", {}).values() if "skipped" not in r]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    sizes = sorted({r["size"] for r in cells})
+    markers = dict(zip(sizes, "os^D"))
+    kinds = sorted({(("OPQ " if r["spec"].startswith("OPQ") else "") + kind_of(r["spec"])) for r in cells})
+    colors = dict(zip(kinds, plt.get_cmap("tab10").colors))
+    for r in cells:
+        kind = ("OPQ " if r["spec"].startswith("OPQ") else "") + kind_of(r["spec"])
+        style = {"color": colors[kind], "marker": markers[r["size"]], "s": 55, "edgecolor": "black", "linewidth": 0.5}
+        axes[0].scatter(r["bytes_per_image"], r["recall"]["1"], **style)
+        axes[1].scatter(r["query_ms_p50"], r["recall"]["1"], **style)
+    for ax, xlabel in zip(axes, ("bytes per database image (log)", "query time p50, ms, 1 query, 2 threads (log)")):
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("R@1 on the 280 real GardensPoint queries (%)")
+        ax.grid(alpha=0.3, which="both")
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=colors[k], marker="o", linestyle="", label=k) for k in kinds]
+    handles += [Line2D([], [], color="gray", marker=markers[s], linestyle="", label=f"{s:,} images") for s in sizes]
+    axes[1].legend(handles=handles, fontsize=8, loc="lower left")
+    axes[0].set_title("recall vs memory")
+    axes[1].set_title("recall vs query time")
+    fig.suptitle("placerank index kinds, effnet-lite0-gem 1280-d, real + drawn distractor descriptors")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pp = sub.add_parser("prepare")
+    pp.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    pg = sub.add_parser("grid")
+    pg.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    pg.add_argument("--specs", nargs="+", default=None, help="spec prefixes to run (default: all)")
+    pg.add_argument("--timeout", type=float, default=840)
+    pc = sub.add_parser("cell")
+    pc.add_argument("size", type=int)
+    pc.add_argument("spec")
+    pc.add_argument("options")
+    pe = sub.add_parser("eval")
+    pe.add_argument("--images", type=int, default=100_000)
+    pe.add_argument("--workers", type=int, default=1)
+    sub.add_parser("plot")
+    args = p.parse_args()
+    if args.cmd == "prepare":
+        prepare(args.sizes)
+    elif args.cmd == "cell":
+        print(json.dumps(cell(args.size, args.spec, json.loads(args.options))))
+    elif args.cmd == "grid":
+        grid(args.sizes, args.specs, args.timeout)
+    elif args.cmd == "eval":
+        from scale_eval import run_eval
+
+        merge({"eval": run_eval(args.images, workers=args.workers)})
+    if args.cmd in ("grid", "plot", "eval"):
+        data = json.loads(JSON.read_text())
+        plot(data, RESULTS / "scale.png")
+        print(table(data))
+        if "eval" in data:
+            print("eval:", json.dumps(data["eval"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""End-to-end ``placerank eval`` over >= 10^5 database images (part of ``benchmarks/scale.py``).
+
+The database: GardensPoint Walking ``day_left`` (140 frames, the real positives) plus
+distractor images made from every other real shared photo (not GardensPoint): random crops
+(50-100 % of the area, any aspect 3:4-4:3) and their mirror images, resized to 64x64 and written
+once as JPEG q85 to a scratch folder under /tmp (never the repo), ~2 KB each. Queries: GardensPoint
+``night_right`` (140), positives |i - j| <= 2 (``--frame-tolerance 2`` on ``path,frame`` CSVs;
+distractors get frame numbers far from 0-139). The model runs at ``--image-size 64`` (the
+images are 64x64), so extraction is ~30x cheaper per image than at the default 360x640.
+
+The eval runs as its own process (``python -m placerank eval``); its ``results.json`` gives the
+time per stage and the process's peak RSS (``ru_maxrss``), and the DataLoader workers' peak RSS
+is read from ``RUSAGE_CHILDREN`` of the wrapper (``_eval_child``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from scale_data import GARDENS, SCRATCH, SHARED, real_images
+
+EVAL_SIZE = 64
+
+
+def write_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
+    """``count`` 64x64 JPEG crops / flips of the non-GardensPoint real photos (written once)."""
+    from PIL import Image, ImageOps
+
+    done = folder / "done.json"
+    sources = [p for p in real_images() if GARDENS not in str(p) and "gardenspoint_sfu" not in str(p)]
+    per_source = -(-count // len(sources))
+    paths = [folder / f"{i // 1000:04d}" / f"{i:07d}.jpg" for i in range(count)]
+    if done.exists() and json.loads(done.read_text()).get("count", 0) >= count:
+        return paths  # a prefix of the images written for a larger count
+    rng = np.random.default_rng(seed)
+    i = 0
+    for src in sources:
+        with Image.open(src) as im:
+            im = ImageOps.exif_transpose(im).convert("RGB")
+            w, h = im.size
+            for _ in range(per_source):
+                if i >= count:
+                    break
+                area, aspect = rng.uniform(0.5, 1.0) * w * h, rng.uniform(0.75, 4 / 3)
+                cw, ch = min(w, int(np.sqrt(area * aspect))), min(h, int(np.sqrt(area / aspect)))
+                x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+                crop = im.crop((x, y, x + cw, y + ch)).resize((EVAL_SIZE, EVAL_SIZE), Image.BILINEAR)
+                if rng.random() < 0.5:
+                    crop = ImageOps.mirror(crop)
+                paths[i].parent.mkdir(parents=True, exist_ok=True)
+                crop.save(paths[i], quality=85)
+                i += 1
+    done.write_text(json.dumps({"count": count}))
+    return paths
+
+
+def write_csvs(folder: Path, distractors: list[Path]) -> tuple[Path, Path]:
+    gardens = SHARED / GARDENS
+    folder.mkdir(parents=True, exist_ok=True)
+    db, q = folder / "database.csv", folder / "queries.csv"
+    with open(db, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "frame"])
+        for k in range(140):
+            w.writerow([str(gardens / "day_left" / f"Image{k:03d}.jpg"), k])
+        for j, p in enumerate(distractors):
+            w.writerow([str(p), 10_000 + j])  # never within 2 frames of a query
+    with open(q, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "frame"])
+        for k in range(140):
+            w.writerow([str(gardens / "night_right" / f"Image{k:03d}.jpg"), k])
+    return db, q
+
+
+def run_eval(total: int = 100_000, workers: int = 1, batch_size: int = 64) -> dict:
+    """Write the images (once), run ``placerank eval`` over ``total`` database images in a
+    subprocess, and return its stage times, recall and peak RSS."""
+    folder = SCRATCH / f"eval_{total}"
+    distractors = write_images(SCRATCH / "eval_images", total - 140)
+    db, q = write_csvs(folder, distractors)
+    out = folder / "out"
+    argv = [sys.executable, "-m", "placerank", "eval", "--database", str(db), "--queries", str(q)]
+    argv += ["--frame-tolerance", "2", "--image-size", str(EVAL_SIZE), "--no-cache", "--examples", "0"]
+    argv += ["--workers", str(workers), "--batch-size", str(batch_size), "--device", "cpu", "--out", str(out)]
+    start = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"placerank eval failed: {done.stderr[-2000:]}")
+    res = json.loads((out / "results.json").read_text())
+    children_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {
+        "database_images": res["num_database"],
+        "queries": res["num_queries"],
+        "image_size": EVAL_SIZE,
+        "batch_size": batch_size,
+        "workers": workers,
+        "timing_s": res["timing_s"],
+        "wall_s": round(wall, 1),
+        "peak_rss_mb": res["peak_memory_mb"],
+        "peak_rss_largest_process_mb": round(children_kb / 1024, 1),
+        "recall": res["recall"],
+        "index": res.get("index"),
+        "omp_threads": os.environ.get("OMP_NUM_THREADS"),
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(run_eval(int(sys.argv[1]) if len(sys.argv) > 1 else 100_000), indent=1))

@@ -1,0 +1,252 @@
+"""Starting the ranks of a sharded extraction (:mod:`placerank.descriptors.shards`): what each
+rank runs (:func:`run_job`: its shard, a barrier, rank 0 merges), and :func:`launch`, which starts
+``--nproc N`` local ranks with torch's elastic launcher (the engine behind ``torchrun``) instead of
+asking the user to type ``torchrun``. Under ``torchrun`` each process calls :func:`run_job`
+itself. Gloo on CPU, NCCL on CUDA (rank ``r`` on ``cuda:LOCAL_RANK``); every rank uses
+``cores // ranks-on-this-machine`` threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from placerank.descriptors.cache import image_key
+from placerank.descriptors.files import DescriptorSet, up_to_date
+from placerank.descriptors.shards import World, check_nproc, extract_shard, merge_shards, shard_fingerprint
+from placerank.errors import PlaceRankError
+
+TIMEOUT_ENV = "PLACERANK_DIST_TIMEOUT_S"  # how long a rank waits for the slowest at a barrier
+DEFAULT_TIMEOUT_S = 24 * 3600
+
+
+@dataclass
+class ShardJob:
+    """What every rank extracts: image sets into descriptor folders, with one model."""
+
+    model: Any
+    sets: list[tuple[list[Path], Path]]  # (images, descriptor folder) in order
+    device: str = "auto"
+    batch_size: int = 16
+    num_workers: int | None = None
+    use_cache: bool = True
+    reranker: Any = None
+    precision: str = "fp32"
+    weights: str | None = None
+    local_root: str | None = None  # None: each folder's local/
+    progress: bool = True
+    max_memory_gb: float | None = None  # None: the budget of the process that launches the ranks
+
+
+def rank_device(device: str, world: World) -> torch.device:
+    """The device of this rank: ``cuda:LOCAL_RANK`` when the device is CUDA with enough GPUs."""
+    from placerank.utils import resolve_device
+
+    dev = resolve_device(device)
+    if dev.type == "cuda" and torch.cuda.device_count() > world.local_rank:
+        dev = torch.device(f"cuda:{world.local_rank}")
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def run_job(job: ShardJob, world: World | None = None) -> list[tuple[int, int]]:
+    """Every rank: its shard of each set, a barrier, rank 0 merges, a barrier. Joins (or, when
+    WORLD_SIZE says so and none exists, starts) the process group. Returns, per set, (rows done
+    before this run, rows in this rank's shard)."""
+    import torch.distributed as dist
+
+    world = world or World.from_env()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, world.local_size)))
+    device = rank_device(job.device, world)
+    model = job.model.to(device).eval()
+    reranker = job.reranker.to(device) if job.reranker is not None else None
+    if reranker is not None and job.reranker.model is job.model:
+        reranker.model = model
+    own = world.size > 1 and not dist.is_initialized()
+    if own:
+        timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    workers = job.num_workers
+    if workers is None:
+        workers = min(4, max(1, (os.cpu_count() or 1) // max(1, world.local_size)))
+    done = []
+    try:
+        for paths, folder in job.sets:
+            if up_to_date(folder, model, paths, reranker, job.precision):
+                done.append((-1, len(paths[world.rank :: world.size])))
+                continue
+            done.append(
+                extract_shard(
+                    model,
+                    paths,
+                    device,
+                    folder,
+                    world.rank,
+                    world.size,
+                    job.batch_size,
+                    workers,
+                    job.use_cache,
+                    reranker,
+                    job.precision,
+                    job.progress and world.rank == 0,
+                )
+            )
+            _barrier(world)
+            if world.rank == 0:
+                merge_shards(folder, world.size, model, paths, reranker, job.precision, job.weights, job.local_root)
+            _barrier(world)
+    finally:
+        if own:
+            dist.destroy_process_group()
+    return done
+
+
+def _barrier(world: World) -> None:
+    import torch.distributed as dist
+
+    if world.size > 1:
+        dist.barrier()
+
+
+@record
+def _launched(job: ShardJob) -> list[tuple[int, int]]:
+    """The entry point of each process :func:`launch` starts (module level: spawn pickles it),
+    under the launcher's memory budget (``--max-memory-gb`` holds for each rank)."""
+    from placerank.descriptors.memory import memory_budget
+
+    with memory_budget(job.max_memory_gb):
+        return run_job(job)
+
+
+def launch(job: ShardJob, nproc: int) -> dict[int, list[tuple[int, int]]]:
+    """Run ``job`` on ``nproc`` local processes with torch's elastic launcher (what torchrun
+    runs: a c10d rendezvous on a free localhost port, gloo on CPU, nccl on CUDA) and wait for
+    them. The model travels to the processes pickled, on the CPU. A failed rank is one line."""
+    import copy
+    import logging
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from placerank.descriptors.memory import max_memory_gb
+
+    check_nproc(nproc)
+    on_cpu = copy.copy(job)
+    if on_cpu.max_memory_gb is None:
+        on_cpu.max_memory_gb = max_memory_gb()
+    if any(p.device.type != "cpu" for p in job.model.parameters()):
+        model = copy.deepcopy(job.model).cpu()
+        reranker = job.reranker
+        if reranker is not None:
+            reranker = copy.deepcopy(reranker).cpu()
+            if getattr(reranker, "model", None) is not None:
+                reranker.model = model
+        on_cpu.model, on_cpu.reranker = model, reranker
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=uuid.uuid4().hex,
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.1,
+        start_method=_start_method(job.device),
+    )
+    quiet = os.environ.get("PLACERANK_DEBUG", "") in ("", "0")
+    logger = logging.getLogger("torch.distributed.elastic")
+    level = logger.level
+    if quiet:  # a failure is reported below in one line, not as each logger's traceback
+        logger.setLevel(logging.CRITICAL)
+    try:
+        return elastic_launch(config, _launched)(on_cpu)
+    except ChildFailedError as e:
+        raise PlaceRankError(_failure_line(e, nproc)) from None
+    finally:
+        logger.setLevel(level)
+
+
+def _start_method(device: str) -> str:
+    """``fork`` on Linux for CPU work: the ranks start at once, sharing the parent's imports and
+    model pages (spawn re-imports torch and placerank in each rank: measured ~10 s a rank on a busy
+    2-core machine); ``spawn`` where fork is unsafe (CUDA, once initialised, does not survive a
+    fork; macOS)."""
+    import sys
+
+    if sys.platform.startswith("linux") and not torch.cuda.is_initialized() and "cuda" not in str(device):
+        from placerank.utils import resolve_device
+
+        if resolve_device(device).type == "cpu":
+            return "fork"
+    return "spawn"
+
+
+def _failure_line(e, nproc: int) -> str:
+    """The first failed rank's own message (``PlaceRankError: x`` -> ``x``), or its exit status."""
+    rank, failure = min(e.failures.items())
+    message = failure.message
+    if isinstance(message, dict):
+        message = message.get("message", "")
+    text = str(message or "").strip()
+    for prefix in ("PlaceRankError: ", "DataError: ", "WeightsError: ", "IndexMismatchError: "):
+        if text.startswith(prefix):
+            text = text[len(prefix) :]
+    if not text or text.startswith("To enable traceback"):
+        code = failure.exitcode
+        text = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
+    return f"extraction rank {rank} of {nproc} failed: {text} (a rerun resumes the finished chunks)"
+
+
+def extract_in_processes(
+    model,
+    sets: list[list[Path]],
+    nproc: int,
+    device: str = "auto",
+    batch_size: int = 16,
+    num_workers: int | None = None,
+    use_cache: bool = True,
+    reranker=None,
+    precision: str = "fp32",
+) -> list[DescriptorSet]:
+    """For a caller that goes on in one process (``placerank eval``): the descriptors of each
+    image set, extracted by ``nproc`` ranks into scratch folders under ``$PLACERANK_CACHE/shards/``
+    (named by what they hold, so a rerun after a kill resumes) and memory-mapped back; the
+    folders are removed once mapped (the mapping stays valid on POSIX systems). With
+    ``reranker``, its local features go to the cache's store, where the caller's
+    :func:`~placerank.descriptors.extract.local_store_for` finds them."""
+    from placerank.descriptors.files import load_descriptors
+    from placerank.utils import cache_root
+
+    root = cache_root()
+    folders = []
+    for paths in sets:
+        keys = [image_key(p) for p in paths]
+        name = hashlib.sha1(shard_fingerprint(model, keys, precision, reranker).encode()).hexdigest()[:24]
+        folders.append(root / "shards" / f"{model.name}-{name}")
+    job = ShardJob(
+        model=model,
+        sets=[([Path(p) for p in paths], folder) for paths, folder in zip(sets, folders)],
+        device=device,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        use_cache=use_cache,
+        reranker=reranker,
+        precision=precision,
+        local_root=str(root / "local"),
+    )
+    launch(job, nproc)
+    out = []
+    for folder in folders:
+        out.append(load_descriptors(folder))
+        out[-1].folder = None
+        shutil.rmtree(folder, ignore_errors=True)
+    return out
