@@ -76,7 +76,7 @@ def run(args) -> int:
 
 def _run_sharded(args, model, reranker, paths) -> int:
     """This rank's shard (torchrun) or ``--nproc`` ranks started here; rank 0 merges and reports."""
-    from placerank.descriptors.files import load_descriptors
+    from placerank.descriptors.files import load_descriptors, up_to_date
     from placerank.descriptors.launch import ShardJob, launch, run_job
     from placerank.descriptors.shards import World
 
@@ -95,6 +95,9 @@ def _run_sharded(args, model, reranker, paths) -> int:
     if world.size > 1:
         resumed = {world.rank: run_job(job, world)}
         size = world.size
+    elif up_to_date(args.out, model, list(paths), reranker, args.precision):  # no ranks to start
+        resumed = {0: [(-1, 0)]}
+        size = args.nproc
     else:
         resumed = launch(job, args.nproc)
         size = args.nproc

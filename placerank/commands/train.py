@@ -25,7 +25,17 @@ DEFAULTS = {
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a VPR method (selavpr, fol, sfrs) on place-labelled images")
     p.add_argument(
-        "--preset", default=None, help="training recipe (fol-cpu | selavpr-cpu | sfrs-cpu); flags override it"
+        "--preset",
+        default=None,
+        help="training recipe (fol-cpu | selavpr-cpu | sfrs-cpu); flags override it. Without it, --method M "
+        "takes M's CPU recipe settings (not its data) and a 20-minute budget; 'none': the bare defaults",
+    )
+    p.add_argument(
+        "--validation",
+        choices=("auto", "none"),
+        default="auto",
+        help="auto (default, without --preset): hold out the last ~15%% of frames / places of --train to pick the "
+        "best epoch and stop early, unless --option val_database/val_queries name a pair; none: no validation",
     )
     p.add_argument("--data", default=None, help="shared data folder for a preset's data (default: ../shared/data)")
     p.add_argument("--method", default=None, help="training method (selavpr | fol | sfrs)")
@@ -37,8 +47,12 @@ def register(sub) -> None:
         help="CSV manifests (path,place_id or path,frame), frame-aligned traversal folders, Nordland or GSV-Cities roots",
     )
     p.add_argument("--out", default=None, type=Path, help="run folder (checkpoints, log.jsonl, model.pt)")
-    p.add_argument("--epochs", type=positive_int, default=None, help="default 1")
-    p.add_argument("--max-minutes", type=positive_float, default=None, help="stop cleanly after this many minutes")
+    p.add_argument(
+        "--epochs", type=positive_int, default=None, help="default: the method's recipe (1 with --preset none)"
+    )
+    p.add_argument(
+        "--max-minutes", type=positive_float, default=None, help="stop cleanly after this many minutes (default 20)"
+    )
     p.add_argument("--places-per-batch", type=positive_int, default=None, help="default 8")
     p.add_argument("--images-per-place", type=positive_int, default=None, help="default 2")
     p.add_argument("--lr", type=positive_float, default=None)
@@ -69,13 +83,20 @@ def register(sub) -> None:
 def train_settings(args) -> dict:
     """TrainConfig keywords: the preset's settings (if any), then every flag the user gave."""
     settings: dict = {"options": {}}
-    if args.preset:
+    if args.preset and args.preset != "none":
         from placerank.data.places import find_shared_data
         from placerank.presets import get_preset
 
         recipe = get_preset(args.preset, kind="train")
         settings = recipe.settings(find_shared_data(args.data))
         settings["out"] = Path("runs") / args.preset
+    elif args.preset is None and args.method:
+        from placerank.presets.recipes import default_recipe
+
+        default = default_recipe(args.method)
+        if default is not None:  # the method's measured CPU recipe, on the user's data
+            settings = default.defaults(args.backbone)
+            settings["out"] = Path("runs") / args.method
     flags = {
         "method": args.method,
         "backbone": args.backbone,
@@ -102,6 +123,30 @@ def train_settings(args) -> dict:
             raise PlaceRankError(f"train needs {flag} (or --preset NAME)")
     settings["resume"] = not args.no_resume
     return settings
+
+
+def wants_auto_split(args, settings: dict) -> bool:
+    """The automatic validation split applies to ``--method M`` runs without a preset (a preset
+    brings its own data and split) unless ``--validation none`` or a val_* pair is given."""
+    given = settings["options"].get("val_database") or settings["options"].get("val_queries")
+    return args.preset is None and args.validation == "auto" and not given
+
+
+def apply_auto_split(settings: dict) -> str:
+    """Hold out validation data of the user's ``--train`` (:mod:`placerank.train.auto_split`):
+    the training specs / frame range and the val_* options change in ``settings``; what was held
+    out goes to ``RUN_DIR/split/split.json`` and ``log.jsonl``. Returns the line to print."""
+    import json
+
+    from placerank.train.auto_split import auto_split
+
+    split = auto_split(settings["train"], settings.get("frames"), Path(settings["out"]))
+    settings["train"], settings["frames"] = split.train, split.frames
+    settings["options"] = {**settings["options"], **split.options}
+    if split.options and os.environ.get("RANK", "0") == "0":
+        with open(Path(settings["out"]) / "log.jsonl", "a") as f:
+            f.write(json.dumps({"event": "validation_split", **split.summary}) + "\n")
+    return split.message
 
 
 def check_settings(settings: dict) -> None:
@@ -134,7 +179,7 @@ def check_settings(settings: dict) -> None:
 
 
 # what a run writes first; a run that fails before anything else removes a folder it created
-_START_FILES = {"config.json", "log.jsonl"}
+_START_FILES = {"config.json", "log.jsonl", "split"}
 
 
 def _remove_failed_start(out: Path) -> None:
@@ -152,6 +197,10 @@ def run(args) -> int:
     out = Path(settings["out"])
     created = not out.exists()
     try:
+        if wants_auto_split(args, settings):
+            message = apply_auto_split(settings)
+            if os.environ.get("RANK", "0") == "0":
+                print(message, flush=True)
         if args.nproc > 1:
             from placerank.train.distributed import launch_training
 

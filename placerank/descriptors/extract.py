@@ -144,7 +144,7 @@ def _budgeted_batch(model, batch_size: int, device: torch.device, num_workers: i
     """``batch_size`` cut to the memory budget (``--max-memory-gb``, :mod:`.memory`); the workers
     counted are the ones ``make_loader`` starts for ``todo`` images."""
     workers = workers_for(num_workers) if todo >= 2 * batch_size else 0
-    return fit_batch_size(model, batch_size, device, workers)
+    return fit_batch_size(model, min(batch_size, todo), device, workers)
 
 
 @torch.inference_mode()

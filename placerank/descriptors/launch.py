@@ -64,11 +64,11 @@ def run_job(job: ShardJob, world: World | None = None) -> list[tuple[int, int]]:
     import torch.distributed as dist
 
     world = world or World.from_env()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, world.local_size)))
+    torch.set_num_threads(threads_per_rank(world.local_size))
     device = rank_device(job.device, world)
     model = job.model.to(device).eval()
     reranker = job.reranker.to(device) if job.reranker is not None else None
-    if reranker is not None and job.reranker.model is job.model:
+    if reranker is not None and getattr(job.reranker, "model", None) is job.model:
         reranker.model = model
     own = world.size > 1 and not dist.is_initialized()
     if own:
@@ -160,7 +160,7 @@ def launch(job: ShardJob, nproc: int) -> dict[int, list[tuple[int, int]]]:
         rdzv_endpoint="localhost:0",
         max_restarts=0,
         monitor_interval=0.1,
-        start_method=_start_method(job.device),
+        start_method=_start_method(job.device, nproc),
     )
     quiet = os.environ.get("PLACERANK_DEBUG", "") in ("", "0")
     logger = logging.getLogger("torch.distributed.elastic")
@@ -175,19 +175,24 @@ def launch(job: ShardJob, nproc: int) -> dict[int, list[tuple[int, int]]]:
         logger.setLevel(level)
 
 
-def _start_method(device: str) -> str:
-    """``fork`` on Linux for CPU work: the ranks start at once, sharing the parent's imports and
-    model pages (spawn re-imports torch and placerank in each rank: measured ~10 s a rank on a busy
-    2-core machine); ``spawn`` where fork is unsafe (CUDA, once initialised, does not survive a
-    fork; macOS)."""
+def threads_per_rank(ranks_here: int) -> int:
+    """Intra-op threads of each rank: the machine's cores shared by the ranks on it."""
+    return max(1, (os.cpu_count() or 1) // max(1, ranks_here))
+
+
+def _start_method(device: str, nproc: int) -> str:
+    """``fork`` on Linux for CPU ranks of one thread each: they start at once, sharing the
+    parent's imports and model pages (spawn re-imports torch and placerank in every rank: measured
+    64 s -> 18 s for a 12-image 2-rank extract on a busy 2-core machine). Otherwise ``spawn``:
+    GNU OpenMP hangs in a forked child that runs parallel regions (seen here with 2 threads), and
+    CUDA, once initialised, does not survive a fork."""
     import sys
 
-    if sys.platform.startswith("linux") and not torch.cuda.is_initialized() and "cuda" not in str(device):
-        from placerank.utils import resolve_device
+    if not sys.platform.startswith("linux") or threads_per_rank(nproc) > 1 or torch.cuda.is_initialized():
+        return "spawn"
+    from placerank.utils import resolve_device
 
-        if resolve_device(device).type == "cpu":
-            return "fork"
-    return "spawn"
+    return "fork" if resolve_device(device).type == "cpu" else "spawn"
 
 
 def _failure_line(e, nproc: int) -> str:

@@ -10,7 +10,9 @@ How the batch is sized (:func:`fit_batch_size`): ``min(batch_size, fit)`` where
 ``fit = (budget - resident now - headroom) / per image``, and ``per image`` is measured once per
 model, input size and device (:func:`per_image_bytes`): a probe forward of :data:`PROBE_IMAGES`
 images with the peak-RSS counter reset just before (Linux ``/proc/self/clear_refs``), divided by
-the images; on CUDA the activations are in GPU memory and only the input tensors count. To that
+the images; on CUDA the activations are in GPU memory and only the input tensors count. The
+probe runs only when a generous bound (:data:`GENEROUS_FACTOR` x the input tensor per image)
+does not already fit, so small jobs (tests, one query) never pay for it. To that
 come the input tensors the DataLoader workers have prefetched (``prefetch_factor`` x workers
 batches). Where the peak counter cannot be reset, the probe's sum of module output sizes stands
 in (an estimate: inference frees most of them early, so it errs on the safe side).
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,10 +38,11 @@ if TYPE_CHECKING:  # torch is imported where it is used: the CLI imports this mo
 
 PROBE_IMAGES = 2
 HEADROOM_BYTES = 256 * 2**20  # DataLoader bookkeeping, the cache's SQLite pages, numpy copies
+GENEROUS_FACTOR = 128  # x the input tensor: above any per-image forward measured here (CNNs ~33x)
 PREFETCH_FACTOR = 4  # batches each DataLoader worker holds ahead (placerank.data.images.make_loader)
 
 _budget_gb: float = DEFAULT_MAX_MEMORY_GB
-_probed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_probed: dict[tuple, int] = {}  # (model name, input size, device) -> bytes per image
 _warned: set[float] = set()
 
 
@@ -110,20 +112,19 @@ def input_bytes(model) -> int:
 
 
 def per_image_bytes(model, device: torch.device) -> int:
-    """Peak memory one image adds to a forward (measured once per model, input size, device)."""
+    """Peak memory one image adds to a forward, measured once per process for each model name,
+    input size and device (two instances of one model need the same)."""
     import torch
 
-    key = (tuple(model.preprocess.size), str(device))
-    cached = _probed.get(model, {})
-    if key in cached:
-        return cached[key]
+    key = (getattr(model, "name", type(model).__name__), tuple(model.preprocess.size), str(device))
+    if key in _probed:
+        return _probed[key]
     x = torch.zeros((PROBE_IMAGES, 3, *model.preprocess.size), device=device)
     sizes = [tuple(model.preprocess.size)] * PROBE_IMAGES
     model.eval()
     with torch.inference_mode():
         bytes_ = _probe(model, x, sizes, device)
-    cached[key] = int(bytes_)
-    _probed[model] = cached
+    _probed[key] = int(bytes_)
     return int(bytes_)
 
 
@@ -180,8 +181,13 @@ def fit_batch_size(
             f"--max-memory-gb {gb:g} is below the size of {getattr(model, 'name', 'the model')} itself"
             f" ({own / 2**30:.2f} GB); give at least {own / 2**30 + 0.5:.1f}"
         )
-    per_image = per_image_bytes(model, device) + input_bytes(model) * PREFETCH_FACTOR * max(0, num_workers)
+    if batch_size <= 1:
+        return 1  # nothing to cut: no probe forward (one query image, a service request)
+    prefetch = input_bytes(model) * PREFETCH_FACTOR * max(0, num_workers)
     free = budget - resident_bytes() - HEADROOM_BYTES
+    if batch_size * (GENEROUS_FACTOR * input_bytes(model) + prefetch) <= free:
+        return batch_size  # fits even at a generous bound: no probe forward needed
+    per_image = per_image_bytes(model, device) + prefetch
     fit = max(1, free // max(1, per_image))
     if free < per_image and gb not in _warned:
         _warned.add(gb)

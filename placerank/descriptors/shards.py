@@ -108,12 +108,14 @@ def _stop_after(rank: int) -> int | None:
     if not text:
         return None
     count, _, only = text.partition("@")
+    if not count.isdigit() or (only and not only.isdigit()):
+        raise PlaceRankError(f"{STOP_ENV}={text}: expected K or K@RANK (whole numbers), a fault-injection knob")
     if only and int(only) != rank:
         return None
     return int(count)
 
 
-def _open_shard(shard: Path, progress: dict, dim: int) -> tuple[np.ndarray, int]:
+def _open_shard(shard: Path, progress: dict, dim: int) -> tuple[np.memmap, int]:
     """The shard's memory map and its rows done; a shard of other work is discarded (restart)."""
     npy, meta = shard / "descriptors.npy", shard / "progress.json"
     rows = progress["rows"]

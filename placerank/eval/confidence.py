@@ -65,17 +65,14 @@ def place_margin(similarities: np.ndarray, ids: np.ndarray, same: np.ndarray) ->
     """(Q,) top-1 similarity minus the best similarity of a candidate not at the top-1's place
     (``same`` from :func:`same_place`); the last valid candidate's when all are. 0 without candidates."""
     sims = np.asarray(similarities, dtype=np.float64)
-    ids = np.asarray(ids)
-    valid = ids >= 0
-    out = np.zeros(len(sims))
-    for q in range(len(sims)):
-        v = np.flatnonzero(valid[q])
-        if len(v) == 0:
-            continue
-        other = v[~same[q, v]]
-        rival = sims[q, other].max() if len(other) else sims[q, v[-1]]
-        out[q] = sims[q, v[0]] - rival
-    return out
+    valid = np.asarray(ids) >= 0
+    if sims.size == 0:
+        return np.zeros(len(sims))
+    other = valid & ~np.asarray(same, dtype=bool)
+    rival = np.where(other, sims, -np.inf).max(axis=1)
+    last = sims[np.arange(len(sims)), np.maximum(valid.sum(axis=1) - 1, 0)]  # FAISS pads at the end
+    rival = np.where(other.any(axis=1), rival, last)
+    return np.where(valid.any(axis=1), sims[:, 0] - rival, 0.0)
 
 
 def global_confidence(dataset, similarities: np.ndarray, ids: np.ndarray) -> np.ndarray:

@@ -62,7 +62,8 @@ class PRCurve:
         return {
             "auc": _round(self.auc),
             "recall_at_100_precision": _round(self.recall_at_100_precision),
-            "threshold_at_100_precision": None if t is None else _round(t, 6),
+            # not rounded: passed back as --rerank-below CONF it must select exactly the same queries
+            "threshold_at_100_precision": t,
             "confidence": confidence,
             "definition": DEFINITION,
         }

@@ -26,7 +26,8 @@ def write_predictions(path: Path, ds, ids: np.ndarray, positives, confidence=Non
     def conf_cells(q: int) -> list:
         if confidence is None:
             return []
-        return [f"{confidence.final[q]:.6g}", f"{confidence.first[q]:.6g}", int(confidence.reranked[q])]
+        # shortest exact repr: a value copied into --rerank-below selects exactly the queries it should
+        return [repr(float(confidence.final[q])), repr(float(confidence.first[q])), int(confidence.reranked[q])]
 
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)

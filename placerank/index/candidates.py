@@ -234,4 +234,6 @@ def _effective_options(db, index_spec: str, index_options: dict | None) -> dict:
     from placerank.index import spec as S
 
     empty = S.make_index(int(db.descriptors.shape[1]), index_spec)
-    return S.with_defaults(empty, S.normalize_options(index_options))
+    options = S.normalize_options(index_options)
+    options.pop("on_disk", None)  # where the lists live, not how the search runs
+    return S.with_defaults(empty, options)

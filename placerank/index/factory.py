@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -64,7 +65,7 @@ def _rows(descriptors, start: int, stop: int) -> np.ndarray:
 
 
 def _check_shape(descriptors, dimension: int | None = None) -> tuple[int, int]:
-    shape = getattr(descriptors, "shape", ())
+    shape: tuple = tuple(getattr(descriptors, "shape", ()))
     if len(shape) != 2:
         raise PlaceRankError(f"descriptors must be an (N, D) array, got shape {tuple(shape)}")
     if dimension is not None and shape[1] != dimension:
@@ -73,8 +74,13 @@ def _check_shape(descriptors, dimension: int | None = None) -> tuple[int, int]:
 
 
 def trained_hash(index: faiss.Index) -> str:
-    """Hash of an empty trained index (its centroids / codebooks): equal for equally trained parts."""
-    return hashlib.sha256(faiss.serialize_index(index).tobytes()).hexdigest()[:16]
+    """Hash of an empty trained index (its centroids / codebooks): equal for equally trained parts.
+    Streamed through a FAISS callback writer: no serialised copy is held."""
+    h = hashlib.sha256()
+    writer = faiss.PyCallbackIOWriter(h.update)  # type: ignore[attr-defined]
+    faiss.write_index(index, writer)
+    del writer  # flushes
+    return h.hexdigest()[:16]
 
 
 class VPRIndex:
@@ -88,6 +94,7 @@ class VPRIndex:
         self._gpu: dict[str, faiss.Index | None] = {}
         self._bytes: int | None = None
         self._parts: list[VPRIndex] = []  # shards kept alive by an IndexShards merge
+        self._scratch: tempfile.TemporaryDirectory | None = None  # on-disk lists of ``on_disk=1``, removed with us
 
     @property
     def spec(self) -> str:
@@ -152,10 +159,11 @@ class VPRIndex:
         index = self._searcher(k, device)
         self.searched_on = "gpu" if index is not self.index else "cpu"
         l2 = index.metric_type == faiss.METRIC_L2  # some kinds (HNSW-PQ) only do L2: 1 - d/2 on unit vectors
-        for s in range(0, nq, chunk):
-            d, i = index.search(_rows(queries, s, s + chunk), k)
-            sims[s : s + chunk] = 1.0 - d / 2.0 if l2 else d
-            ids[s : s + chunk] = i
+        with S.at_least_k(index, k):
+            for s in range(0, nq, chunk):
+                d, i = index.search(_rows(queries, s, s + chunk), k)
+                sims[s : s + chunk] = 1.0 - d / 2.0 if l2 else d
+                ids[s : s + chunk] = i
         sims[ids < 0] = -np.inf
         return sims, ids
 
@@ -171,7 +179,7 @@ class VPRIndex:
                 def counter(buf: bytes) -> None:
                     count[0] += len(buf)
 
-                writer = faiss.PyCallbackIOWriter(counter)
+                writer = faiss.PyCallbackIOWriter(counter)  # type: ignore[attr-defined]
                 faiss.write_index(self.index, writer)
                 del writer  # flushes
                 extra = os.path.getsize(self.folder / self.schema.ivfdata) if self.schema.ivfdata and self.folder else 0
@@ -179,7 +187,8 @@ class VPRIndex:
         return self._bytes
 
     def describe(self) -> dict:
-        """{"spec", "options", "train_size", "bytes", "bytes_per_image", "build_s"} for results and logs."""
+        """{"spec", "options", "train_size", "bytes", "bytes_per_image", "build_s", "on_disk"} for
+        results and logs."""
         n = max(len(self), 1)
         return {
             "spec": self.spec,
@@ -188,6 +197,7 @@ class VPRIndex:
             "bytes": int(self.nbytes),
             "bytes_per_image": round(self.nbytes / n, 2),
             "build_s": round(float(self.schema.build_s), 3),
+            "on_disk": bool(self.schema.ivfdata),
         }
 
     def save(self, folder: str | Path) -> None:
@@ -289,12 +299,20 @@ def build_index(
 ) -> VPRIndex:
     """Train (if the kind needs it) and fill an index of ``spec`` with ``descriptors`` (N, D) float32,
     L2-normalised; a memmap is read in chunks. ``on_disk`` = a folder: IVF lists go to a file there
-    (see :mod:`placerank.index.ondisk`); save the index into the same folder. ``device`` is only
-    used for searching (see :meth:`VPRIndex.search`)."""
+    (see :mod:`placerank.index.ondisk`); save the index into the same folder. The option
+    ``on_disk=1`` (``--index-option on_disk=1``) does the same in a scratch folder under $TMPDIR
+    that lives as long as the index. ``device`` is only used for searching (see :meth:`VPRIndex.search`)."""
     start = time.perf_counter()
     n, dim = _check_shape(descriptors)
     spec = str(spec).strip()
     index = S.make_index(dim, spec)
+    options = S.normalize_options(options)
+    scratch = None
+    if float(options.pop("on_disk", "0")) and on_disk is None:
+        scratch = tempfile.TemporaryDirectory(prefix="placerank-ivf-")
+        on_disk = scratch.name
+    if on_disk is not None and S.nlist_of(index) == 0:
+        raise PlaceRankError(f"on-disk inverted lists need an IVF index (e.g. IVF4096,PQ64), not '{spec}'")
     size = S.check_train_size(spec, index, n, train_size)
     if size:
         sample = np.ascontiguousarray(descriptors[S.train_rows(n, size)], dtype=np.float32)
@@ -315,6 +333,7 @@ def build_index(
         obj.folder = Path(on_disk)
         obj.set_options(options)  # the lists were replaced; keep nprobe & co.
         obj._changed()
+        obj._scratch = scratch
     else:
         obj.add(descriptors, progress=progress)
     schema.build_s = time.perf_counter() - start
@@ -355,7 +374,7 @@ def merge_indexes(parts: list[VPRIndex]) -> VPRIndex:
         except RuntimeError:
             if moved:  # some parts were already moved into ``merged``: cannot fall back
                 raise
-    shards = faiss.IndexShards(first.dimension, False, True)
+    shards = faiss.IndexShards(first.dimension)  # FAISS defaults: not threaded, successive ids
     for p in parts:
         shards.add_shard(p.index)
     out = VPRIndex(shards, schema)

@@ -136,7 +136,9 @@ class IdMapIndex:
         if len(self) == 0:
             raise PlaceRankError("the index is empty: add descriptors before searching")
         q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.schema.dimension)
-        return self.index.search(q, min(int(k), len(self)))
+        k = min(int(k), len(self))
+        with S.at_least_k(self.index, k):
+            return self.index.search(q, k)
 
     def save(self, folder: str | Path) -> Path:
         """Write ``index.g<generation>.faiss`` then ``index.json``; delete other generations."""

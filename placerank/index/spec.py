@@ -16,6 +16,7 @@ needs at least ``k`` rows.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import faiss
 import numpy as np
@@ -56,14 +57,14 @@ def make_index(dimension: int, spec: str) -> faiss.Index:
     return index
 
 
-def _no_polysemous(index: faiss.Index) -> None:
+def _no_polysemous(index_: faiss.Index) -> None:
     """Turn off polysemous training of PQ codes: it optimises the codes for the Hamming pre-filter
     of the ``ht`` option only and costs 5-10x the PQ training time."""
-    index = faiss.downcast_index(index)
+    index: Any = faiss.downcast_index(index_)
     if isinstance(index, faiss.IndexPreTransform):
         _no_polysemous(index.index)
     elif isinstance(index, (faiss.IndexIVFPQ, faiss.IndexPQ)):
-        index.do_polysemous_training = False
+        setattr(index, "do_polysemous_training", False)  # noqa: B010 (the stubs lack the field)
     elif isinstance(index, faiss.IndexHNSW) and index.storage is not None:
         _no_polysemous(index.storage)
 
@@ -81,13 +82,14 @@ def nlist_of(index: faiss.Index) -> int:
     return int(ivf.nlist) if ivf is not None else 0
 
 
-def kmeans_sizes(index: faiss.Index) -> list[int]:
-    """The number of centroids of every k-means that training ``index`` runs."""
-    index = faiss.downcast_index(index)
+def kmeans_sizes(index_: faiss.Index) -> list[int]:
+    """The number of centroids of every k-means that training ``index_`` runs."""
+    index: Any = faiss.downcast_index(index_)
     sizes: list[int] = []
     if isinstance(index, faiss.IndexPreTransform):
-        for i in range(index.chain.size()):
-            if isinstance(faiss.downcast_VectorTransform(index.chain.at(i)), faiss.OPQMatrix):
+        chain: Any = index.chain
+        for i in range(chain.size()):
+            if isinstance(faiss.downcast_VectorTransform(chain.at(i)), faiss.OPQMatrix):
                 sizes.append(256)  # OPQ trains through a PQ with 8-bit codes
         return sizes + kmeans_sizes(index.index)
     if isinstance(index, faiss.IndexIVF):
@@ -185,6 +187,33 @@ def check_spec(spec: str, options: dict | None, dimension: int, count: int | Non
     parses for this dimension, the options exist, and (given ``count``) there are enough
     database rows to train it. One-line :class:`PlaceRankError` otherwise."""
     index = make_index(dimension, spec)
-    apply_options(index, with_defaults(index, normalize_options(options)), spec.strip())
+    options = normalize_options(options)
+    if float(options.pop("on_disk", "0")) and nlist_of(index) == 0:
+        raise PlaceRankError(f"on-disk inverted lists need an IVF index (e.g. IVF4096,PQ64), not '{spec.strip()}'")
+    apply_options(index, with_defaults(index, options), spec.strip())
     if count is not None:
         check_train_size(spec.strip(), index, count, None)
+
+
+def hnsw_of(index_: faiss.Index):
+    """The HNSW graph of an HNSW index (also under a pre-transform or an id map), else None."""
+    index: Any = faiss.downcast_index(index_)
+    while isinstance(index, (faiss.IndexPreTransform, faiss.IndexIDMap, faiss.IndexIDMap2)):
+        index = faiss.downcast_index(index.index)
+    return index.hnsw if isinstance(index, faiss.IndexHNSW) else None
+
+
+class at_least_k:
+    """Context: an HNSW graph searched with efSearch >= k. FAISS returns fewer than k rows when
+    efSearch < k, so a search for k rows raises efSearch to k for its duration."""
+
+    def __init__(self, index: faiss.Index, k: int):
+        self.hnsw, self.k, self.old = hnsw_of(index), int(k), None
+
+    def __enter__(self) -> None:
+        if self.hnsw is not None and self.hnsw.efSearch < self.k:
+            self.old, self.hnsw.efSearch = self.hnsw.efSearch, self.k
+
+    def __exit__(self, *exc) -> None:
+        if self.old is not None:
+            self.hnsw.efSearch = self.old

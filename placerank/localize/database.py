@@ -143,8 +143,8 @@ class Database(contextlib.AbstractContextManager):
         if not metadata.is_initialised(Path(path).resolve()):
             try:  # ``wait``: another process may be creating it right now
                 args = (model if model is not None else DEFAULT_MODEL, weights, image_size, device)
-                kind = {"index": index or "flat", "index_options": index_options}
-                return cls.create(path, *args, 25.0 if radius is None else radius, wait=wait, **kind)
+                r = 25.0 if radius is None else radius
+                return cls.create(path, *args, r, wait=wait, index=index or "flat", index_options=index_options)
             except PlaceRankError as e:
                 if not _made_meanwhile(Path(path).resolve()):
                     raise e from None
@@ -152,7 +152,8 @@ class Database(contextlib.AbstractContextManager):
         if radius is not None and float(radius) != db.info()["radius_m"]:
             db.set_radius(radius)
         if index is not None or index_options:
-            db.set_index(index, index_options, wait)
+            _check_writable(db)
+            db.store.change_index(index, index_options, wait)
         return db
 
     def close(self) -> None:
@@ -200,18 +201,6 @@ class Database(contextlib.AbstractContextManager):
         return self._model
 
     # -- changing it ------------------------------------------------------------------------------
-    def set_index(self, index: str | None, index_options: dict | None = None, wait: float = 0.0) -> None:
-        """Search this database with an index of kind ``index`` (None: keep the kind) and these
-        search options (None: keep them); a no-op when nothing changes."""
-        _check_writable(self)
-        spec, options = self.store.index_kind()
-        new = (index or spec, dict(index_options) if index_options is not None else options)
-        if new != (spec, options):
-            with self.store.slot.hold(wait):
-                self.store.set_index_kind(*new)
-                self.store.index()  # rebuilt (trained) and saved now, not by every reader
-                self.store.save_index()
-
     def set_radius(self, radius: float, wait: float = 0.0) -> None:
         _check_writable(self)
         if radius <= 0:

@@ -78,15 +78,23 @@ class Store:
         """(spec, search options) the database asks for (docs/index.md)."""
         return self.meta.get("index") or "flat", json.loads(self.meta.get("index_options") or "{}")
 
-    def set_index_kind(self, spec: str, options: dict | None) -> None:
-        """By the writer: a new index kind (checked on an empty index first); rebuilt on next use."""
-        dim = int(self.meta.get("descriptor_dim"))
-        IdMapIndex(dim, spec=spec, options=options)  # a bad spec or option fails here, changing nothing
-        with self.meta.transaction():
-            for key, value in (("index", spec), ("index_options", json.dumps(dict(options or {}), sort_keys=True))):
-                self.meta.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
-            self.meta.bump_generation()
-        self._index = None
+    def change_index(self, spec: str | None, options: dict | None, wait: float = 0.0) -> None:
+        """Search with an index of kind ``spec`` (None: keep the kind) and these search options
+        (None: keep them for the same kind, none for a new kind); checked on an empty index first,
+        then rebuilt (trained) and saved at once, not by every reader. A no-op when nothing changes."""
+        old = self.index_kind()
+        new = (spec or old[0], dict(options) if options is not None else (old[1] if (spec or old[0]) == old[0] else {}))
+        if new == old:
+            return
+        IdMapIndex(int(self.meta.get("descriptor_dim")), spec=new[0], options=new[1])  # bad: fails, nothing changed
+        with self.slot.hold(wait):
+            with self.meta.transaction():
+                for key, value in (("index", new[0]), ("index_options", json.dumps(new[1], sort_keys=True))):
+                    self.meta.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+                self.meta.bump_generation()
+            self._index = None
+            self.index()
+            self.save_index()
 
     def _rebuild(self) -> IdMapIndex:
         """The index rebuilt from the stored rows (after a change the index kind cannot apply)."""

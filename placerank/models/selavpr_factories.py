@@ -132,9 +132,7 @@ def _selavpr_effnet(weights=None, image_size=None, pretrained=True, adapt_stages
 # (Lite1/Lite2: 5 + 1 blocks, Lite0: 4 + 1) and conv_head, GeM on the 1280-ch head output.
 for _lite in EFFNET_LITES[1:]:
 
-    def _sela_lite(
-        weights=None, image_size=None, pretrained=True, adapt_stages=(5, 6), adapt_head=True, _lite=_lite
-    ):
+    def _sela_lite(weights=None, image_size=None, pretrained=True, adapt_stages=(5, 6), adapt_head=True, _lite=_lite):
         return _effnet_factory(
             f"selavpr-effnet-{_lite}",
             weights,

@@ -84,6 +84,53 @@ class TrainRecipe:
             "options": options,
         }
 
+    def defaults(self, backbone: str | None = None) -> dict[str, Any]:
+        """The settings ``placerank train --method M`` takes from this recipe when no ``--preset``
+        is given: everything but the data (the user's ``--train``; validation comes from the
+        automatic split, :mod:`placerank.train.auto_split`), with the run length of
+        :data:`DEFAULT_RUN` (time or early stopping ends it, not the epoch count). The CPU
+        backbone's input size, lr and options do not fit another backbone: for one, only the run
+        length and the validation settings are taken."""
+        run = DEFAULT_RUN[self.method]
+        options = {**self.options, **run["options"]}
+        settings: dict[str, Any] = {
+            "method": self.method,
+            "epochs": run["epochs"],
+            "max_minutes": DEFAULT_MINUTES,
+            "options": options,
+        }
+        if backbone is None or backbone == self.backbone:
+            base = self.settings(Path("."))
+            settings.update({k: base[k] for k in ("backbone", "image_size", "lr", "batch_places", "images_per_place")})
+            settings.update({k: base[k] for k in ("seed", "num_workers")})
+        else:
+            settings["options"] = dict(run["options"])
+        return settings
+
+
+#: ``placerank train --method M`` without ``--preset`` runs this recipe's settings on the user's data
+DEFAULT_RECIPES = {"fol": "fol-cpu", "selavpr": "selavpr-cpu", "sfrs": "sfrs-cpu"}
+DEFAULT_MINUTES = 20.0  # about 20 minutes on a 2-core CPU
+#: the run length of the default recipes, and how they select the best epoch on the automatic split:
+#: FoL and SelaVPR validate after every epoch (FoL also every few minutes of a long epoch) and stop
+#: after 3 validations without improvement; SFRS keeps its measured 1 + 3 epochs over 2 generations
+#: (its generation structure needs a fixed count) and selects on validation R@5.
+DEFAULT_RUN: dict[str, dict[str, Any]] = {
+    # FoL: R@5 of the global descriptor (the official selection re-ranks first; too slow per epoch on CPU)
+    "fol": {"epochs": 1000, "options": {"val_select_n": "5", "val_patience": "3"}},
+    # SelaVPR CNN: global R@1, as the selavpr-cpu recipe measured (R@5 saturates on ~20 queries)
+    "selavpr": {"epochs": 1000, "options": {"val_select_n": "1", "val_patience": "3"}},
+    "sfrs": {"epochs": 3, "options": {}},
+}
+
+
+def default_recipe(method: str) -> TrainRecipe | None:
+    """The CPU recipe ``--method METHOD`` defaults to (None: a method without one)."""
+    from placerank.presets import get_preset
+
+    name = DEFAULT_RECIPES.get(method)
+    return None if name is None else get_preset(name, kind="train")
+
 
 @register_preset(
     "fol-cpu",

@@ -18,13 +18,15 @@ database sequence (or the database) counts as the frame's *fill* value (below).
 **Sparse similarities.** ``s(f, x)`` is known only for frame ``f``'s top-K candidates (FAISS
 search); every other database position gets the frame's fill, the lowest score it kept (an upper
 bound on the missing ones, so missing evidence is neither rewarded nor punished against the
-frame's own tail). Only end positions that some path term reaches through a kept candidate are
-scored: every other end has the all-fill score, the lowest possible, so the ranking of the
-scored ends is exact for the sparse matrix; with ``K = N`` it is exact SeqSLAM (without its local
-contrast normalisation; ``normalize="zscore"`` is a per-frame stand-in). Cost per query frame:
-O(L * V * E * log K) with E <= L * V * K proposed ends (V velocities); memory O(Q * K) for the
-candidate lists, O(E * V) per query; independent of the database size N except through the
-search that produced the top-K.
+frame's own tail). The sum is then computed by *voting*: every kept candidate ``x`` of frame
+``t - l`` votes ``s - fill`` for the end ``x + round(v * l)`` of each velocity, and an end's score
+is the frames' fills plus its votes. Ends without a vote have the all-fill score, the lowest
+possible, and are not listed; the ranking of the listed ends is exact for the sparse matrix, and
+with ``K = N`` it is exact SeqSLAM (without its local contrast normalisation;
+``normalize="zscore"`` is a per-frame stand-in). Cost per query: O(L * V * K) votes, sorted once
+(O(L V K log(L V K))), with V the distinct velocity paths (3 for L=5, 5 for L>=10 at 0.8..1.2);
+memory O(Q * K) for the candidate lists plus one chunk's votes (:data:`MAX_VOTES`); nothing
+depends on the database size N except the search that produced the top-K.
 
 **Re-rankers.** :func:`frame_scores` puts a re-ranker's scores on the frame's similarity scale
 before aggregation (see there), so sequence matching works after any model and any re-ranker.
@@ -198,7 +200,7 @@ def sequence_match(
     return out
 
 
-MAX_VOTES = 2_000_000
+MAX_VOTES = 250_000
 
 
 def _score_chunk(

@@ -52,6 +52,7 @@ class TrainConfig:
 
 # Modules of this package that hold shared or per-method helper code rather than a method.
 HELPERS = (
+    "auto_split",
     "common",
     "distributed",
     "losses",
@@ -226,6 +227,81 @@ class ValidationSet:
 
     def improves(self, recall: dict[str, float], best: dict[str, float] | None) -> bool:
         return best is None or self.key(recall) > self.key(best)
+
+
+class EpochSelector:
+    """Validation-driven model selection for a step loop (FoL): validate every ``every_s``
+    seconds of training (0: at every epoch end), keep the best recall's weights as ``model.pt``
+    (``save(best)``), and tell the loop to stop after ``patience`` validations without
+    improvement (0: never). Only the main process validates; the loop makes the stop decision
+    collective. ``state()`` / ``load()`` go into the checkpoint so a resumed run keeps its best."""
+
+    def __init__(self, val: ValidationSet | None, patience: int = 0, every_s: float = 0.0, log=None):
+        self.val = val
+        self.patience = patience
+        self.every_s = every_s
+        self.log = log or (lambda record: None)
+        self.best: dict | None = None
+        self.not_improved = 0
+        self.last = time.monotonic()
+        self.last_step = -1
+
+    @classmethod
+    def from_options(cls, o, max_minutes: float | None, main: bool, log) -> EpochSelector:
+        """From a method's ``val_*`` options (``val_every_minutes`` -1: ``max_minutes`` / 10, or
+        every epoch without a time limit); only the main process gets the validation pair."""
+        val = ValidationSet.from_options(
+            o.val_database, o.val_queries, o.val_frame_tolerance, o.val_radius, o.val_select_n, o.val_frames
+        )
+        every = o.val_every_minutes if o.val_every_minutes >= 0 else (max_minutes or 0.0) / 10
+        return cls(val if main else None, o.val_patience, 60.0 * every, log)
+
+    def state(self) -> dict:
+        return {"best": self.best, "not_improved": self.not_improved}
+
+    def load(self, state: dict | None) -> None:
+        if state:
+            self.best, self.not_improved = state.get("best"), int(state.get("not_improved", 0))
+
+    def due(self, epoch_end: bool) -> bool:
+        """Time to validate: at an epoch end when validating per epoch, else every ``every_s``."""
+        if self.val is None:
+            return False
+        return epoch_end if self.every_s <= 0 else time.monotonic() - self.last >= self.every_s
+
+    def pending(self, step: int) -> bool:
+        """Steps were trained since the last validation (validate once more before stopping)."""
+        return self.val is not None and self.last_step != step
+
+    @property
+    def should_stop(self) -> bool:
+        return self.val is not None and self.patience > 0 and self.not_improved >= self.patience
+
+    def validate(self, model, device: torch.device, where: dict, save: Callable[[dict], None]) -> dict | None:
+        """Recall of ``model``'s global descriptors on the validation pair (eval mode, no cache:
+        the weights change every step); ``save(best)`` when it improves on the best so far."""
+        from placerank.descriptors.extract import extract_features
+
+        if self.val is None:
+            return None
+        was_training = model.training
+        model.eval()
+        ds = self.val.dataset
+        paths = list(ds.database.paths) + list(ds.queries.paths)
+        desc, _ = extract_features(model, paths, device, batch_size=8, num_workers=0, use_cache=False, progress=False)
+        model.train(was_training)
+        recall = self.val.recall(desc[: len(ds.database)], desc[len(ds.database) :])
+        improved = self.val.improves(recall, None if self.best is None else self.best["recall"])
+        if improved:
+            self.best, self.not_improved = {**where, "recall": recall}, 0
+            save(self.best)
+        else:
+            self.not_improved += 1
+        self.log(
+            {"event": "validation", **where, "recall": recall, "improved": improved, "not_improved": self.not_improved}
+        )
+        self.last, self.last_step = time.monotonic(), int(where.get("step", -1))
+        return recall
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,10 +26,11 @@ run. Dropout masks are those of one process too (:class:`ShardDropout`).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -92,6 +93,19 @@ def init_distributed(device: str | None = "auto", backend: str | None = None) ->
         backend=backend,
         owns_group=owns,
     )
+
+
+def run_in_context(train: Callable[[Any, DistContext], Path], config: Any) -> Path:
+    """``train(config, ctx)`` in this process's context (torchrun's group, or one process), then
+    leave the group: after a barrier when it succeeded, without one when it failed."""
+    ctx = init_distributed(config.device)
+    ok = False
+    try:
+        path = train(config, ctx)
+        ok = True
+        return path
+    finally:
+        shutdown(ctx, wait=ok)
 
 
 def shutdown(ctx: DistContext, wait: bool = True) -> None:

@@ -20,7 +20,12 @@ pool3 | center | dense; default dense for fol-vit*, pool3 for the CNN), ``train_
 of :class:`FoLLossConfig` (``w_ms``, ``w_local``, ``w_sal``, ``w_cel``, ``w_ws``, thresholds …).
 Deviation from the official script, recorded here: images are normalised with the model's
 preprocessing (the official training feeds raw [0, 1] pixels but evaluates normalised ones,
-pitfall 3), and no model selection on a test set is done (pitfall 12): the last epoch is saved.
+pitfall 3), and no model selection on a test set is done (pitfall 12): without a validation pair
+(``val_*`` options; ``placerank train`` holds one out automatically) the last weights are saved.
+
+Runs in one process or under torchrun / ``placerank train --nproc N`` (DDP): each rank runs the
+forward on its rows of every batch, the batch-global losses run on the all-gathered outputs, and
+N processes end with the weights of one (docs/fol.md, "Several GPUs / processes").
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from placerank.data.places import read_training_set
 from placerank.errors import PlaceRankError
 from placerank.options import parse_options
 from placerank.train.common import (
+    EpochSelector,
     PlaceBatchSampler,
     PlaceImageDataset,
     RunDir,
@@ -53,10 +59,9 @@ from placerank.train.distributed import (
     all_true,
     barrier,
     gather_rows,
-    init_distributed,
+    run_in_context,
     shard_dropouts,
     shard_rows,
-    shutdown,
     wrap_ddp,
 )
 from placerank.train.losses.fol import FoLCriterion, FoLLossConfig
@@ -94,6 +99,18 @@ class FoLTrainOptions:
     # GSV-Cities: keep the --images-per-place most recent images of each place by (year, month,
     # lat) — the official deterministic choice; false: every image, K drawn at random per epoch.
     gsv_recent: bool = True
+    # Validation pair (``placerank train``'s automatic split, or given): the best R@val_select_n of
+    # the global descriptor becomes model.pt, checked every val_every_minutes of training (-1:
+    # --max-minutes / 10, or every epoch without it; 0: every epoch); stop after val_patience
+    # validations without improvement (0: never).
+    val_database: str = ""
+    val_queries: str = ""
+    val_frame_tolerance: int = -1
+    val_radius: float = -1.0
+    val_frames: tuple[int, ...] = ()
+    val_select_n: int = 5
+    val_patience: int = 0
+    val_every_minutes: float = -1.0
 
 
 @dataclass
@@ -211,14 +228,7 @@ def gather_output(out, local_map: torch.Tensor, ctx: DistContext):
 def train_fol(config: TrainConfig) -> Path:
     """Entry point of ``placerank train --method fol`` (one process or under torchrun: DDP over
     the ranks, each on its rows of every P x K batch; N processes train as one does)."""
-    ctx = init_distributed(config.device)
-    ok = False
-    try:
-        path = _train_fol(config, ctx)
-        ok = True
-        return path
-    finally:
-        shutdown(ctx, wait=ok)
+    return run_in_context(_train_fol, config)
 
 
 def _train_fol(config: TrainConfig, ctx: DistContext) -> Path:
@@ -278,6 +288,12 @@ def _train_fol(config: TrainConfig, ctx: DistContext) -> Path:
     criterion = FoLCriterion(loss_cfg, shared_parameters(model), head_parameters(model))
 
     start_epoch, step = 0, 0
+    selector = EpochSelector.from_options(opts, config.max_minutes, main, log)
+
+    def save_best(best: dict) -> None:
+        model.invalidate_weights_id()
+        save_placerank_checkpoint(model, run.model_path, model_kwargs, extra={"method": "fol", "validation": best})
+
     state = run.load_checkpoint()
     if state is not None:
         model.load_state_dict(state["model"], strict=True)
@@ -287,6 +303,7 @@ def _train_fol(config: TrainConfig, ctx: DistContext) -> Path:
             scaler.load_state_dict(state["scaler"])
         criterion.rng.setstate(state["criterion_rng"])
         start_epoch, step = int(state["epoch"]), int(state["step"])
+        selector.load(state.get("selection"))
         log({"event": "resume", "epoch": start_epoch, "step": step})
     else:
         log(
@@ -305,6 +322,8 @@ def _train_fol(config: TrainConfig, ctx: DistContext) -> Path:
             }
         )
     forward = wrap_ddp(FoLForward(model, train_local_mode), ctx)
+    if state is None:  # the starting weights are a candidate too (training may never beat them)
+        selector.validate(model, device, {"epoch": 0, "step": 0}, save_best)
 
     stop_reason = None
     for epoch in range(start_epoch, config.epochs):
@@ -336,13 +355,21 @@ def _train_fol(config: TrainConfig, ctx: DistContext) -> Path:
             totals.append(record["loss"])
             log({"epoch": epoch, "step": step, "lr": scheduler.get_last_lr()[0], **record})
             bar.set_postfix(loss=f"{record['loss']:.3f}", ms=f"{record['ms']:.3f}", local=f"{record['local']:.2f}")
+            if selector.due(epoch_end=False):
+                selector.validate(model, device, {"epoch": epoch, "step": step}, save_best)
             if opts.max_steps and step >= opts.max_steps:
                 stop_reason = "max_steps"
             elif not all_true(not run.out_of_time(), ctx):  # every rank stops after the same step
                 stop_reason = "max_minutes"
+            elif not all_true(not selector.should_stop, ctx):
+                stop_reason = "patience"
             if stop_reason:
                 break
         bar.close()
+        if selector.due(epoch_end=True) or (stop_reason and selector.pending(step)):
+            selector.validate(model, device, {"epoch": epoch + 1, "step": step}, save_best)
+        if not stop_reason and not all_true(not selector.should_stop, ctx):
+            stop_reason = "patience"
         if main:
             run.save_checkpoint(
                 {
@@ -353,6 +380,7 @@ def _train_fol(config: TrainConfig, ctx: DistContext) -> Path:
                     "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(),
                     "criterion_rng": criterion.rng.getstate(),
+                    "selection": selector.state(),
                 }
             )
         barrier(ctx)
@@ -370,10 +398,13 @@ def _train_fol(config: TrainConfig, ctx: DistContext) -> Path:
 
     model.eval()
     model.invalidate_weights_id()
-    if main:
+    if main and selector.best is None:  # without validation: the last weights
         save_placerank_checkpoint(
             model, run.model_path, model_kwargs, extra={"method": "fol", "steps": step, "stopped": stop_reason}
         )
+    elif main:
+        log({"event": "selected", **selector.best})
+    if main:
         log({"event": "done", "step": step, "model": str(run.model_path)})
     barrier(ctx)
     return run.model_path

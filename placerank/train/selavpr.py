@@ -56,10 +56,9 @@ from placerank.train.distributed import (
     DistContext,
     all_true,
     broadcast_object,
-    init_distributed,
     mean_across,
+    run_in_context,
     shard_rows,
-    shutdown,
     wrap_ddp,
 )
 from placerank.train.losses.selavpr import SelaVPRLossConfig
@@ -175,14 +174,7 @@ def build_model(config: TrainConfig) -> tuple[SelaVPRModel, dict]:
 def train_selavpr(config: TrainConfig) -> Path:
     """Entry point of ``placerank train --method selavpr`` (one process or under torchrun: DDP,
     each rank on an equal share of every batch's tuples; see :mod:`.selavpr_mining`)."""
-    ctx = init_distributed(config.device)
-    ok = False
-    try:
-        path = _train_selavpr(config, ctx)
-        ok = True
-        return path
-    finally:
-        shutdown(ctx, wait=ok)
+    return run_in_context(_train_selavpr, config)
 
 
 def _train_selavpr(config: TrainConfig, ctx: DistContext) -> Path:

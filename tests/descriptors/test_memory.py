@@ -53,9 +53,7 @@ def test_tiny_budget_smaller_batches_same_descriptors(model, paths, monkeypatch)
     # room for the process as it is, the headroom and 3 images: batches of at most 3
     tiny = (memory.resident_bytes() + memory.HEADROOM_BYTES + 3 * per_image) / 2**30
     with memory.memory_budget(tiny):
-        small, keys2 = extract_features(
-            model, paths, CPU, batch_size=8, num_workers=0, use_cache=False, progress=False
-        )
+        small, keys2 = extract_features(model, paths, CPU, batch_size=8, num_workers=0, use_cache=False, progress=False)
     assert seen[0] == 8 and 1 <= seen[1] <= 3
     assert keys == keys2
     np.testing.assert_allclose(small, full, rtol=0, atol=2e-6)  # batch size changes only float rounding

@@ -83,7 +83,9 @@ def test_a_killed_rank_resumes_after_its_last_chunk(model, paths, reference, tmp
 
     seen = []
     real = shards.extract_features
-    monkeypatch.setattr(shards, "extract_features", lambda m, part, *a, **k: seen.extend(part) or real(m, part, *a, **k))
+    monkeypatch.setattr(
+        shards, "extract_features", lambda m, part, *a, **k: seen.extend(part) or real(m, part, *a, **k)
+    )
     assert _shards(model, paths, folder) == [(6, 6), (2, 5)]  # rank 0 done, rank 1 resumed at row 2
     assert seen == paths[5::2]  # only rank 1's rows 2.. (images 5, 7, 9) were extracted again
     shards.merge_shards(folder, 2, model, paths)

@@ -146,6 +146,10 @@ def test_eval_writes_precision_recall_and_the_picture(runs):
     again = precision_recall([float(r["confidence"]) for r in rows], [int(r["correct_at_1"]) for r in rows], has)
     assert data["precision_recall"]["auc"] == pytest.approx(again.auc, abs=1e-4)
     assert all(r["reranked"] == "1" for r in rows)
+    # the first stage's threshold at 100% precision, read back, selects exactly its R@100%P queries
+    first = data["precision_recall_first_stage"]
+    confident = [r for r in rows if float(r["first_stage_confidence"]) >= first["threshold_at_100_precision"]]
+    assert len(confident) == round(first["recall_at_100_precision"] * len(rows)) > 0
     with Image.open(runs["plain"] / "pr_curve.png") as im:
         assert im.size[0] > 300
     none, none_rows = _read(runs["none"])

@@ -124,6 +124,23 @@ def test_rerank_scores_enter_on_the_similarity_scale():
     np.testing.assert_allclose(frame_scores(sims), sims)
 
 
+def test_eval_step_uses_rerank_scores():
+    from placerank.eval.sequence import apply_sequence, sequence_options
+    from placerank.index.candidates import Candidates
+
+    # one query frame, re-ranked: candidate 4 first by inliers although its similarity is lower
+    ids = np.array([[4, 1, 2]])
+    cand = Candidates(ids=ids, similarities=np.array([[0.5, 0.9, 0.1]]), database_paths=[], query_paths=[])
+    orders = (one_sequence(1), one_sequence(5))
+    top, info = apply_sequence(cand, orders, sequence_options(2), depth=3, progress=False)
+    assert top[0].tolist() == [1, 4, 2] and info["scores"] == "global similarity"
+    cand.scores = np.array([[40.0, 10.0]])  # re-ranker scores of the first two, in this order
+    top, info = apply_sequence(cand, orders, sequence_options(2), depth=3, progress=False)
+    assert top[0].tolist() == [4, 1, 2] and info["scores"].startswith("re-ranker scores")
+    assert info["query_frames_used"] == {"mean": 1.0, "fewer_than_length": 1}
+    assert sequence_options(1) is None
+
+
 def test_options_are_checked():
     with pytest.raises(PlaceRankError, match="sequence length must be >= 1"):
         SequenceOptions(length=0)

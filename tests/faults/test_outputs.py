@@ -105,7 +105,12 @@ def test_rerun_replaces_outputs_as_a_whole_and_a_failed_run_keeps_them(inputs, c
     # a finished rerun replaces them all: no example pictures of the earlier run stay behind
     monkeypatch.undo()
     assert cli(*_eval(inputs, out, "--examples", "0"))[0] == 0
-    assert sorted(p.name for p in out.iterdir()) == ["predictions.csv", "recall_curve.png", "results.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "pr_curve.png",
+        "predictions.csv",
+        "recall_curve.png",
+        "results.json",
+    ]
     assert sorted(p.name for p in out.parent.iterdir()) == ["run"]
 
 

@@ -55,7 +55,16 @@ def test_eval_with_an_ivf_index_writes_the_index_block(inputs, cli, tmp_path):
     code, err = cli(*_eval(inputs, out), *FAST, "--index", "IVF2,Flat", "--index-option", "nprobe=2")
     assert (code, err) == (0, [])
     block = json.loads((out / "results.json").read_text())["index"]
-    assert set(block) == {"spec", "options", "train_size", "bytes", "bytes_per_image", "build_s", "search_ms_per_query"}
+    assert set(block) == {
+        "spec",
+        "options",
+        "train_size",
+        "bytes",
+        "bytes_per_image",
+        "build_s",
+        "on_disk",
+        "search_ms_per_query",
+    }
     assert block["spec"] == "IVF2,Flat" and block["options"] == {"nprobe": "2"} and block["train_size"] == 4
     flat = tmp_path / "flat"
     assert cli(*_eval(inputs, flat), *FAST)[0] == 0
@@ -70,7 +79,10 @@ BAD = [
         "index spec 'IVFfoo' is not valid: FAISS says 'could not parse index string IVFfoo' (use flat, flat-fp16 "
         "or a FAISS index-factory string such as IVF1024,Flat or IVF4096,PQ64)",
     ),
-    (["--index", "HNSW8", "--index-option", "nprobe=4"], "index 'HNSW8' has no option 'nprobe': its options are efSearch"),
+    (
+        ["--index", "HNSW8", "--index-option", "nprobe=4"],
+        "index 'HNSW8' has no option 'nprobe': its options are efSearch",
+    ),
     (["--index-option", "nprobe"], "--index-option expects KEY=VALUE, got 'nprobe'"),
     (
         ["--index", "IVF16,Flat"],
@@ -113,3 +125,24 @@ def test_index_command_takes_the_index_kind(inputs, cli, tmp_path):
     assert cli("index", "--db", db, "--index", "flat-fp16")[0] == 0
     assert json.loads((db / "index.json").read_text())["spec"] == "flat-fp16"
     assert cli("index", "--db", db, "--index", "PQ7")[0] == 2  # 1280-d descriptors: 7 does not divide it
+
+
+def test_a_database_too_small_to_train_its_kind_is_flat_until_it_has_enough(inputs, gardens, cli, tmp_path):
+    db = tmp_path / "db"
+    base = ["--db", db, "--image-size", "64", "96", "--quiet"]
+    assert cli("index", "--positions", inputs / "db.csv", *base, "--index", "IVF8,Flat") == (0, [])
+    assert "index: IVF8,Flat" in cli.out  # asked for ...
+    assert json.loads((db / "index.json").read_text())["spec"] == "flat"  # ... but 4 photos cannot train 8 lists
+    more = tmp_path / "more"
+    more.mkdir()
+    with open(tmp_path / "more.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "easting", "northing"])
+        for k in range(4, 12):
+            shutil.copy(gardens / "day_right" / f"Image{k:03d}.jpg", more / f"Image{k:03d}.jpg")
+            w.writerow([f"more/Image{k:03d}.jpg", 10.0 * k, 0.0])
+    assert cli("index", "--positions", tmp_path / "more.csv", *base)[0] == 0
+    saved = json.loads((db / "index.json").read_text())
+    assert (saved["spec"], saved["count"], saved["options"]) == ("IVF8,Flat", 12, {"nprobe": "8"})
+    code, err = cli("localize", inputs / "q" / "Image002.jpg", "--db", db, "--out", tmp_path / "loc")
+    assert (code, err) == (0, [])

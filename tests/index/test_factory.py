@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from placerank.errors import IndexMismatchError, PlaceRankError
+from placerank.index import spec as S
 from placerank.index.factory import VPRIndex, build_index, merge_indexes
 from placerank.index.flat import FlatIndex
 from placerank.index.spec import default_train_size, train_rows
@@ -59,6 +60,17 @@ def test_ivf_with_all_lists_probed_is_exact(data):
     assert idx.options == {"nprobe": "64"}
 
 
+def test_ivf1024_with_every_list_probed_is_exact():
+    rng = np.random.default_rng(5)
+    db, q = _unit(rng, 2048, 16), _unit(rng, 50, 16)
+    idx = build_index(db, "IVF1024,Flat", {"nprobe": "1024"})
+    assert idx.schema.train_size == 2048  # min(N, 64 * 1024)
+    sims, ids = idx.search(q, 10)
+    ref_sims, ref_ids = FlatIndex.build(db).search(q, 10)
+    assert (ids == ref_ids).all()
+    np.testing.assert_allclose(sims, ref_sims, rtol=1e-6)
+
+
 def test_default_training_sample_rule_and_rows():
     assert default_train_size(10**6, 1024) == 65536  # 64 per centroid
     assert default_train_size(10**6, 16) == 4096  # 10 000 capped at 256 per centroid
@@ -90,6 +102,9 @@ def test_hnsw_search_options(data):
     assert idx.options == {"efSearch": "128"}
     top = idx.search(q, 1)[1][:, 0]
     assert (top == FlatIndex.build(db).search(q, 1)[1][:, 0]).mean() >= 0.95
+    # efSearch < k: FAISS alone finds fewer than k rows; the search raises efSearch to k, then restores it
+    low = build_index(db, "HNSW16", {"efSearch": "4"})
+    assert (low.search(q, 100)[1] >= 0).all() and S.hnsw_of(low.index).efSearch == 4
 
 
 def test_bad_spec_option_and_too_few_to_train_are_one_line_errors(data):
@@ -165,6 +180,14 @@ def test_on_disk_ivf_equals_in_ram_ivf(data, tmp_path):
     assert (VPRIndex.load(tmp_path / "moved").search(q, 10)[1] == ram.search(q, 10)[1]).all()
     with pytest.raises(PlaceRankError, match="on-disk inverted lists need an IVF index"):
         build_index(db, "HNSW16", on_disk=tmp_path / "h")
+    # the on_disk=1 option: the same, in a scratch folder that goes with the index
+    scratch = build_index(db, "IVF32,Flat", {"nprobe": "8", "on_disk": "1"})
+    assert scratch.describe()["on_disk"] and scratch.options == {"nprobe": "8"}
+    assert (scratch.search(q, 10)[1] == ram.search(q, 10)[1]).all()
+    folder = scratch.folder
+    assert folder is not None and any(folder.glob("*.ivfdata"))
+    del scratch
+    assert not folder.exists()
 
 
 def test_merge_flat_parts_and_shard_hnsw(data):
@@ -178,3 +201,27 @@ def test_merge_flat_parts_and_shard_hnsw(data):
         shards.save("/nonexistent")
     with pytest.raises(IndexMismatchError, match="cannot merge an index of flat-fp16"):
         merge_indexes([build_index(db[:10]), build_index(db[:10], "flat-fp16")])
+
+
+def test_cuda_device_searches_the_gpu_copy_once_and_falls_back(data, monkeypatch):
+    """faiss-gpu is not installed here: a stand-in copy shows the GPU path is taken, cached per
+    device, skipped past k = 2048, and that without a copy the CPU answers the same."""
+    import faiss
+
+    import placerank.index.factory as factory
+
+    db, q = data
+    copies = []
+    monkeypatch.setattr(factory, "gpu_copy", lambda index, device: copies.append(device) or faiss.clone_index(index))
+    idx = build_index(db, "IVF16,Flat", {"nprobe": "16"})
+    cpu = idx.search(q, 10)
+    gpu = idx.search(q, 10, device="cuda:0")
+    assert idx.searched_on == "gpu" and (gpu[1] == cpu[1]).all()
+    idx.search(q, 10, device="cuda:0")
+    assert copies == ["cuda:0"]  # one copy per device, kept
+    idx.search(q, 2049, device="cuda:0")
+    assert idx.searched_on == "cpu"
+    monkeypatch.setattr(factory, "gpu_copy", lambda index, device: None)
+    fresh = build_index(db, "flat")
+    assert (fresh.search(q, 5, device="cuda:0")[1] == FlatIndex.build(db).search(q, 5)[1]).all()
+    assert fresh.searched_on == "cpu"

@@ -116,3 +116,12 @@ def test_untrained_lite2_recall_on_real_frames(lite2, gardens):
     top = np.argsort(-sims, axis=1)[:, :5]
     hit = np.abs(top - np.arange(len(frames))[:, None]) <= 2
     assert hit[:, 0].mean() >= 0.5 and hit.any(axis=1).mean() >= 0.85
+
+
+def test_lite1_variants_share_the_code_path():
+    """Lite1 = Lite0 widths with deeper stages: same cuts, same descriptor sizes as Lite0."""
+    dims = {"fol": (112, 8448), "selavpr": (1280, 1280), "sfrs": (112, 7168)}
+    for method, (channels, dim) in dims.items():
+        model = create(f"{method}-effnet-lite1", pretrained=False, image_size=SIZE)
+        assert (model.backbone.out_channels, model.descriptor_dim) == (channels, dim), method
+        assert model.weights_source == "random-init"
