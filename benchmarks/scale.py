@@ -84,7 +84,9 @@ def nlist_for(n: int) -> int:
 
 
 def specs_for(n: int) -> list[tuple[str, dict]]:
-    """The index kinds measured at size ``n`` (IVF lists scaled to the size)."""
+    """The index kinds measured at size ``n`` (IVF lists scaled to the size). No OPQ: with FAISS
+    1.15 here, OPQ64 training on 1280-d descriptors crashed the process (segmentation fault) on
+    1 000 rows and took over 5 minutes for 2 iterations on 10 000 rows."""
     nl = nlist_for(n)
     probe = {"nprobe": "16"}  # fixed: with nlist ~ sqrt(N) a query scans ~ sqrt(N) rows
     hnsw = {**probe, "quantizer_efSearch": "64"}
@@ -93,7 +95,6 @@ def specs_for(n: int) -> list[tuple[str, dict]]:
             ("flat", {}),
             (f"IVF{nl}_HNSW32,PQ64", hnsw),
             (f"IVF{nl}_HNSW32,PQ256", hnsw),
-            (f"OPQ64,IVF{nl}_HNSW32,PQ64", hnsw),
             ("flat-fp16", {}),
             (f"IVF{nl}_HNSW32,Flat", hnsw),
         ]
@@ -103,7 +104,7 @@ def specs_for(n: int) -> list[tuple[str, dict]]:
         (f"IVF{nl},Flat", probe),
         (f"IVF{nl},PQ64", probe),
         (f"IVF{nl},PQ256", probe),
-        (f"OPQ64,IVF{nl}_HNSW32,PQ64", hnsw),
+        (f"IVF{nl}_HNSW32,PQ64", hnsw),
         ("HNSW32", {"efSearch": "64"}),
     ]
 

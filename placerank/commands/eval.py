@@ -73,6 +73,14 @@ def register(sub) -> None:
         help="ordered traversals: match the last L query frames along constant-velocity paths through the"
         " ordered database (SeqSLAM-style; 1 = off, the default; see docs/sequence.md)",
     )
+    p.add_argument(
+        "--sequence-velocity",
+        type=velocity_range,
+        default=(0.8, 1.2),
+        metavar="MIN:MAX",
+        help="with --sequence-length: database frames per query frame, searched in steps of 0.1"
+        " (default 0.8:1.2; 1 for frame-aligned traversals)",
+    )
     p.add_argument("--examples", type=non_negative_int, default=8, help="example pictures to draw")
     add_nproc_arg(p)  # extraction by N ranks, then search + re-rank here
     add_index_args(p)  # --index SPEC, --index-option KEY=VALUE (docs/index.md)
@@ -125,12 +133,27 @@ def run(args) -> int:
         nproc=args.nproc,
         rerank_below=args.rerank_below,
         sequence_length=args.sequence_length,
+        sequence_velocity=args.sequence_velocity,
         index=args.index,
         index_options=index_options_arg(args.index_option),
     )
     result = evaluate(cfg, dataset=dataset)
     print_summary(result, args.out)
     return 0
+
+
+def velocity_range(text: str) -> tuple[float, float]:
+    """``MIN:MAX`` or one number (both ends), each a positive number, MIN <= MAX."""
+    import argparse
+
+    parts = text.split(":")
+    try:
+        lo, hi = (float(parts[0]), float(parts[-1])) if len(parts) in (1, 2) else (0.0, -1.0)
+    except ValueError:
+        lo, hi = 0.0, -1.0
+    if not (0 < lo <= hi < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be MIN:MAX with 0 < MIN <= MAX (or one number), got '{text}'")
+    return lo, hi
 
 
 def unlabelled_line(result, out) -> str:

@@ -8,6 +8,7 @@ itself. Gloo on CPU, NCCL on CUDA (rank ``r`` on ``cuda:LOCAL_RANK``); every ran
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -74,6 +75,8 @@ def run_job(job: ShardJob, world: World | None = None) -> list[tuple[int, int]]:
     if own:
         timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    if world.size > 1:
+        _check_same_model(model, world)
     workers = job.num_workers
     if workers is None:
         workers = min(4, max(1, (os.cpu_count() or 1) // max(1, world.local_size)))
@@ -107,6 +110,24 @@ def run_job(job: ShardJob, world: World | None = None) -> list[tuple[int, int]]:
         if own:
             dist.destroy_process_group()
     return done
+
+
+def _check_same_model(model, world: World) -> None:
+    """Every rank must run the same weights and preprocessing (else the shards would not merge):
+    e.g. ranks started with different ``--weights`` files, or a NetVLAD k-means initialised on
+    each rank (``--nproc`` initialises once, before starting the ranks)."""
+    import torch.distributed as dist
+
+    mine = (model.name, model.weights_id, model.preprocess.signature())
+    every: list = [None] * world.size
+    dist.all_gather_object(every, mine)
+    if len(set(every)) > 1:
+        other = next(e for e in every if e != every[0])
+        raise PlaceRankError(
+            f"the ranks hold different models: rank 0 {every[0][0]} weights {every[0][1]}, another"
+            f" {other[0]} weights {other[1]}; give every rank the same --weights (a model initialised"
+            " from data, like NetVLAD, must be initialised once: use --nproc, or save its weights first)"
+        )
 
 
 def _barrier(world: World) -> None:
@@ -163,16 +184,18 @@ def launch(job: ShardJob, nproc: int) -> dict[int, list[tuple[int, int]]]:
         start_method=_start_method(job.device, nproc),
     )
     quiet = os.environ.get("PLACERANK_DEBUG", "") in ("", "0")
-    logger = logging.getLogger("torch.distributed.elastic")
-    level = logger.level
+    loggers = [logging.getLogger(name) for name in ("torch.distributed.elastic", "torch.multiprocessing")]
+    levels = [lg.level for lg in loggers]
     if quiet:  # a failure is reported below in one line, not as each logger's traceback
-        logger.setLevel(logging.CRITICAL)
+        for lg in loggers:
+            lg.setLevel(logging.CRITICAL)
     try:
         return elastic_launch(config, _launched)(on_cpu)
     except ChildFailedError as e:
         raise PlaceRankError(_failure_line(e, nproc)) from None
     finally:
-        logger.setLevel(level)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def threads_per_rank(ranks_here: int) -> int:
@@ -208,7 +231,7 @@ def _failure_line(e, nproc: int) -> str:
     if not text or text.startswith("To enable traceback"):
         code = failure.exitcode
         text = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
-    return f"extraction rank {rank} of {nproc} failed: {text} (a rerun resumes the finished chunks)"
+    return f"extraction rank {rank} of {nproc} failed: {text} (its finished chunks are kept for a rerun)"
 
 
 def extract_in_processes(
@@ -254,4 +277,6 @@ def extract_in_processes(
         out.append(load_descriptors(folder))
         out[-1].folder = None
         shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):  # the scratch parent too, unless another run is using it
+        (root / "shards").rmdir()
     return out

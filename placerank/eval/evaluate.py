@@ -66,6 +66,7 @@ class EvalConfig:
     rerank_below: float | None = None  # queries with a first-stage confidence >= this skip re-ranking
     sequence_length: int = 1  # >1: sequence matching over the last L query frames (docs/sequence.md)
     sequence_candidates: int = 100  # per-frame candidates the sequence aggregation reads
+    sequence_velocity: tuple[float, float] = (0.8, 1.2)  # database frames per query frame, min and max
     nproc: int = 1  # >1: extraction by N local ranks (placerank.descriptors.launch), the rest here
     index: str = "flat"  # first-stage index kind: flat, flat-fp16 or a FAISS factory string (docs/index.md)
     index_options: dict | None = None  # its search options, e.g. {"nprobe": "32"}
@@ -107,7 +108,7 @@ def evaluate(config: EvalConfig, model=None, dataset: Dataset | None = None) -> 
     device = resolve_device(config.device)
     check_precision(config.precision, device)
     ds = dataset if dataset is not None else open_eval_dataset(config)
-    seq = sequence_options(config.sequence_length, config.sequence_candidates)
+    seq = sequence_options(config.sequence_length, config.sequence_candidates, config.sequence_velocity)
     orders = sequence_orders(ds) if seq is not None else None  # unordered data fails before any work
     positives = ds.positives
     if model is None:

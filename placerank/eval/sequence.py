@@ -20,11 +20,17 @@ from placerank.index.candidates import Candidates
 from placerank.rerank.sequence import SequenceOptions, frame_scores, sequence_match
 
 
-def sequence_options(length: int, candidates: int = 100) -> SequenceOptions | None:
-    """None for ``length == 1`` (off); a one-line error for ``length < 1``."""
+def sequence_options(
+    length: int, candidates: int = 100, velocity: tuple[float, float] = (0.8, 1.2)
+) -> SequenceOptions | None:
+    """None for ``length == 1`` (off); a one-line error for ``length < 1``. ``velocity``: the
+    (min, max) database frames per query frame, searched in steps of 0.1."""
     if length < 1:
         raise PlaceRankError(f"--sequence-length must be >= 1 (1 = off), got {length}")
-    return SequenceOptions(length=int(length), candidates=int(candidates)) if length > 1 else None
+    if length == 1:
+        return None
+    lo, hi = (float(v) for v in velocity)
+    return SequenceOptions(length=int(length), candidates=int(candidates), v_min=lo, v_max=hi)
 
 
 def sequence_orders(ds: Dataset) -> tuple[FrameOrder, FrameOrder]:

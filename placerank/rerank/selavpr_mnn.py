@@ -80,10 +80,6 @@ class SelaVPRMNNReranker(Reranker):
         """Local features depend on the model's weights and input size, so both are in the key."""
         return f"{self.name}:{self.model.name}:{self.model.weights_id}:{self.preprocess.signature()}"
 
-    def describe_scoring(self) -> str:
-        """The scoring rule in words (threshold and fusion), for reports."""
-        thr = "no threshold" if self.threshold is None else f"cos > {self.threshold:g}"
-        return f"mutual-NN count ({thr}), fusion {self.fusion}"
 
     def to(self, device) -> SelaVPRMNNReranker:
         self.device = torch.device(device)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def _is_frame_spec(spec: str) -> bool:
     return p.suffix.lower() != ".csv" or read_csv_manifest(p).kind == "frame"
 
 
-def _write_csv(path: Path, column: str, rows: list[tuple[Path, object]]) -> str:
+def _write_csv(path: Path, column: str, rows: Sequence[tuple[Path, object]]) -> str:
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", column])
@@ -85,7 +86,7 @@ def _write_csv(path: Path, column: str, rows: list[tuple[Path, object]]) -> str:
 
 def split_frames(
     specs: list[str], frames: tuple[int, int] | None, folder: Path, gap: int = GAP
-) -> tuple[tuple[int, int] | None, dict[str, str], dict] | None:
+) -> tuple[tuple[int, int], dict[str, str], dict] | None:
     """(training frame range, val options, summary) for the frame-aligned specs; None when they
     cannot give a validation pair (one traversal only, or fewer than ``MIN_ITEMS`` frames)."""
     rows = [r for s in specs for r in _frame_rows(s)]

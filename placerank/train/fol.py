@@ -402,7 +402,7 @@ def _train_fol(config: TrainConfig, ctx: DistContext) -> Path:
         save_placerank_checkpoint(
             model, run.model_path, model_kwargs, extra={"method": "fol", "steps": step, "stopped": stop_reason}
         )
-    elif main:
+    elif main and selector.best is not None:
         log({"event": "selected", **selector.best})
     if main:
         log({"event": "done", "step": step, "model": str(run.model_path)})

@@ -96,7 +96,7 @@ def test_eval_with_two_ranks_gives_the_recall_and_ranking_of_one(runs):
         return [line.rsplit(",", 1)[-1] for line in text]  # the top-5 paths of each query
 
     assert ranking(2) == ranking(1)
-    assert not (runs["tmp"] / "cache" / "shards").exists() or not any((runs["tmp"] / "cache" / "shards").iterdir())
+    assert not (runs["tmp"] / "cache" / "shards").exists()  # the scratch shards are removed
 
 
 @pytest.mark.parametrize("value", ["0", "65", "-1"])
@@ -118,3 +118,17 @@ def test_nproc_under_torchrun_is_refused(runs, monkeypatch, capsys):
     assert _error(capsys) == (
         "placerank: error: --nproc 2 launches its own processes; under torchrun (WORLD_SIZE=2) drop --nproc"
     )
+
+
+def test_a_failed_rank_is_one_line(runs, gardens, capsys):
+    """Truncated JPEGs in both ranks' shares: a rank's own message, named, on one line."""
+    broken = [runs["tmp"] / f"broken{i}.jpg" for i in (1, 2)]
+    for b in broken:
+        b.write_bytes((gardens / "day_right" / "Image003.jpg").read_bytes()[:2000])
+    csv = runs["tmp"] / "broken.csv"
+    csv.write_text(f"path,frame\n{gardens / 'day_right' / 'Image000.jpg'},0\n{broken[0]},1\n{broken[1]},2\n")
+    assert main(["extract", "--images", str(csv), "--out", str(runs["tmp"] / "broken"), *COMMON, "--nproc", "2"]) == 2
+    line = _error(capsys)
+    assert line.startswith("placerank: error: extraction rank ") and " of 2 failed: " in line
+    assert any(f"{b}: cannot read image" in line for b in broken)
+    assert line.endswith("(its finished chunks are kept for a rerun)")

@@ -71,6 +71,11 @@ def test_eval_with_an_ivf_index_writes_the_index_block(inputs, cli, tmp_path):
     a, b = (json.loads((o / "results.json").read_text()) for o in (out, flat))
     assert b["index"]["spec"] == "flat" and b["index"]["options"] == {}
     assert a["recall"] == b["recall"]  # every list probed: the same ranking as flat
+    from placerank.eval.results import EvalResult
+
+    del b["index"]  # a results.json from before index kinds still loads
+    (flat / "results.json").write_text(json.dumps(b))
+    assert EvalResult.load(flat / "results.json").index is None
 
 
 BAD = [

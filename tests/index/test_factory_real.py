@@ -37,7 +37,7 @@ def test_flat_fp16_and_ivf_rank_as_flat(real):
     assert db.shape == (140, 1280) and q.shape == (140, 1280)
     _, flat = build_index(db, "flat").search(q, 20)
     recall = recall_at_n(flat, pos, [1, 5, 10])
-    assert recall["1"] >= 0.55 and recall["5"] >= 0.8  # measured 0.65 / 0.88: the check is meaningful
+    assert recall["1"] >= 0.55 and recall["5"] >= 0.8  # measured 0.607 / 0.85: the check is meaningful
     half = build_index(db, "flat-fp16")
     _, ids = half.search(q, 20)
     assert (ids[:, :5] == flat[:, :5]).mean() >= 0.99  # float16 rounding may swap near-ties only
