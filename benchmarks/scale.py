@@ -16,7 +16,9 @@ Every (size, kind) cell runs in its own process (``cell``) so ``ru_maxrss`` is t
 peak: the descriptors are streamed from the ``.npy`` file in 65 536-row chunks
 (:class:`NpyRows`, no memory map, so file pages do not count as the index's memory), then the
 index is built with :func:`placerank.index.factory.build_index`. Query time: each of the first
-:data:`TIMED` queries searched alone (k = 20), p50 / p95 in ms. Threads: OMP_NUM_THREADS=2.
+:data:`TIMED` queries searched alone (k = 20), p50 / p95 in ms. Threads: OMP_NUM_THREADS=1 (the
+2 cores were shared with other work at load ~12: 2 OpenMP threads spin against it and single
+queries ran ~10-300x slower, measured at 10^3).
 Results are merged into ``benchmarks/results/scale.json`` cell by cell (a rerun of one cell
 replaces only it).
 """
@@ -257,7 +259,7 @@ def cell(n: int, spec: str, options: dict) -> dict:
 
 def grid(sizes, only: list[str] | None, timeout: float) -> None:
     """Every cell in its own process, flat first (the others are compared with it)."""
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     for n in sizes:
         for spec, options in specs_for(n):
             if only and not any(spec.startswith(o) for o in only):

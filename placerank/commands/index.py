@@ -8,6 +8,7 @@ from pathlib import Path
 from placerank.commands._common import (
     add_index_args,
     add_model_args,
+    add_nproc_arg,
     image_size_arg,
     index_options_arg,
     non_negative_float,
@@ -60,13 +61,16 @@ def register(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_model_args(p, for_database=True)
     add_index_args(p, for_database=True)  # --index SPEC, --index-option KEY=VALUE (docs/index.md)
+    add_nproc_arg(p)  # new photos' descriptors from N local ranks
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from placerank.descriptors.shards import check_nproc
     from placerank.errors import PlaceRankError
     from placerank.localize.database import Database
 
+    check_nproc(args.nproc)  # before a database is made
     if args.folder is None and args.positions is None and not args.remove and not (args.index or args.index_option):
         raise PlaceRankError("give a FOLDER of photos, --positions CSV, --remove PATH... or --index SPEC")
     size = image_size_arg(args.image_size)
@@ -121,6 +125,7 @@ def run(args) -> int:
             wait=args.wait,
             progress=not args.quiet,
             log=print,
+            nproc=args.nproc,
         )
         for _, why in report.no_position:
             print(f"skipped: {why}")

@@ -221,13 +221,16 @@ class Database(contextlib.AbstractContextManager):
         wait: float = 0.0,
         progress: bool = True,
         log=None,
+        nproc: int = 1,
     ) -> IndexReport:
         """Index every photo under ``folder`` (jpg/jpeg/png, recursive) with its EXIF GPS, or the
         photos of a ``positions`` CSV (those under ``folder`` when both are given). Only new or
         changed photos are read; with ``rerank`` their local features are stored too.
-        ``log``: callable for one-line progress notes (the CLI passes ``print``)."""
+        ``log``: callable for one-line progress notes (the CLI passes ``print``); ``nproc`` > 1:
+        new photos' global descriptors from that many local ranks (``--nproc``)."""
         _check_writable(self)
-        indexer = FolderIndexer(self.store, self.features, lambda: self.model, log or (lambda msg: None), progress)
+        say = log or (lambda msg: None)
+        indexer = FolderIndexer(self.store, self.features, lambda: self.model, say, progress, nproc)
         with self.store.slot.hold(wait):
             self.store.index()
             report = indexer.run(

@@ -15,10 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from placerank.data.exif import GpsReading, read_gps
 from placerank.data.positions import LOCAL, WGS84, Position, read_positions_csv
 from placerank.errors import DataError, PlaceRankError
-from placerank.localize.features import LocalFeatureCache, describe, image_sizes
+from placerank.localize.features import CHUNK_BATCHES, LocalFeatureCache, describe, image_sizes
 from placerank.localize.metadata import FileRow
 from placerank.localize.results import IndexReport
 from placerank.localize.store import NewPhoto, Store
@@ -87,8 +89,11 @@ class _Plan:
 class FolderIndexer:
     """One ``index`` run of a database (the caller holds the write lock)."""
 
-    def __init__(self, store: Store, features: LocalFeatureCache, model: Callable, say: Callable, progress: bool):
+    def __init__(
+        self, store: Store, features: LocalFeatureCache, model: Callable, say: Callable, progress: bool, nproc: int = 1
+    ):
         self.store, self.features, self.model, self.say, self.progress = store, features, model, say, progress
+        self.nproc = nproc  # > 1: new photos' global descriptors from that many local ranks
 
     def run(
         self,
@@ -250,7 +255,7 @@ class FolderIndexer:
         model = self.model()
         self.say(f"extracting {len(fresh)} photo(s) with {model.name} on {self.features.device}")
         local, view = (None, None)
-        if reranker is not None:  # one backbone pass for both when it scores the model's own local head
+        if reranker is not None and self.nproc <= 1:  # one backbone pass for both on the model's own head
             local, view = self.features.one_pass(reranker, model, {it.path: it.sha for it in fresh})
         try:
             self._describe(
@@ -263,6 +268,8 @@ class FolderIndexer:
     def _describe(self, fresh, model, report, plan, batch_size, num_workers, reranker, view) -> None:
         paths = [it.path for it in fresh]
         device = self.features.device
+        if self.nproc > 1 and self._describe_in_processes(fresh, model, report, batch_size, num_workers):
+            return
         for done, descs, failed in describe(
             model, paths, device, batch_size, num_workers, reranker, view, progress=self.progress
         ):
@@ -276,6 +283,32 @@ class FolderIndexer:
                     it.desc, it.hw = d, hw
                 self._commit(batch, report)
                 report.extracted += len(batch)
+
+    def _describe_in_processes(self, fresh, model, report, batch_size: int, num_workers: int | None) -> bool:
+        """``--nproc N``: the global descriptors of the new photos from N ranks (the sharded,
+        resumable extraction of ``placerank extract --nproc``), committed in chunks. False when a
+        rank failed (e.g. an unreadable photo): the one-process path then finds and reports the
+        photos that cannot be read and indexes the others. Local features for a re-ranker are
+        extracted afterwards, in this process, by :meth:`_local`."""
+        from placerank.descriptors.launch import extract_in_processes
+
+        paths = [it.path for it in fresh]
+        try:
+            (ds,) = extract_in_processes(
+                model, [paths], self.nproc, str(self.features.device), batch_size, num_workers, use_cache=False
+            )
+        except PlaceRankError as e:
+            self.say(f"{e}; extracting in one process instead")
+            return False
+        chunk = max(1, batch_size) * CHUNK_BATCHES
+        for start in range(0, len(fresh), chunk):
+            batch = fresh[start : start + chunk]
+            descs = np.asarray(ds.descriptors[start : start + chunk], dtype=np.float32)
+            for it, d, hw in zip(batch, descs, image_sizes([it.path for it in batch])):
+                it.desc, it.hw = d, hw
+            self._commit(batch, report)
+            report.extracted += len(batch)
+        return True
 
     def _commit(self, items: list[NewPhoto], report: IndexReport) -> None:
         self.store.add(items)

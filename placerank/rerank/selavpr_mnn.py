@@ -80,7 +80,6 @@ class SelaVPRMNNReranker(Reranker):
         """Local features depend on the model's weights and input size, so both are in the key."""
         return f"{self.name}:{self.model.name}:{self.model.weights_id}:{self.preprocess.signature()}"
 
-
     def to(self, device) -> SelaVPRMNNReranker:
         self.device = torch.device(device)
         self.model.to(self.device)

@@ -30,7 +30,7 @@ def _error(capsys) -> str:
 
 
 @pytest.fixture(scope="module")
-def runs(frames_csv, gardens, tmp_path_factory):
+def runs(frames_csv, gardens, tum_positions, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("nproc")
     old = os.environ.get("PLACERANK_CACHE")
     os.environ["PLACERANK_CACHE"] = str(tmp / "cache")
@@ -59,6 +59,14 @@ def runs(frames_csv, gardens, tmp_path_factory):
         ev = ["eval", "--database", str(db), "--queries", str(q), "--frame-tolerance", "2", "--examples", "0"]
         for n in (1, 2):
             assert main([*ev, *COMMON, "--nproc", str(n), "--out", str(tmp / f"eval{n}")]) == 0
+        photos = tum_positions("nproc.csv", 0, 16, 2)  # 8 TUM desk photos with their positions
+        out["index_log"] = {}
+        for n in (1, 2):
+            log = io.StringIO()
+            with contextlib.redirect_stdout(log):
+                args = ["index", "--db", str(tmp / f"db{n}"), "--positions", str(photos), "--quiet"]
+                assert main([*args, *COMMON[:-1], "--nproc", str(n)]) == 0
+            out["index_log"][n] = log.getvalue()
         yield out
     finally:
         if old is None:
@@ -132,3 +140,26 @@ def test_a_failed_rank_is_one_line(runs, gardens, capsys):
     assert line.startswith("placerank: error: extraction rank ") and " of 2 failed: " in line
     assert any(f"{b}: cannot read image" in line for b in broken)
     assert line.endswith("(its finished chunks are kept for a rerun)")
+
+
+def test_index_with_two_ranks_stores_the_descriptors_of_one(runs):
+    from placerank.localize.database import Database
+
+    def stored(n):
+        with Database.open(runs["tmp"] / f"db{n}", read_only=True) as db:
+            rows = db.store.images.rows(db.store.images.ids().tolist())
+            ids, descs = next(db.store.images.descriptor_chunks())
+            return {rows[int(i)].path: d for i, d in zip(ids, descs)}
+
+    one, two = stored(1), stored(2)
+    assert sorted(one) == sorted(two) and len(one) == 8
+    for path in one:  # not bit-identical across processes (1 vs 2 threads): ~3e-7
+        np.testing.assert_allclose(two[path], one[path], rtol=0, atol=1e-6)
+    assert "8 photo(s)" in runs["index_log"][2] or "added 8" in runs["index_log"][2], runs["index_log"][2]
+
+
+def test_index_bad_nproc_is_one_line_and_makes_no_database(runs, capsys):
+    db = runs["tmp"] / "bad-db"
+    assert main(["index", str(runs["tmp"]), "--db", str(db), "--nproc", "0"]) == 2
+    assert _error(capsys) == "placerank: error: --nproc must be a whole number from 1 to 64, got 0"
+    assert not db.exists()
