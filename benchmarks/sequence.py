@@ -31,6 +31,7 @@ of whatever else runs; the numbers to compare are within one run. Writes
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from pathlib import Path
@@ -134,6 +135,12 @@ def database_sizes(db, q, factors, length=10, k=100) -> list[dict]:
     return rows
 
 
+def short(name: str) -> str:
+    """``Nordland winter->summer (2,800 x 2,800), centred`` -> ``Nordland, centred``."""
+    head, _, rest = name.partition(" (")
+    return head.split()[0] + rest.partition(")")[2]
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -144,11 +151,13 @@ def plot(result: dict, path: Path) -> None:
     for name, rows in result["recall_vs_length"].items():
         lengths = [r["length"] for r in rows]
         for key in [k for k in rows[0] if k.startswith("R@1")][:1]:  # strict (Nordland), |i-j|<=2 (GP)
-            axes[0].plot(lengths, [r[key] for r in rows], marker="o", label=f"{name} {key}")
-        axes[1].plot(lengths, [r["ms_per_query"] for r in rows], marker="o", label=name)
+            axes[0].plot(lengths, [r[key] for r in rows], marker="o", label=f"{short(name)} {key}")
+        axes[1].plot(lengths, [r["ms_per_query"] for r in rows], marker="o", label=short(name))
     axes[0].axhline(0.30, color="grey", ls=":", lw=1, label="issue goal, Nordland 0.30")
-    axes[0].set(xlabel="sequence length L (frames)", ylabel="Recall@1", title="R@1 vs L (K=100; v 0.8..1.2 unless named)")
-    axes[0].legend(fontsize=7)
+    axes[0].set(
+        xlabel="sequence length L (frames)", ylabel="Recall@1", title="R@1 vs L (K=100; v 0.8..1.2 unless named)"
+    )
+    axes[0].legend(fontsize=7, loc="upper right")
     axes[1].set(xlabel="sequence length L", ylabel="ms per query", title="sequence step cost vs L (K=100)")
     axes[1].legend(fontsize=8)
     sizes = result.get("cost_vs_database", [])
@@ -157,6 +166,8 @@ def plot(result: dict, path: Path) -> None:
         axes[2].plot(n, [r["search_ms_per_query"] for r in sizes], marker="o", label="FAISS flat search (top-100)")
         axes[2].plot(n, [r["sequence_ms_per_query"] for r in sizes], marker="o", label="sequence step (L=10)")
         axes[2].set_xscale("log")
+        axes[2].set_xticks(n, [f"{v:,}" for v in n])
+        axes[2].minorticks_off()
         axes[2].legend(fontsize=8)
     axes[2].set(xlabel="database images", ylabel="ms per query", title="cost vs database size (Nordland + copies)")
     for ax in axes:
@@ -173,7 +184,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="300 Nordland frames, L in 1, 5, 10 (CI smoke)")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--plot-only", action="store_true", help="redraw sequence.png from sequence.json")
     args = ap.parse_args()
+    if args.plot_only:
+        with atomic_path(args.out / "sequence.png") as tmp:
+            plot(json.loads((args.out / "sequence.json").read_text()), tmp)
+        return
     frames = range(2000, 2300) if args.quick else None
     lengths = [1, 5, 10] if args.quick else [1, 2, 3, 5, 8, 10, 15, 20, 30, 40]
     t_start = time.perf_counter()
