@@ -205,8 +205,8 @@ def trained_heldout(run: Path, tmp: Path, gardens: Path) -> dict:
     return out
 
 
-def fmt(v) -> str:
-    return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+def fmt(v, digits: int = 3) -> str:
+    return "-" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
 def print_table(results: dict) -> None:
@@ -222,7 +222,7 @@ def print_table(results: dict) -> None:
             rr = u["final"] if rerank else {}
             print(
                 f"{name:22s} {e['parameters']['total'] / 1e6:8.2f} {e['ms_per_image']['global']:7.1f} "
-                f"{fmt(e['ms_per_image'].get('global_and_local')):>7s} {fmt(u['global'].get('1')):>6s} "
+                f"{fmt(e['ms_per_image'].get('global_and_local'), 1):>7s} {fmt(u['global'].get('1')):>6s} "
                 f"{fmt(u['global'].get('5')):>6s} {fmt(rr.get('1')):>7s} {fmt(rr.get('5')):>7s}"
             )
     t = results.get("trained_fol_lite2")

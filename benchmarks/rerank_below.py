@@ -3,6 +3,9 @@
     python benchmarks/rerank_below.py                                   # ransac-xfeat and fol-region
     python benchmarks/rerank_below.py --rerankers ransac-xfeat --query-step 2
     python benchmarks/rerank_below.py --quick                           # smoke: 30 frames, small input
+    G=../shared/data/gardenspoint_walking                              # an easy pair: a confident first stage
+    python benchmarks/rerank_below.py --rerankers ransac-xfeat --query-step 2 --database $G/day_right \
+        --queries $G/day_left --out benchmarks/results/rerank_below_day.json
 
 GardensPoint day_left -> night_right (positives |i-j| <= 2), top-20 re-ranked, on the stage
 functions ``placerank eval`` runs (global descriptors and local features from the usual cache):

@@ -81,6 +81,13 @@ def register(sub) -> None:
         help="with --sequence-length: database frames per query frame, searched in steps of 0.1"
         " (default 0.8:1.2; 1 for frame-aligned traversals)",
     )
+    p.add_argument(
+        "--standardize",
+        choices=("none", "center", "zscore"),
+        default="none",
+        help="subtract each side's mean descriptor (zscore: and divide by its std per dimension), then"
+        " re-normalise, before the search; transductive: uses the query set's statistics (docs/eval.md)",
+    )
     p.add_argument("--examples", type=non_negative_int, default=8, help="example pictures to draw")
     add_nproc_arg(p)  # extraction by N ranks, then search + re-rank here
     add_index_args(p)  # --index SPEC, --index-option KEY=VALUE (docs/index.md)
@@ -134,6 +141,7 @@ def run(args) -> int:
         rerank_below=args.rerank_below,
         sequence_length=args.sequence_length,
         sequence_velocity=args.sequence_velocity,
+        standardize=args.standardize,
         index=args.index,
         index_options=index_options_arg(args.index_option),
     )

@@ -1,6 +1,9 @@
 """``placerank train --method NAME ...`` or ``placerank train --preset NAME [flags]``: one
 interface for every training method. A preset (``placerank/presets/recipes.py``) is applied first;
-every flag the user gives then overrides it (flags default to None so the two can be told apart)."""
+every flag the user gives then overrides it (flags default to None so the two can be told apart).
+Without ``--preset``, ``--method M`` takes M's CPU recipe settings (not its data), a 20-minute
+budget and an automatic validation split of ``--train`` (docs/training.md); ``--preset none``
+gives the bare :data:`DEFAULTS`."""
 
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ from placerank.data.dataset import Dataset
 from placerank.data.layouts import LayoutOptions, open_dataset
 from placerank.descriptors.extract import check_precision, local_precision, local_store_for
 from placerank.descriptors.files import extract_descriptors, open_rows
+from placerank.descriptors.standardize import check_mode, standardize_sides
 from placerank.eval.confidence import (
     check_rerank_below,
     global_confidence,
@@ -70,6 +71,7 @@ class EvalConfig:
     nproc: int = 1  # >1: extraction by N local ranks (placerank.descriptors.launch), the rest here
     index: str = "flat"  # first-stage index kind: flat, flat-fp16 or a FAISS factory string (docs/index.md)
     index_options: dict | None = None  # its search options, e.g. {"nprobe": "32"}
+    standardize: str = "none"  # none | center | zscore: per-side descriptor statistics (transductive)
 
 
 def load_model(name: str, weights, image_size, device):
@@ -152,6 +154,9 @@ def evaluate(config: EvalConfig, model=None, dataset: Dataset | None = None) -> 
             )
             for images, side in ((ds.database, "database"), (ds.queries, "queries"))
         )
+    standardized: dict = {"mode": "none"}
+    if config.standardize != "none":  # each side with its own statistics (placerank.descriptors.standardize)
+        db_desc, q_desc, standardized = standardize_sides(db_desc, q_desc, config.standardize, scratch.name)
     depth = min(len(ds.database), max(DEFAULT_NS[-1], config.top_k, seq.candidates if seq else 0))
     with timer("search"):
         candidates = search(
@@ -216,7 +221,7 @@ def evaluate(config: EvalConfig, model=None, dataset: Dataset | None = None) -> 
             "rule": ds.rule.describe(),
             "protocol": ds.describe(),
         },
-        model={**model.describe(), "precision": config.precision},
+        model={**model.describe(), "precision": config.precision, "standardize": standardized},
         rerank=rerank_info,
         device=str(device),
         placerank_version=__version__,
@@ -276,5 +281,6 @@ def check_eval_numbers(config: EvalConfig) -> None:
     from placerank.descriptors.shards import check_nproc
 
     check_nproc(config.nproc)
+    check_mode(config.standardize)
     if check_rerank_below(config.rerank_below) is not None and not config.rerank:
         raise PlaceRankError("rerank_below (--rerank-below) needs a re-ranker (--rerank NAME)")

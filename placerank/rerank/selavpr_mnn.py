@@ -28,7 +28,8 @@ official rule):
 - ``fusion="rank"``: score = z(count) + z(−first-stage rank), both standardised over the query's
   top-K (a count tied across candidates leaves the first-stage order). Candidates reach
   :meth:`score` in first-stage order (:func:`placerank.rerank.topk.rerank_topk`), so the rank is
-  their position. ``fusion="none"`` is the official count.
+  their position. ``fusion="none"`` is the official count; ``"auto"`` (default) picks by backbone.
+  ``threshold`` None picks by backbone too; -1 counts every mutual pair.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class SelaVPRMNNReranker(Reranker):
         min_matches: int = 2,
         device: str | torch.device = "cpu",
         threshold: float | None = None,
-        fusion: str | None = None,
+        fusion: str = "auto",
     ):
         from placerank.models.selavpr import SelaVPRModel
 
@@ -70,9 +71,9 @@ class SelaVPRMNNReranker(Reranker):
         self.min_matches = int(min_matches)
         official = str(getattr(model, "name", "")).startswith("selavpr-vit")
         self.threshold = (None if official else CNN_THRESHOLD) if threshold is None else float(threshold)
-        self.fusion = ("none" if official else "rank") if fusion is None else str(fusion)
+        self.fusion = ("none" if official else "rank") if fusion == "auto" else str(fusion)
         if self.fusion not in FUSIONS:
-            raise PlaceRankError(f"selavpr-mnn option fusion must be one of {', '.join(FUSIONS)}, got '{fusion}'")
+            raise PlaceRankError(f"selavpr-mnn option fusion must be one of auto, {', '.join(FUSIONS)}, got '{fusion}'")
         self.device = torch.device("cpu")
         self.to(device)
 
@@ -153,7 +154,7 @@ def _selavpr_mnn(
     min_matches: int = 2,
     device="cpu",
     threshold: float | None = None,
-    fusion: str | None = None,
+    fusion: str = "auto",
 ) -> SelaVPRMNNReranker:
     values = {"max_chunk_mb": max_chunk_mb, "min_matches": min_matches}
     if threshold is not None:

@@ -169,10 +169,14 @@ def test_rank_fusion_hand_values_and_backbone_defaults(small_model, monkeypatch)
     assert list(rerank_order(rank_fusion(np.array([4, 4, 4])))) == [0, 1, 2]  # equal counts: global order
     cnn = create_reranker("selavpr-mnn", model=small_model)
     assert (cnn.threshold, cnn.fusion) == (0.7, "rank")
+    from placerank.rerank.base import reranker_options
+
+    opts = reranker_options("selavpr-mnn", ["fusion=none", "threshold=-1"])  # --rerank-option: the official count
+    assert create_reranker("selavpr-mnn", model=small_model, **opts).fusion == "none"
     monkeypatch.setattr(small_model, "name", "selavpr-vitl14")  # official backbones: the official count
     vit = create_reranker("selavpr-mnn", model=small_model)
     assert (vit.threshold, vit.fusion) == (None, "none")
-    with pytest.raises(PlaceRankError, match="^selavpr-mnn option fusion must be one of none, rank, got 'sum'$"):
+    with pytest.raises(PlaceRankError, match="^selavpr-mnn option fusion must be one of auto, none, rank, got 'sum'$"):
         create_reranker("selavpr-mnn", model=small_model, fusion="sum")
 
 

@@ -69,7 +69,8 @@ def _config(method: str, gardens, out: Path, epochs: int) -> TrainConfig:
 
 
 def _cli_args(cfg: TrainConfig) -> list[str]:
-    args = ["train", "--method", cfg.method, "--train", *cfg.train, "--frames", "0", "8", "--device", "cpu"]
+    args = ["train", "--preset", "none", "--method", cfg.method, "--train", *cfg.train, "--frames", "0", "8"]
+    args += ["--device", "cpu"]  # --preset none: TrainConfig's bare defaults, as the in-process reference
     args += ["--image-size", *map(str, cfg.image_size or ()), "--epochs", str(cfg.epochs), "--workers", "0"]
     args += ["--places-per-batch", str(cfg.batch_places), "--images-per-place", str(cfg.images_per_place)]
     for k, v in cfg.options.items():

@@ -258,6 +258,8 @@ def test_ddp_two_processes_give_the_one_process_result(resumed_run, gardens, tmp
         "-m",
         "placerank.cli",
         "train",
+        "--preset",
+        "none",  # TrainConfig's bare defaults, as the in-process run above (not the sfrs-cpu recipe)
         "--method",
         "sfrs",
         "--train",
