@@ -311,7 +311,7 @@ def plot(data: dict, path: Path) -> None:
                     r[key], r["recall"]["1"], color=colors[kind], marker=markers[r["size"]], s=60,
                     edgecolor="black", linewidth=0.5, zorder=3,
                 )  # fmt: skip
-                if "recall_rescored_top100" in r:  # hollow: the top-100 re-scored exactly from disk
+                if "recall_rescored_top100" in r and key == "bytes_per_image":  # hollow: top-100 re-scored
                     ax.scatter(
                         r[key], r["recall_rescored_top100"]["1"], facecolors="none", edgecolors=colors[kind],
                         marker=markers[r["size"]], s=60, linewidth=1.2, zorder=3,
@@ -326,7 +326,15 @@ def plot(data: dict, path: Path) -> None:
     handles = [Line2D([], [], color=colors[k], marker="o", linestyle="-", label=k) for k in kinds]
     handles += [Line2D([], [], color="gray", marker=markers[s], linestyle="", label=f"{s:,} images") for s in sizes]
     handles.append(
-        Line2D([], [], color="gray", marker="o", markerfacecolor="none", linestyle="", label="PQ, top-100 re-scored")
+        Line2D(
+            [],
+            [],
+            color="gray",
+            marker="o",
+            markerfacecolor="none",
+            linestyle="",
+            label="PQ, top-100 re-scored from disk",
+        )
     )
     fig.legend(handles=handles, loc="lower center", ncol=7, fontsize=9, frameon=False)
     fig.suptitle("placerank index kinds: effnet-lite0-gem 1280-d, real descriptors + drawn distractors")
