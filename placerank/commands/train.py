@@ -42,7 +42,11 @@ def register(sub) -> None:
     )
     p.add_argument("--data", default=None, help="shared data folder for a preset's data (default: ../shared/data)")
     p.add_argument("--method", default=None, help="training method (selavpr | fol | sfrs)")
-    p.add_argument("--backbone", default=None, help="effnet-lite0 (trains here) | dinov2-vitl14 | vgg16 ...")
+    p.add_argument(
+        "--backbone",
+        default=None,
+        help="effnet-lite0 | effnet-lite1 | effnet-lite2 (train here) | dinov2-vitl14 | vgg16 ...",
+    )
     p.add_argument(
         "--train",
         nargs="+",
