@@ -36,6 +36,10 @@ from placerank.utils import Timer, atomic_folder, check_output_folder, peak_memo
 from placerank.version import __version__
 from placerank.viz.examples import plot_pr_curve, plot_recall_curve
 
+# Database descriptors above this size go to a memory-mapped scratch file instead of RAM: below
+# it (~50 000 images of 1280-d) the file would only add a write for no memory saved.
+MEMMAP_ABOVE_BYTES = 256 * 2**20
+
 # what eval writes under --out; the folder is replaced as a whole, so it may hold only these
 EVAL_OUTPUTS = ("results.json", "predictions.csv", "recall_curve.png", "pr_curve.png", "examples")
 
@@ -131,9 +135,14 @@ def evaluate(config: EvalConfig, model=None, dataset: Dataset | None = None) -> 
         store = local_store_for(reranker, precision=local_precision(model, reranker, config.precision))
     # A re-ranker on the model's own local head gets its features in the same backbone pass.
     shared = store if shares_model_head(model, reranker) else None
-    # database descriptors stream into a memmap in a scratch folder ($TMPDIR), not a list in RAM
+    # a large database's descriptors stream into a memmap in a scratch folder ($TMPDIR), not RAM
     scratch = tempfile.TemporaryDirectory(prefix="placerank-eval-")
-    db_rows = open_rows(Path(scratch.name) / "database.npy", len(ds.database), int(model.descriptor_dim))
+    db_bytes = len(ds.database) * int(model.descriptor_dim) * 4
+    db_rows = (
+        open_rows(Path(scratch.name) / "database.npy", len(ds.database), int(model.descriptor_dim))
+        if db_bytes > MEMMAP_ABOVE_BYTES
+        else None
+    )
     with timer("extract"):
         if model.needs_data_init:
             model.init_from_images(ds.database.paths)

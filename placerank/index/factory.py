@@ -95,6 +95,8 @@ class VPRIndex:
         self._bytes: int | None = None
         self._parts: list[VPRIndex] = []  # shards kept alive by an IndexShards merge
         self._scratch: tempfile.TemporaryDirectory | None = None  # on-disk lists of ``on_disk=1``, removed with us
+        #: the database descriptors (array or read-only memmap, never copied) for ``rescore=K``
+        self.descriptors = None
 
     @property
     def spec(self) -> str:
@@ -126,9 +128,12 @@ class VPRIndex:
 
     def set_options(self, options: dict | None) -> None:
         """Apply search options (``{"nprobe": "32"}``) on top of the stored ones; see spec.apply_options."""
-        opts = S.with_defaults(self.index, {**self.schema.options, **S.normalize_options(options)})
+        opts = {**self.schema.options, **S.normalize_options(options)}
+        rescore = S.rescore_of(opts, self.spec)  # ours, not FAISS's
+        opts.pop("rescore", None)
+        opts = S.with_defaults(self.index, opts)
         S.apply_options(self.index, opts, self.spec)
-        self.schema.options = opts
+        self.schema.options = {**opts, "rescore": str(rescore)} if rescore else opts
         self._gpu.clear()
 
     def _searcher(self, k: int, device) -> faiss.Index:
@@ -149,9 +154,27 @@ class VPRIndex:
     def search(self, queries, k: int, chunk: int = 1024, device=None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (similarities float32, ids int64), each (Q, k), best first; k is capped at the index
         size. Holds ``chunk`` queries at a time (``queries`` may be a memmap). Approximate kinds may
-        find fewer than k rows for a query: those slots have id -1 and similarity -inf."""
+        find fewer than k rows for a query: those slots have id -1 and similarity -inf. With the
+        option ``rescore=K`` it finds max(K, k) candidates and returns the top k of them by exact
+        inner product with :attr:`descriptors` (:mod:`placerank.index.rescore`)."""
         if len(self) == 0:
             raise PlaceRankError("the database index is empty: add images before searching")
+        rescore = int(self.schema.options.get("rescore", "0"))
+        if rescore:
+            if self.descriptors is None:
+                raise PlaceRankError(
+                    f"index '{self.spec}' has rescore={rescore} but no database descriptors to re-score with: "
+                    "set VPRIndex.descriptors (eval and search do) or drop the option"
+                )
+            from placerank.index.rescore import rescore as exact
+
+            k = min(int(k), len(self))
+            sims, ids = self._search(queries, max(rescore, k), chunk, device)
+            q = np.asarray(queries)  # a memmap stays a memmap: read in blocks by ``exact``
+            return exact(self.descriptors, q, ids, k)
+        return self._search(queries, k, chunk, device)
+
+    def _search(self, queries, k: int, chunk: int, device) -> tuple[np.ndarray, np.ndarray]:
         nq, _ = _check_shape(queries, self.schema.dimension)
         k = min(int(k), len(self))
         sims = np.empty((nq, k), dtype=np.float32)
@@ -326,6 +349,7 @@ def build_index(
     schema = FactorySchema(dim, model, weights_id, 0, spec=spec, train_size=size, trained_sha=trained_hash(index))
     obj = VPRIndex(index, schema)
     obj.set_options(options)
+    obj.descriptors = descriptors
     if on_disk is not None:
         from placerank.index.ondisk import fill_on_disk
 

@@ -103,6 +103,23 @@ def kmeans_sizes(index_: faiss.Index) -> list[int]:
     return sizes
 
 
+def opq_min_rows(index_: faiss.Index) -> int:
+    """Training rows an OPQ rotation needs (0 without OPQ): at least its input dimension and 256
+    (the codebook size). With fewer rows than dimensions FAISS 1.15's OPQ training crashes the
+    whole process (segfault on 1 000 x 1280-d, ``malloc(): corrupted top size`` on 1 279, measured
+    in a subprocess), so the check runs before FAISS is called."""
+    index: Any = faiss.downcast_index(index_)
+    if not isinstance(index, faiss.IndexPreTransform):
+        return 0
+    chain: Any = index.chain
+    need = 0
+    for i in range(chain.size()):
+        vt: Any = faiss.downcast_VectorTransform(chain.at(i))
+        if isinstance(vt, faiss.OPQMatrix):
+            need = max(need, int(vt.d_in), 256)
+    return need
+
+
 def needs_training(index: faiss.Index) -> bool:
     return not bool(index.is_trained)
 
@@ -128,6 +145,13 @@ def check_train_size(spec: str, index: faiss.Index, n: int, train_size: int | No
         return 0
     k = max(kmeans_sizes(index) or [1])
     size = default_train_size(n, k) if train_size is None else min(int(train_size), n)
+    need = opq_min_rows(index)
+    if need and size < need:  # FAISS 1.15 crashes the process (segfault / heap corruption) here
+        raise PlaceRankError(
+            f"index '{spec}' needs at least {need} training vectors, got {size}: its OPQ rotation "
+            f"is trained on {index.d}-d descriptors and FAISS crashes on fewer rows than dimensions; "
+            "index more images or drop OPQ (e.g. IVF16,PQ64)"
+        )
     if size < k:
         have = f"{n} database descriptors" if size == n else f"a training sample of {size}"
         raise PlaceRankError(
@@ -160,6 +184,24 @@ def normalize_options(options: dict | None) -> dict[str, str]:
     return out
 
 
+def rescore_of(options: dict[str, str], spec: str) -> int:
+    """The ``rescore`` option (0 when absent): candidates K searched in the compressed index and
+    re-scored exactly from the database descriptors. Not a FAISS parameter; an integer >= 1, and
+    only for approximate kinds (``flat`` is exact already). One-line error otherwise."""
+    if "rescore" not in options:
+        return 0
+    value = options["rescore"]
+    try:
+        k = int(value)
+    except ValueError:
+        k = 0
+    if k < 1 or str(k) != value:
+        raise PlaceRankError(f"index option rescore={value}: must be a whole number of candidates >= 1, e.g. 100")
+    if spec.strip() == "flat":
+        raise PlaceRankError("index option rescore is for approximate kinds (IVF, PQ, HNSW ...): flat is exact already")
+    return k
+
+
 def with_defaults(index: faiss.Index, options: dict[str, str]) -> dict[str, str]:
     """``options`` plus ``nprobe`` = min(nlist, :data:`DEFAULT_NPROBE`) for an IVF index given none."""
     nlist = nlist_of(index)
@@ -173,6 +215,11 @@ def apply_options(index: faiss.Index, options: dict[str, str], spec: str = "") -
     have is a one-line error listing those it has."""
     valid = valid_options(index)
     for key, value in options.items():
+        if key == "rescore":
+            raise PlaceRankError(
+                f"index '{spec}': the option rescore is only supported by eval and search (which have the "
+                "descriptors at hand), not here"
+            )
         if key not in valid:
             have = ", ".join(valid) if valid else "none (it has no search parameters)"
             raise PlaceRankError(f"index '{spec}' has no option '{key}': its options are {have}")
@@ -188,6 +235,8 @@ def check_spec(spec: str, options: dict | None, dimension: int, count: int | Non
     database rows to train it. One-line :class:`PlaceRankError` otherwise."""
     index = make_index(dimension, spec)
     options = normalize_options(options)
+    rescore_of(options, spec)
+    options.pop("rescore", None)
     if float(options.pop("on_disk", "0")) and nlist_of(index) == 0:
         raise PlaceRankError(f"on-disk inverted lists need an IVF index (e.g. IVF4096,PQ64), not '{spec.strip()}'")
     apply_options(index, with_defaults(index, options), spec.strip())

@@ -34,8 +34,8 @@ def test_eval_disk_full_keeps_the_previous_outputs(inputs, tmp_path, cli):
 def test_cache_that_cannot_grow_is_skipped_with_the_cause(inputs, tmp_path):
     cache = tmp_path / "cache"
     code, err = run_subprocess(_eval(inputs, tmp_path / "run"), limit_bytes=2_000, env={"PLACERANK_CACHE": str(cache)})
-    assert code == 2  # the outputs cannot be written either; the cache was only skipped
-    assert err == [f"placerank: error: cannot write {tmp_path / 'run' / 'recall_curve.png'}: {LIMIT}"]
+    assert code == 2  # the outputs cannot be written either (results.json is > 2 KB); the cache was only skipped
+    assert err == [f"placerank: error: cannot write {tmp_path / 'run' / 'results.json'}: {LIMIT}"]
 
 
 def test_index_disk_full_leaves_no_half_made_database(inputs, tmp_path):
