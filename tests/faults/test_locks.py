@@ -88,7 +88,8 @@ def test_wait_is_honoured_for_a_new_database(tmp_path, monkeypatch):
     of being refused at once."""
     import placerank.localize.database as database
 
-    monkeypatch.setattr(database, "build_model", lambda *a, **k: object())  # storage only, no model
+    stub = type("NoModel", (), {"descriptor_dim": 8})()  # storage only: the index kind is checked on its size
+    monkeypatch.setattr(database, "build_model", lambda *a, **k: stub)
     monkeypatch.setattr(database, "model_meta", lambda *a, **k: {"model": "m"})
     folder = tmp_path / "db"
     folder.mkdir()

@@ -151,3 +151,20 @@ def test_a_database_too_small_to_train_its_kind_is_flat_until_it_has_enough(inpu
     assert (saved["spec"], saved["count"], saved["options"]) == ("IVF8,Flat", 12, {"nprobe": "8"})
     code, err = cli("localize", inputs / "q" / "Image002.jpg", "--db", db, "--out", tmp_path / "loc")
     assert (code, err) == (0, [])
+
+
+def test_rescore_on_search_and_refused_by_the_localize_database(inputs, cli, tmp_path):
+    for side in ("db", "q"):
+        assert cli("extract", "--images", inputs / f"{side}.csv", "--out", tmp_path / side, *FAST)[0] == 0
+    args = ["search", "--database", tmp_path / "db", "--queries", tmp_path / "q", "--top-k", "3"]
+    assert cli(*args, "--out", tmp_path / "f")[0] == 0
+    assert cli(*args, "--out", tmp_path / "r", "--index", "HNSW8", "--index-option", "rescore=4")[0] == 0
+    flat, res = (json.loads((tmp_path / c / "candidates.json").read_text()) for c in ("f", "r"))
+    assert res["index"]["options"]["rescore"] == "4"
+    from placerank.index.candidates import load_candidates
+
+    a, b = load_candidates(tmp_path / "f"), load_candidates(tmp_path / "r")
+    assert (a.ids == b.ids).all()  # all 4 rows re-scored exactly: the flat ranking
+    code, err = cli("index", "--positions", inputs / "db.csv", "--db", tmp_path / "ldb", "--image-size", "64", "96",
+                    "--quiet", "--index", "HNSW8", "--index-option", "rescore=4")  # fmt: skip
+    assert code == 2 and len(err) == 1 and "rescore is only supported by eval and search" in err[0], err

@@ -150,7 +150,7 @@ def test_training_errors(gardens, tmp_path):
     with pytest.raises(PlaceRankError) as e:
         run_training(cfg)
     assert str(e.value) == (
-        "selavpr cannot train on backbone 'vgg16'; known: effnet-lite0, dinov2-vits14, dinov2-vitb14, dinov2-vitl14"
+        "selavpr cannot train on backbone 'vgg16'; known: effnet-lite0, effnet-lite1, effnet-lite2, dinov2-vits14, dinov2-vitb14, dinov2-vitl14"
     )
 
 

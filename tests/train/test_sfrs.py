@@ -65,8 +65,8 @@ def test_backbone_choice_errors(gardens, tmp_path):
     )
     with pytest.raises(
         PlaceRankError,
-        match=r"^sfrs trains on backbones effnet-lite0, sfrs-effnet-lite0, sfrs-vgg16, "
-        r"vgg16; got 'resnet50'$",
+        match=r"^sfrs trains on backbones effnet-lite0, effnet-lite1, effnet-lite2, sfrs-effnet-lite0, "
+        r"sfrs-effnet-lite1, sfrs-effnet-lite2, sfrs-vgg16, vgg16; got 'resnet50'$",
     ):
         run_training(cfg)
 
