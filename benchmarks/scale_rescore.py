@@ -2,6 +2,7 @@
 IVF-PQ at >= 16x compression lose <= 1 point R@1 against flat (issue 14)?
 
     python benchmarks/scale_rescore.py run IVF316,PQ64 --rescore 0 100 300 1000 --nprobe 16 32
+    python benchmarks/scale_rescore.py run IVF316_HNSW32,PQ64 --nprobe 16 --option quantizer_efSearch=64
     python benchmarks/scale_rescore.py table          # the rows so far (text + markdown)
 
 Same data and protocol as ``scale.py`` (its scratch database ``db_100000.npy``, the 280 real
@@ -72,7 +73,7 @@ def measure(index, queries: np.ndarray, positives: list, exact_top: np.ndarray) 
     }
 
 
-def run(spec: str, rescores: list[int], nprobes: list[int]) -> None:
+def run(spec: str, rescores: list[int], nprobes: list[int], extra: dict[str, str]) -> None:
     from placerank.index.factory import build_index
 
     _fewer_iterations()
@@ -83,13 +84,13 @@ def run(spec: str, rescores: list[int], nprobes: list[int]) -> None:
     database = np.load(database_path(N), mmap_mode="r")
     train = min(N, max(min(39 * nlist_of(spec), TRAIN_MAX), 10_000))
     t = time.perf_counter()
-    index = build_index(database, spec, options={"nprobe": str(nprobes[0])}, train_size=train)
+    index = build_index(database, spec, options={**extra, "nprobe": str(nprobes[0])}, train_size=train)
     build_s = round(time.perf_counter() - t, 2)
     desc = index.describe()
     print(f"{spec}: built in {build_s} s, {desc['bytes_per_image']:.1f} B/image", flush=True)
     for nprobe in nprobes:
         for k in rescores:
-            opts = {"nprobe": str(nprobe), **({"rescore": str(k)} if k else {})}
+            opts = {**extra, "nprobe": str(nprobe), **({"rescore": str(k)} if k else {})}
             index.schema.options.pop("rescore", None)  # set_options merges: drop the previous K
             index.set_options(opts)
             res = {
@@ -111,14 +112,14 @@ def run(spec: str, rescores: list[int], nprobes: list[int]) -> None:
 
 def row(r: dict) -> str:
     return (
-        f"{r['spec']:<16} {r['nprobe']:>6} {r['rescore']:>7} {r['bytes_per_image']:>8.1f} {r['compression']:>6.1f}x"
+        f"{r['spec']:<20} {r['nprobe']:>6} {r['rescore']:>7} {r['bytes_per_image']:>8.1f} {r['compression']:>6.1f}x"
         f" {r['build_s']:>7.0f} {r['query_ms_p50']:>7.2f} {r['query_ms_p95']:>7.2f} {r['recall']['1']:>6.2f}"
         f" {r['recall']['5']:>6.2f} {r['vs_flat']['1']:>6.1f} {r['vs_flat']['5']:>6.1f}"
     )
 
 
 HEADER = (
-    f"{'index':<16} {'nprobe':>6} {'rescore':>7} {'B/image':>8} {'compr':>7} {'build s':>7} {'p50 ms':>7}"
+    f"{'index':<20} {'nprobe':>6} {'rescore':>7} {'B/image':>8} {'compr':>7} {'build s':>7} {'p50 ms':>7}"
     f" {'p95 ms':>7} {'R@1':>6} {'R@5':>6} {'=flat1':>6} {'=flat5':>6}"
 )
 
@@ -149,10 +150,11 @@ def main() -> None:
     pr.add_argument("spec")
     pr.add_argument("--rescore", type=int, nargs="+", default=[0, 100, 300, 1000])
     pr.add_argument("--nprobe", type=int, nargs="+", default=[16, 32])
+    pr.add_argument("--option", nargs="*", default=[], help="more search options, e.g. quantizer_efSearch=64")
     sub.add_parser("table")
     args = p.parse_args()
     if args.cmd == "run":
-        run(args.spec, args.rescore, args.nprobe)
+        run(args.spec, args.rescore, args.nprobe, dict(o.split("=", 1) for o in args.option))
     else:
         table()
 
