@@ -67,7 +67,9 @@ def write_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
                 if not paths[i].exists():  # an interrupted run's images are the same (same draws)
                     crop = crop.transpose(Image.FLIP_LEFT_RIGHT) if flip else crop
                     paths[i].parent.mkdir(parents=True, exist_ok=True)
-                    crop.save(paths[i], quality=85)
+                    part = paths[i].with_suffix(".part")  # then renamed: a killed run leaves no empty JPEG
+                    crop.save(part, format="JPEG", quality=85)
+                    part.replace(paths[i])
                 i += 1
     done.write_text(json.dumps({"count": count}))
     return paths
