@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -152,11 +153,6 @@ def launch(job: ShardJob, nproc: int) -> dict[int, list[tuple[int, int]]]:
     runs: a c10d rendezvous on a free localhost port, gloo on CPU, nccl on CUDA) and wait for
     them. The model travels to the processes pickled, on the CPU. A failed rank is one line."""
     import copy
-    import logging
-    import uuid
-
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     from placerank.descriptors.memory import max_memory_gb
 
@@ -172,6 +168,37 @@ def launch(job: ShardJob, nproc: int) -> dict[int, list[tuple[int, int]]]:
             if getattr(reranker, "model", None) is not None:
                 reranker.model = model
         on_cpu.model, on_cpu.reranker = model, reranker
+    return launch_local(
+        _launched,
+        on_cpu,
+        nproc,
+        lambda rank, text: (
+            f"extraction rank {rank} of {nproc} failed: {text} (its finished chunks are kept for a rerun)"
+        ),
+        _start_method(job.device, nproc),
+    )
+
+
+def launch_local(
+    entry: Callable[[Any], Any],
+    argument: Any,
+    nproc: int,
+    failure_line: Callable[[int, str], str],
+    start_method: str = "spawn",
+) -> dict[int, Any]:
+    """``entry(argument)`` in ``nproc`` local processes with torch's elastic launcher (what
+    ``torchrun --standalone`` runs: a c10d rendezvous on a free localhost port), waiting for them;
+    returns each rank's result. The one launcher of extraction (:func:`launch`) and training
+    (``placerank.train.distributed.launch_training``). A failed rank is one
+    :class:`PlaceRankError`, ``failure_line(rank, its own message or exit status)``; the
+    launcher's loggers stay quiet unless ``PLACERANK_DEBUG`` is set. ``entry`` must be a module-level
+    function wrapped in ``record`` (spawn pickles it by name; ``record`` hands the message back)."""
+    import logging
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -181,7 +208,7 @@ def launch(job: ShardJob, nproc: int) -> dict[int, list[tuple[int, int]]]:
         rdzv_endpoint="localhost:0",
         max_restarts=0,
         monitor_interval=0.1,
-        start_method=_start_method(job.device, nproc),
+        start_method=start_method,
     )
     quiet = os.environ.get("PLACERANK_DEBUG", "") in ("", "0")
     loggers = [logging.getLogger(name) for name in ("torch.distributed.elastic", "torch.multiprocessing")]
@@ -190,9 +217,10 @@ def launch(job: ShardJob, nproc: int) -> dict[int, list[tuple[int, int]]]:
         for lg in loggers:
             lg.setLevel(logging.CRITICAL)
     try:
-        return elastic_launch(config, _launched)(on_cpu)
+        return elastic_launch(config, entry)(argument)
     except ChildFailedError as e:
-        raise PlaceRankError(_failure_line(e, nproc)) from None
+        rank, text = _failed_rank(e)
+        raise PlaceRankError(failure_line(rank, text)) from None
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
@@ -218,8 +246,8 @@ def _start_method(device: str, nproc: int) -> str:
     return "fork" if resolve_device(device).type == "cpu" else "spawn"
 
 
-def _failure_line(e, nproc: int) -> str:
-    """The first failed rank's own message (``PlaceRankError: x`` -> ``x``), or its exit status."""
+def _failed_rank(e) -> tuple[int, str]:
+    """The first failed rank and its own message (``PlaceRankError: x`` -> ``x``), or its exit status."""
     rank, failure = min(e.failures.items())
     message = failure.message
     if isinstance(message, dict):
@@ -231,7 +259,7 @@ def _failure_line(e, nproc: int) -> str:
     if not text or text.startswith("To enable traceback"):
         code = failure.exitcode
         text = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
-    return f"extraction rank {rank} of {nproc} failed: {text} (its finished chunks are kept for a rerun)"
+    return rank, text
 
 
 def extract_in_processes(

@@ -288,8 +288,6 @@ def shard_dropouts(module: torch.nn.Module, ctx: DistContext) -> int:
 # placerank train --nproc N
 # ---------------------------------------------------------------------------------------------
 
-MAX_NPROC = 64
-
 
 @record
 def _launched_training(config) -> str:
@@ -301,47 +299,15 @@ def _launched_training(config) -> str:
 
 
 def launch_training(config, nproc: int) -> Path:
-    """Run ``run_training(config)`` in ``nproc`` local processes with torch's elastic launcher
-    (what ``torchrun --standalone --nproc-per-node N`` runs: a c10d rendezvous on a free
-    localhost port; the processes then join with gloo on CPU, nccl on CUDA) and wait for them.
-    A failed process is one line (its own error message when it raised one)."""
-    import logging
-    import uuid
+    """Run ``run_training(config)`` in ``nproc`` local processes (the one local launcher,
+    :func:`placerank.descriptors.launch.launch_local`: what ``torchrun --standalone
+    --nproc-per-node N`` runs; the processes then join with gloo on CPU, nccl on CUDA) and wait for
+    them. A failed process is one line (its own error message when it raised one)."""
+    from placerank.descriptors.launch import launch_local
+    from placerank.descriptors.shards import check_nproc
 
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    if not 1 <= nproc <= MAX_NPROC:
-        raise PlaceRankError(f"--nproc must be a whole number from 1 to {MAX_NPROC}, got {nproc}")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise PlaceRankError("--nproc starts its own processes; under torchrun drop --nproc")
-    launch = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=nproc,
-        run_id=uuid.uuid4().hex,
-        rdzv_backend="c10d",
-        rdzv_endpoint="localhost:0",
-        max_restarts=0,
-        monitor_interval=0.1,
+    check_nproc(nproc)
+    results = launch_local(
+        _launched_training, config, nproc, lambda rank, text: f"training process {rank} of {nproc} failed: {text}"
     )
-    loggers = [logging.getLogger(name) for name in ("torch.distributed.elastic", "torch.multiprocessing")]
-    levels = [lg.level for lg in loggers]
-    if os.environ.get("PLACERANK_DEBUG", "") in ("", "0"):
-        for lg in loggers:  # the failure is reported below in one line
-            lg.setLevel(logging.CRITICAL)
-    try:
-        results = elastic_launch(launch, _launched_training)(config)
-    except ChildFailedError as e:
-        rank, failure = min(e.failures.items())
-        message = failure.message.get("message", "") if isinstance(failure.message, dict) else failure.message
-        text = str(message or "").strip()
-        for prefix in ("PlaceRankError: ", "DataError: ", "WeightsError: "):
-            text = text.removeprefix(prefix)
-        if not text or text.startswith("To enable traceback"):
-            text = f"exit status {failure.exitcode}"
-        raise PlaceRankError(f"training process {rank} of {nproc} failed: {text}") from None
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
     return Path(results[0])
