@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from placerank.errors import IndexMismatchError, PlaceRankError
 from placerank.index import spec as S
-from placerank.index.flat import gpu_copy
+from placerank.index.flat import check_made_by, gpu_copy
 from placerank.utils import atomic_path, write_json_atomic
 
 FORMAT = 2
@@ -258,16 +258,7 @@ class VPRIndex:
         override the stored search options."""
         folder = Path(folder)
         schema = read_schema(folder)
-        if model is not None and schema.model != model:
-            raise IndexMismatchError(f"{folder}: index was built with model '{schema.model}', not '{model}'")
-        if weights_id is not None and schema.weights_id != weights_id:
-            raise IndexMismatchError(
-                f"{folder}: index was built with other weights ({schema.weights_id}) than the model's ({weights_id})"
-            )
-        if dimension is not None and schema.dimension != dimension:
-            raise IndexMismatchError(
-                f"{folder}: index is {schema.dimension}-d but the model gives {dimension}-d descriptors"
-            )
+        check_made_by(folder, schema, model, weights_id, dimension)
         if spec is not None and schema.spec != spec.strip():
             raise IndexMismatchError(
                 f"{folder}: index was built as '{schema.spec}', not '{spec}': rebuild it with --index {spec} "

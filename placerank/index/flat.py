@@ -46,6 +46,22 @@ def gpu_copy(index: faiss.Index, device) -> faiss.Index | None:
         return None
 
 
+def check_made_by(folder: Path, schema, model: str | None, weights_id: str | None, dimension: int | None) -> None:
+    """A saved index's schema against the model in use (None = anything): built with another
+    model, other weights or another dimension is one :class:`IndexMismatchError`. Every index
+    kind's loader calls this (flat here, :class:`~placerank.index.factory.VPRIndex`)."""
+    if model is not None and schema.model != model:
+        raise IndexMismatchError(f"{folder}: index was built with model '{schema.model}', not '{model}'")
+    if weights_id is not None and schema.weights_id != weights_id:
+        raise IndexMismatchError(
+            f"{folder}: index was built with other weights ({schema.weights_id}) than the model's ({weights_id})"
+        )
+    if dimension is not None and schema.dimension != dimension:
+        raise IndexMismatchError(
+            f"{folder}: index is {schema.dimension}-d but the model gives {dimension}-d descriptors"
+        )
+
+
 @dataclass
 class IndexSchema:
     dimension: int
@@ -115,16 +131,7 @@ class FlatIndex:
             raise PlaceRankError(f"{meta_path}: unreadable index schema ({e})") from None
         if schema.format != FORMAT:
             raise IndexMismatchError(f"{folder}: index format {schema.format} is not supported (expected {FORMAT})")
-        if model is not None and schema.model != model:
-            raise IndexMismatchError(f"{folder}: index was built with model '{schema.model}', not '{model}'")
-        if weights_id is not None and schema.weights_id != weights_id:
-            raise IndexMismatchError(
-                f"{folder}: index was built with other weights ({schema.weights_id}) than the model's ({weights_id})"
-            )
-        if dimension is not None and schema.dimension != dimension:
-            raise IndexMismatchError(
-                f"{folder}: index is {schema.dimension}-d but the model gives {dimension}-d descriptors"
-            )
+        check_made_by(folder, schema, model, weights_id, dimension)
         index = faiss.read_index(str(data_path))
         if index.ntotal != schema.count or index.d != schema.dimension:
             raise IndexMismatchError(f"{folder}: index.faiss ({index.ntotal} x {index.d}) does not match index.json")
