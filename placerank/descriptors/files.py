@@ -14,6 +14,7 @@ skips the work. See ``docs/pipeline.md``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -54,6 +55,26 @@ class DescriptorSet:
     local: list[dict] = field(default_factory=list)  # [{"reranker", "signature", "store"}]
     folder: Path | None = None
     precision: str = "fp32"  # the model's forward: fp32, or bf16 / fp16 autocast
+
+    @classmethod
+    def of_model(
+        cls, model, descriptors, paths, keys: list[str], weights, local: list[dict], precision: str, folder=None
+    ) -> DescriptorSet:
+        """The set ``model`` made of ``paths`` (name, weights id, preprocessing and input size from
+        the model): what one process (:func:`extract_descriptors`) and the merged torchrun shards write."""
+        return cls(
+            descriptors=descriptors,
+            paths=[str(p) for p in paths],
+            keys=keys,
+            model=model.name,
+            weights_id=model.weights_id,
+            preprocess=model.preprocess.signature(),
+            weights=None if weights is None else str(weights),
+            input_size=tuple(model.preprocess.size),
+            local=local,
+            precision=precision,
+            folder=None if folder is None else Path(folder),
+        )
 
     @property
     def fingerprint(self) -> str:
@@ -184,18 +205,7 @@ def extract_descriptors(
     local = []
     if reranker is not None and store is not None:
         local.append({"reranker": reranker.name, "signature": reranker.signature(), "store": str(store.folder)})
-    return DescriptorSet(
-        descriptors=d,
-        paths=[str(p) for p in paths],
-        keys=keys,
-        model=model.name,
-        weights_id=model.weights_id,
-        preprocess=model.preprocess.signature(),
-        weights=None if weights is None else str(weights),
-        input_size=tuple(model.preprocess.size),
-        local=local,
-        precision=precision,
-    )
+    return DescriptorSet.of_model(model, d, paths, keys, weights, local, precision)
 
 
 def up_to_date(folder: str | Path, model, paths: list[Path], reranker=None, precision: str = "fp32") -> bool:
@@ -274,11 +284,14 @@ def _finish(folder: Path, ds: DescriptorSet) -> None:
     images, and write the folder (the streamed descriptors renamed into place)."""
     for entry in ds.local:
         entry["store"] = str(Path(entry["store"]).relative_to(folder))
-    try:  # keep the stores other re-rankers already have for these same images
-        old = read_meta(folder)
-        if old["fingerprint"] == ds.fingerprint:
-            mine = {e["signature"] for e in ds.local}
-            ds.local = [e for e in old.get("local") or [] if e.get("signature") not in mine] + ds.local
-    except PlaceRankError:
-        pass
+    with contextlib.suppress(PlaceRankError):  # no readable previous folder: nothing to keep
+        keep_other_stores(ds, read_meta(folder))
     ds.save(folder)
+
+
+def keep_other_stores(ds: DescriptorSet, old: dict) -> None:
+    """When the folder's previous ``descriptors.json`` (``old``) describes these same images, keep
+    the local stores other re-rankers already have there beside ``ds``'s own."""
+    if old.get("fingerprint") == ds.fingerprint:
+        mine = {e["signature"] for e in ds.local}
+        ds.local = [e for e in old.get("local") or [] if e.get("signature") not in mine] + ds.local

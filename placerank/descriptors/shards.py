@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from placerank.descriptors.cache import image_key
 from placerank.descriptors.extract import extract_features, local_precision, local_store_for
-from placerank.descriptors.files import DescriptorSet, read_meta
+from placerank.descriptors.files import DescriptorSet, keep_other_stores, read_meta
 from placerank.errors import PlaceRankError, warn
 from placerank.utils import atomic_path, write_json_atomic
 
@@ -281,22 +281,9 @@ def merge_shards(
     if reranker is not None:
         target = _merge_local(folder, size, keys, reranker, local_precision(model, reranker, precision), local_root)
         local.append({"reranker": reranker.name, "signature": reranker.signature(), "store": target})
-    ds = DescriptorSet(
-        descriptors=np.load(folder / "descriptors.npy", mmap_mode="r"),
-        paths=[str(p) for p in paths],
-        keys=keys,
-        model=model.name,
-        weights_id=model.weights_id,
-        preprocess=model.preprocess.signature(),
-        weights=None if weights is None else str(weights),
-        input_size=tuple(model.preprocess.size),
-        local=local,
-        precision=precision,
-        folder=folder,
-    )
-    if old.get("fingerprint") == ds.fingerprint:  # keep the stores other re-rankers have for these images
-        mine = {e["signature"] for e in local}
-        ds.local = [e for e in old.get("local") or [] if e.get("signature") not in mine] + local
+    descriptors = np.load(folder / "descriptors.npy", mmap_mode="r")
+    ds = DescriptorSet.of_model(model, descriptors, paths, keys, weights, local, precision, folder)
+    keep_other_stores(ds, old)
     write_json_atomic(folder / "descriptors.json", ds.meta())
     shutil.rmtree(folder / "shards", ignore_errors=True)  # every W's: only after the folder is whole
     return ds
