@@ -159,11 +159,17 @@ def fol_effnet_lite0(
     local_mode: str | None = None,
     train_blocks: int | None = None,
 ) -> FoLModel:
+    return _fol_cnn("lite0", weights, image_size, pretrained, num_regions, local_mode, train_blocks)
+
+
+def _fol_cnn(lite: str, weights, image_size, pretrained, num_regions, local_mode, train_blocks) -> FoLModel:
+    """``fol-effnet-<lite>``: a placerank checkpoint of that model, or a fresh build on its backbone."""
+    name = f"fol-effnet-{lite}"
     if weights is not None and is_placerank_checkpoint(weights):
-        model = load_placerank_checkpoint(weights, expected_name="fol-effnet-lite0")
+        model = load_placerank_checkpoint(weights, expected_name=name)
         return apply_overrides(model, image_size, num_regions, local_mode)
     return build_fol_cnn(
-        "tf_efficientnet_lite0", weights, pretrained, image_size, num_regions, local_mode, train_blocks
+        effnet_variant(lite), weights, pretrained, image_size, num_regions, local_mode, train_blocks, name=name
     )
 
 
@@ -180,13 +186,7 @@ for _lite in EFFNET_LITES[1:]:
         train_blocks: int | None = None,
         _lite=_lite,
     ) -> FoLModel:
-        name = f"fol-effnet-{_lite}"
-        if weights is not None and is_placerank_checkpoint(weights):
-            model = load_placerank_checkpoint(weights, expected_name=name)
-            return apply_overrides(model, image_size, num_regions, local_mode)
-        return build_fol_cnn(
-            effnet_variant(_lite), weights, pretrained, image_size, num_regions, local_mode, train_blocks, name=name
-        )
+        return _fol_cnn(_lite, weights, image_size, pretrained, num_regions, local_mode, train_blocks)
 
     register_model(
         f"fol-effnet-{_lite}",
