@@ -71,15 +71,46 @@ def add_model_args(
         )
 
 
-def add_precision_arg(p: argparse.ArgumentParser) -> None:
-    """``--precision``: the model's forward in float32, or under bf16 / fp16 autocast."""
+def add_precision_arg(p: argparse.ArgumentParser, default: str = "auto") -> None:
+    """``--precision``: the model's forward in float32, or under bf16 / fp16 autocast; ``auto``
+    takes what the model's recall check chose on this device (docs/inference.md)."""
     p.add_argument(
         "--precision",
-        default="fp32",
-        choices=["fp32", "bf16", "fp16"],
-        help="inference precision: fp32 (default), bf16 (CPU or CUDA) or fp16 (CUDA only) autocast;"
-        " descriptors stay float32, cached per precision",
+        default=default,
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help=f"inference precision (default {default}): auto (the fastest one whose measured GardensPoint R@1 is"
+        " within 0.5 points of fp32 for this model on this device, else fp32), fp32, bf16 (CPU or CUDA) or fp16"
+        " (CUDA only) autocast; descriptors stay float32, cached per precision",
     )
+
+
+def add_compile_arg(p: argparse.ArgumentParser) -> None:
+    """``--compile auto|on|off`` (and ``--no-compile``): torch.compile of the backbone."""
+    p.add_argument(
+        "--compile",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="torch.compile the backbone: auto (default: only when enough images are to be extracted to repay the"
+        " compile time), on, off",
+    )
+    p.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="same as --compile off")
+
+
+def check_precision_arg(precision: str, device) -> None:
+    """A precision the device cannot run is one line before the model is loaded (``auto`` is fine)."""
+    from placerank.descriptors.fast import check_precision
+
+    if precision != "auto":
+        check_precision(precision, device)
+
+
+def inference_setup(args, model, device) -> str:
+    """Apply ``--compile`` and channels_last to a loaded ``model`` (on ``device``, eval mode) and
+    return the concrete ``--precision`` (``auto`` resolved from the model's recall check)."""
+    from placerank.descriptors.fast import prepare_inference, resolve_precision
+
+    prepare_inference(model, device, getattr(args, "compile", "off"))
+    return resolve_precision(getattr(args, "precision", "fp32"), model, device)
 
 
 def add_nproc_arg(p: argparse.ArgumentParser) -> None:

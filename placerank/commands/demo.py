@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from placerank.commands._common import positive_int
+from placerank.commands._common import add_compile_arg, add_precision_arg, positive_int
 
 
 def register(sub) -> None:
@@ -24,6 +24,8 @@ def register(sub) -> None:
         "--top-k", type=positive_int, default=None, help="candidates re-ranked per query (default: the preset's)"
     )
     p.add_argument("--device", default="auto")
+    add_precision_arg(p)
+    add_compile_arg(p)
     p.set_defaults(func=run)
 
 
@@ -52,6 +54,8 @@ def run(args) -> int:
         frame_tolerance=preset.frame_tolerance,
         radius=preset.radius,
         device=args.device,
+        precision=args.precision,
+        compile=args.compile,
     )
     result = evaluate(cfg)
     print_summary(result, args.out)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from placerank.commands._common import (
+    add_compile_arg,
     add_index_args,
     add_model_args,
     add_nproc_arg,
@@ -40,6 +41,7 @@ def register(sub) -> None:
     )
     add_model_args(p)
     add_precision_arg(p)
+    add_compile_arg(p)
     add_rerank_args(p)
     p.add_argument(
         "--rerank-below",
@@ -132,6 +134,7 @@ def run(args) -> int:
         image_size=image_size_arg(args.image_size),
         device=args.device,
         precision=args.precision,
+        compile=args.compile,
         batch_size=args.batch_size,
         num_workers=args.workers,
         use_cache=not args.no_cache,

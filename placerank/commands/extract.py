@@ -13,10 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from placerank.commands._common import (
+    add_compile_arg,
     add_model_args,
     add_nproc_arg,
     add_precision_arg,
+    check_precision_arg,
     image_size_arg,
+    inference_setup,
     rerank_options_arg,
 )
 
@@ -27,6 +30,7 @@ def register(sub) -> None:
     p.add_argument("--layout", default="auto", choices=["auto", "csv", "utm", "frames", "traversal", "unlabelled"])
     add_model_args(p)
     add_precision_arg(p)
+    add_compile_arg(p)
     p.add_argument("--rerank", default=None, help="also store this re-ranker's local features (OUT/local/)")
     p.add_argument("--rerank-option", action="append", default=[], metavar="KEY=VALUE", help="re-ranker option")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the descriptor cache")
@@ -37,7 +41,6 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from placerank.data.readers import read_image_set
-    from placerank.descriptors.extract import check_precision
     from placerank.descriptors.files import extract_to_folder
     from placerank.descriptors.shards import check_nproc, world_size
     from placerank.eval.evaluate import load_model
@@ -49,8 +52,9 @@ def run(args) -> int:
     check_output_folder(args.out)  # before any work
     images = read_image_set(args.images, args.layout)
     device = resolve_device(args.device)
-    check_precision(args.precision, device)  # before loading the model
+    check_precision_arg(args.precision, device)  # before loading the model
     model = load_model(args.model, args.weights, image_size_arg(args.image_size), device)
+    args.precision = inference_setup(args, model, device)  # auto -> the checked precision
     if model.needs_data_init:
         model.init_from_images(images.paths)
     reranker = create_reranker(args.rerank, model=model, **options).to(device) if args.rerank else None

@@ -30,7 +30,7 @@ def register(sub) -> None:
         "--weights", default=None, help="the released weights file (default: its name in $PLACERANK_WEIGHTS)"
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    add_precision_arg(p)
+    add_precision_arg(p, default="fp32")  # a reproduction runs the published numerics unless asked
     p.add_argument("--check", action="store_true", help="exit 1 when any |measured - published| exceeds 0.5 points")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/reproduce/MODEL-NAME)")
     p.add_argument("--batch-size", type=int, default=16)

@@ -21,6 +21,7 @@ and the rows can go straight into a caller's memory-mapped file (``out=``).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -31,12 +32,12 @@ from tqdm.auto import tqdm
 
 from placerank.data.images import check_batch_errors, make_loader
 from placerank.descriptors.cache import DescriptorCache, cache_root, image_key, namespace
+from placerank.descriptors.fast import CompiledBackbone, as_input, check_precision, should_compile
 from placerank.descriptors.local_store import LocalFeatureStore
 from placerank.descriptors.memory import fit_batch_size, workers_for
 from placerank.errors import PlaceRankError
 from placerank.models.base import LocalFeatures
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 CACHE_CHUNK = 8192  # cached descriptors read per SQLite round (8192 x 1280-d = 40 MB)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -48,17 +49,6 @@ class FeatureSink(Protocol):
     def __contains__(self, key: str, /) -> bool: ...
 
     def add_many(self, items: list[tuple[str, LocalFeatures]]) -> None: ...
-
-
-def check_precision(precision: str, device: torch.device) -> str:
-    """``precision`` if this device can run it; else one line (before any work)."""
-    if precision not in PRECISIONS:
-        raise PlaceRankError(f"--precision {precision}: use one of {', '.join(PRECISIONS)}")
-    if precision == "fp16" and device.type != "cuda":
-        raise PlaceRankError(
-            f"--precision fp16 needs a CUDA device (the device is {device}); use --precision bf16 or fp32 on CPU"
-        )
-    return precision
 
 
 def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -92,8 +82,11 @@ def local_store_for(reranker, root: str | Path | None = None, precision: str = "
 
 def local_precision(model, reranker, precision: str) -> str:
     """The precision ``reranker``'s local features are extracted in: the model's when they come
-    from the model's own head in the same pass, else fp32 (its own network is not autocast)."""
-    return precision if shared_local_options(model, reranker) is not None else "fp32"
+    from the model's own head in the same pass, else the re-ranker's own network's (its
+    ``precision``: RANSAC re-rankers take ``--rerank-option precision=...``; fp32 without one)."""
+    if shared_local_options(model, reranker) is not None:
+        return precision
+    return str(getattr(reranker, "precision", "fp32"))
 
 
 def shared_local_options(model, reranker) -> dict | None:
@@ -199,21 +192,23 @@ def extract_features(
                 [paths[i] for i in todo], model.preprocess, batch_size, num_workers, pin_memory=device.type == "cuda"
             )
             bar = tqdm(total=len(todo), desc=f"{desc} ({model.name})", unit="img", leave=False, disable=not progress)
-            for idx, images, sizes, errors in loader:
-                check_batch_errors(errors)
-                rows = [todo[int(i)] for i in idx]
-                local_rows = [j for j, r in enumerate(rows) if r in need_local]
-                sizes_list = [(int(s[0]), int(s[1])) for s in sizes]
-                g, local = _encode(
-                    model, images.to(device, non_blocking=True), sizes_list, options if local_rows else None, precision
-                )
-                d = g.float().cpu().numpy()
-                out[rows] = d
-                if cache is not None:
-                    cache.put_many((keys[r], d[j]) for j, r in enumerate(rows))
-                if local_rows and store is not None and local is not None:
-                    store.add_many([(keys[rows[j]], local[j]) for j in local_rows])
-                bar.update(len(rows))
+            compiled = should_compile(model, len(todo), batch_size, precision, device)
+            with CompiledBackbone(model, batch_size, precision, device, compiled) as runner:
+                for idx, images, sizes, errors in loader:
+                    check_batch_errors(errors)
+                    rows = [todo[int(i)] for i in idx]
+                    local_rows = [j for j, r in enumerate(rows) if r in need_local]
+                    encode = functools.partial(
+                        _encode, model, local_options=options if local_rows else None, precision=precision
+                    )
+                    g, local = runner.run(encode, as_input(images, device), [(int(s[0]), int(s[1])) for s in sizes])
+                    d = g.float().cpu().numpy()
+                    out[rows] = d
+                    if cache is not None:
+                        cache.put_many((keys[r], d[j]) for j, r in enumerate(rows))
+                    if local_rows and store is not None and local is not None:
+                        store.add_many([(keys[rows[j]], local[j]) for j in local_rows])
+                    bar.update(len(rows))
             bar.close()
     finally:
         if cache is not None:
@@ -262,7 +257,7 @@ def extract_local(
         bar = tqdm(total=len(todo), desc=f"{desc} ({reranker.name})", unit="img", leave=False, disable=not progress)
         for idx, images, sizes, errors in loader:
             check_batch_errors(errors)
-            feats = reranker.extract(images.to(device, non_blocking=True), [tuple(int(v) for v in s) for s in sizes])
+            feats = reranker.extract(as_input(images, device), [tuple(int(v) for v in s) for s in sizes])
             store.add_many([(keys[todo[int(i)]], f) for i, f in zip(idx, feats)])
             bar.update(len(idx))
         bar.close()

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from placerank.data.dataset import Dataset
 from placerank.data.layouts import LayoutOptions, open_dataset
 from placerank.descriptors.extract import check_precision, local_precision, local_store_for
+from placerank.descriptors.fast import check_compile_mode, prepare_inference, resolve_precision
 from placerank.descriptors.files import extract_descriptors, open_rows
 from placerank.descriptors.standardize import check_mode, standardize_sides
 from placerank.eval.confidence import (
@@ -62,7 +63,8 @@ class EvalConfig:
     images_root: str | Path | None = None
     image_size: tuple[int, int] | None = None
     device: str = "auto"
-    precision: str = "fp32"  # the model's forward: fp32, or bf16 / fp16 (CUDA) autocast
+    precision: str = "fp32"  # the model's forward: fp32, bf16 / fp16 (CUDA) autocast, or auto (docs/inference.md)
+    compile: str = "off"  # torch.compile the backbone: auto (when it repays itself) | on | off
     batch_size: int = 16
     num_workers: int | None = None
     use_cache: bool = True
@@ -112,15 +114,17 @@ def evaluate(config: EvalConfig, model=None, dataset: Dataset | None = None) -> 
     final_out = check_output_folder(config.out, owned=EVAL_OUTPUTS)
     check_eval_numbers(config)
     device = resolve_device(config.device)
-    check_precision(config.precision, device)
+    if config.precision != "auto":
+        check_precision(config.precision, device)
+    check_compile_mode(config.compile)
     ds = dataset if dataset is not None else open_eval_dataset(config)
     seq = sequence_options(config.sequence_length, config.sequence_candidates, config.sequence_velocity)
     orders = sequence_orders(ds) if seq is not None else None  # unordered data fails before any work
     positives = ds.positives
     if model is None:
         model = load_model(config.model, config.weights, config.image_size, device)
-    else:
-        model = model.to(device).eval()
+    prepare_inference(model, device, config.compile)  # eval mode, channels_last, the compile mode
+    config = replace(config, precision=resolve_precision(config.precision, model, device))
     from placerank.index.spec import check_spec
 
     check_spec(config.index, config.index_options, int(model.descriptor_dim), len(ds.database))  # before work

@@ -196,7 +196,7 @@ def reproduce(
             "benchmark": benchmark.name,
             "source": pub.numbers[benchmark.name].source,
             "image_size_overridden": deviation,
-            "precision": precision,
+            "precision": result.model.get("precision", precision),
             "tolerance": TOLERANCE,
             "rows": [{**asdict(r), "delta": round(r.delta, 2), "ok": r.ok} for r in rows],
             "all_within_tolerance": not failures(rows),

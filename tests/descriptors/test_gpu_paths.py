@@ -78,7 +78,7 @@ def test_precision_checks_are_one_line():
     assert check_precision("bf16", CPU) == "bf16"
     with pytest.raises(PlaceRankError, match="fp16 needs a CUDA device"):
         check_precision("fp16", CPU)
-    with pytest.raises(PlaceRankError, match="use one of fp32, bf16, fp16"):
+    with pytest.raises(PlaceRankError, match="use one of auto, fp32, bf16, fp16"):
         check_precision("int8", CPU)
 
 
