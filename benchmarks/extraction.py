@@ -1,28 +1,38 @@
-"""Extraction throughput: the full placerank path vs the bare timm forward, in one process.
+"""Extraction at the hardware's speed, per model: every inference path side by side.
 
-Full path = ``placerank.descriptors.extract.extract_global`` with the cache off: DataLoader workers decode
-and resize the JPEGs, batched inference, L2-normalisation, copy to NumPy.
-Baseline = ``timm`` ``forward_features`` + GeM on already-decoded tensors of the same batch size
-and input size (what the network alone costs). Both run side by side, alternating, several
-rounds; the ratio (pipeline images/s / bare images/s) is the number to watch (goal >= 0.9).
+For each model, GardensPoint Walking day_right (database, 140) -> night_right (queries, 140),
+positives |i-j| <= 2, at the model's default input size, batch 16:
 
-Local heads (FoL ``fol-region``, SelaVPR ``selavpr-mnn``): the same images through
-``extract_features`` three ways, each with the backbone's forward calls counted by a hook:
-global only; global + local features into a local-feature store in ONE pass (what eval and
-``placerank extract --rerank`` do); and the old two passes (global, then the re-ranker's own
-extraction). One pass costs the local head and the store writes, not a second backbone pass.
+- **bare forward** paths on images decoded once up front (what the network alone costs):
+  ``eager_fp32`` (today's path before the fast one: contiguous weights and input),
+  ``channels_last``, ``compile`` (torch.compile of the backbone, fp32), ``bf16`` (autocast,
+  channels_last), ``compile_bf16``, and ``onnxruntime`` (the ``placerank export`` file on ONNX
+  Runtime's CPU provider, fp32). Each row: ms per image (median of ``--rounds`` alternating
+  rounds over all 280 images), compile time (cold: a fresh inductor cache; warm: the same graph
+  again after ``torch._dynamo.reset()``), descriptor agreement with eager fp32 (min cosine, max
+  abs difference) and R@1.
+- **pipeline** rows (``extract_features``: DataLoader decode + resize in workers, batching,
+  normalisation, copy out), ms per image *including decode*: ``today`` (an unprepared model in
+  eager fp32: the old default) and ``default`` (what the CLI does for a large job: channels_last,
+  ``--precision auto`` = the model's check, compiled backbone), plus
+  ``pipeline / fastest bare forward`` (goal >= 0.9) and ``default / today`` (goal >= 4x).
 
-    python benchmarks/extraction.py [--images 140] [--rounds 3] [--batch-size 16] [--local-images 16]
-        [--out benchmarks/results/extraction.json]   # also writes extraction.png beside it
+``--write-checks`` turns the channels_last fp32 and bf16 rows into the records ``--precision auto``
+ships (``placerank/descriptors/precision_checks.json``). The machine is shared and has 2 cores:
+read ratios of paths measured in the same rounds, not absolute times.
+
+    python benchmarks/extraction.py [--models effnet-lite0-gem ...] [--rounds 2] [--write-checks]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,174 +43,261 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from placerank.data.images import load_tensor  # noqa: E402
+from placerank.data.layouts import LayoutOptions, open_dataset  # noqa: E402
 from placerank.data.places import find_shared_data  # noqa: E402
-from placerank.descriptors.extract import extract_features, extract_global, extract_local, local_store_for  # noqa: E402
+from placerank.descriptors.extract import extract_features  # noqa: E402
+from placerank.descriptors.fast import choose_precision, device_class, prepare_inference  # noqa: E402
+from placerank.eval.recall import recall_at_n  # noqa: E402
+from placerank.index.flat import FlatIndex  # noqa: E402
 from placerank.models import create  # noqa: E402
-from placerank.rerank.base import create_reranker  # noqa: E402
-from placerank.utils import resolve_device  # noqa: E402
+
+MODELS = ["effnet-lite0-gem", "effnet-lite2-gem", "fol-effnet-lite0", "selavpr-effnet-lite0", "sfrs-effnet-lite0"]
+BARE = ["eager_fp32", "channels_last", "compile", "bf16", "compile_bf16", "onnxruntime"]
+CHECKS = REPO / "placerank" / "descriptors" / "precision_checks.json"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=None)
-    ap.add_argument("--model", default="effnet-lite0-gem")
-    ap.add_argument("--images", type=int, default=140)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--workers", type=int, default=None)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--local-images", type=int, default=16, help="images per local-head row (0: no such rows)")
-    ap.add_argument(
-        "--local-models", nargs="+", default=["fol-effnet-lite0:fol-region", "selavpr-effnet-lite0:selavpr-mnn"]
-    )
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "extraction.json")
-    args = ap.parse_args()
+def recall_at_1(desc: np.ndarray, n_db: int, positives) -> float:
+    ids = FlatIndex.build(desc[:n_db]).search(desc[n_db:], 1)[1]
+    return recall_at_n(ids, positives, ns=[1])["1"]
 
-    device = resolve_device(args.device)
-    folder = find_shared_data(args.data) / "gardenspoint_walking" / "day_right"
-    paths = sorted(folder.glob("*.jpg"))[: args.images]
-    model = create(args.model).to(device).eval()
-    pre = model.preprocess
-    bs = args.batch_size
-    # Baseline input: the same images, decoded once up front (not timed).
-    tensors = torch.stack([load_tensor(p, pre)[0] for p in paths])
+
+class BarePath:
+    """One bare-forward path of one model: ``run(tensors) -> (descriptors, seconds)``."""
+
+    def __init__(self, name: str, model, batch: int, onnx_dir: Path):
+        self.name, self.batch = name, batch
+        self.compile_s: dict[str, float] = {}
+        self.model = model if name == "eager_fp32" else prepare_inference(copy.deepcopy(model), "cpu")
+        self.dtype = torch.bfloat16 if "bf16" in name else None
+        self.session = None
+        if name == "onnxruntime":
+            self.session = self._onnx_session(model, onnx_dir)
+        if "compile" in name:
+            self._compile(onnx_dir)
+
+    def _onnx_session(self, model, folder: Path):
+        import onnxruntime as ort
+
+        from placerank.models.onnx_export import export_onnx
+
+        path = folder / f"{model.name}.onnx"
+        export_onnx(copy.deepcopy(model), path)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    def _compile(self, folder: Path) -> None:
+        """Cold compile in a fresh inductor cache, then warm (same cache, dynamo reset)."""
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder / f"inductor-{self.name}")
+        x = torch.zeros(self.batch, 3, *self.model.preprocess.size).contiguous(memory_format=torch.channels_last)
+        for state in ("cold", "warm"):
+            torch._dynamo.reset()
+            self.model.backbone.__dict__.pop("forward", None)
+            self.model.backbone.forward = torch.compile(self.model.backbone.forward, dynamic=False)
+            t0 = time.perf_counter()
+            self._forward(x)
+            self.compile_s[state] = time.perf_counter() - t0
 
     @torch.inference_mode()
-    def bare() -> float:
-        t0 = time.perf_counter()
-        for s in range(0, len(tensors), bs):
-            x = tensors[s : s + bs].to(device)
-            fmap = model.backbone.net.forward_features(x)
-            torch.nn.functional.normalize(model.aggregator(fmap), dim=-1).cpu()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return len(tensors) / (time.perf_counter() - t0)
+    def _forward(self, x: torch.Tensor) -> np.ndarray:
+        if self.session is not None:
+            return self.session.run(["global"], {"images": x.contiguous().numpy()})[0]
+        if self.name != "eager_fp32":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None):
+            g = self.model(x)
+        return torch.nn.functional.normalize(g.float(), dim=-1).numpy()
 
-    def pipeline() -> float:
-        t0 = time.perf_counter()
-        extract_global(model, paths, device, batch_size=bs, num_workers=args.workers, use_cache=False, desc="bench")
-        return len(paths) / (time.perf_counter() - t0)
-
-    bare()  # warm-up (allocator, kernels)
-    rows = []
-    for r in range(args.rounds):
-        b, p = bare(), pipeline()
-        rows.append({"round": r, "bare_img_s": b, "pipeline_img_s": p, "ratio": p / b})
-        print(f"round {r}: bare {b:6.2f} img/s   pipeline {p:6.2f} img/s   ratio {p / b:.3f}", flush=True)
-    med = {k: float(np.median([row[k] for row in rows])) for k in ("bare_img_s", "pipeline_img_s", "ratio")}
-    print()
-    print(f"| {'path':32s} | {'images/s (median)':>17s} |")
-    print(f"|{'-' * 34}|{'-' * 19}|")
-    print(f"| {'bare timm forward + GeM':32s} | {med['bare_img_s']:17.2f} |")
-    print(f"| {'placerank extract_global':32s} | {med['pipeline_img_s']:17.2f} |")
-    print(f"| {'ratio (goal >= 0.9)':32s} | {med['ratio']:17.3f} |")
-    local_rows = [
-        local_head_row(spec, paths[: args.local_images], device, bs, args.workers)
-        for spec in (args.local_models if args.local_images > 0 else [])
-    ]
-    if local_rows:
-        print()
-        print(f"| {'model':22s} | {'extraction':29s} | {'images/s':>8s} | {'backbone passes/image':>21s} |")
-        print(f"|{'-' * 24}|{'-' * 31}|{'-' * 10}|{'-' * 23}|")
-        for row in local_rows:
-            for mode, label in (
-                ("global", "global only"),
-                ("one_pass", "global + local, one pass"),
-                ("two_pass", "global, then local (2 passes)"),
-            ):
-                r = row[mode]
-                print(
-                    f"| {row['model']:22s} | {label:29s} | {r['img_s']:8.2f} | {r['backbone_passes_per_image']:21.2f} |"
-                )
-    out = {
-        "benchmark": "extraction",
-        "model": args.model,
-        "input_size": list(pre.size),
-        "batch_size": bs,
-        "images": len(paths),
-        "rounds": rows,
-        "median": med,
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
-        "local_heads": local_rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
-    plot(out, args.out.with_suffix(".png"))
-    print(f"wrote {args.out}, {args.out.with_suffix('.png').name}")
+    def run(self, tensors: torch.Tensor) -> tuple[np.ndarray, float]:
+        out, t0 = [], time.perf_counter()
+        for s in range(0, len(tensors), self.batch):
+            x = tensors[s : s + self.batch]
+            n = len(x)
+            if n < self.batch and "compile" in self.name:  # the compiled graph's static shape
+                x = torch.cat([x, x.new_zeros((self.batch - n, *x.shape[1:]))])
+            out.append(self._forward(x)[:n])
+        return np.concatenate(out), time.perf_counter() - t0
 
 
-def local_head_row(spec: str, paths: list[Path], device: torch.device, bs: int, workers: int | None) -> dict:
-    """Global only vs global + local in one pass vs two passes, for one model with a local head."""
-    import tempfile
+def pipeline_row(model, paths: list[Path], batch: int, workers: int | None, precision: str, fast: bool) -> tuple:
+    m = copy.deepcopy(model)
+    if fast:
+        prepare_inference(m, "cpu", compile="on")
+    extract_features(m, paths[:batch], torch.device("cpu"), batch, workers, use_cache=False, progress=False,
+                     precision=precision)  # warm-up (and the compile, timed apart)  # fmt: skip
+    t0 = time.perf_counter()
+    d, _ = extract_features(m, paths, torch.device("cpu"), batch, workers, use_cache=False, progress=False,
+                            precision=precision)  # fmt: skip
+    return d, time.perf_counter() - t0
 
-    name, rerank = spec.split(":")
+
+def bench_model(name: str, ds, args, tmp: Path) -> dict:
     torch.manual_seed(0)
-    model = create(name).to(device).eval()
-    rr = create_reranker(rerank, model=model).to(device)
-    calls = {"images": 0}
-    model.backbone.register_forward_hook(lambda m, i, o: calls.__setitem__("images", calls["images"] + len(i[0])))
-    row: dict = {"model": name, "reranker": rerank, "input_size": list(model.preprocess.size), "images": len(paths)}
-    extract_global(model, paths[:bs], device, batch_size=bs, num_workers=workers, use_cache=False)  # warm-up
-    with tempfile.TemporaryDirectory() as tmp:
-        for mode in ("global", "one_pass", "two_pass"):
-            calls["images"] = 0
-            store = local_store_for(rr, Path(tmp) / mode)
-            t0 = time.perf_counter()
-            if mode == "global":
-                extract_global(model, paths, device, batch_size=bs, num_workers=workers, use_cache=False)
-            elif mode == "one_pass":
-                extract_features(model, paths, device, bs, workers, use_cache=False, reranker=rr, store=store)
-            else:
-                extract_global(model, paths, device, batch_size=bs, num_workers=workers, use_cache=False)
-                extract_local(rr, paths, store, device, batch_size=bs, num_workers=workers)
-            dt = time.perf_counter() - t0
-            row[mode] = {
-                "img_s": round(len(paths) / dt, 3),
-                "s": round(dt, 2),
-                "backbone_passes_per_image": calls["images"] / len(paths),
-                "local_bytes_per_image": round(store.bytes_per_image(), 1),
-            }
-            store.close()
-            print(
-                f"{name} {mode}: {len(paths) / dt:.2f} img/s, {calls['images'] / len(paths):.0f} backbone passes/image"
-            )
-    return row
+    model = create(name, **({"image_size": tuple(args.image_size)} if args.image_size else {})).eval()
+    paths = list(ds.database.paths) + list(ds.queries.paths)
+    if model.needs_data_init:
+        model.init_from_images(list(ds.database.paths))
+    t0 = time.perf_counter()
+    tensors = torch.stack([load_tensor(p, model.preprocess)[0] for p in paths])
+    decode_ms = (time.perf_counter() - t0) * 1000 / len(paths)
+    n_db = len(ds.database)
+    paths_by = {v: BarePath(v, model, args.batch_size, tmp) for v in args.variants}
+    times: dict[str, list[float]] = {v: [] for v in paths_by}
+    desc: dict[str, np.ndarray] = {}
+    for r in range(args.rounds):
+        for v, bare in paths_by.items():
+            desc[v], s = bare.run(tensors)
+            times[v].append(s * 1000 / len(paths))
+            print(f"{name} round {r} {v}: {times[v][-1]:.1f} ms/image", flush=True)
+    ref = desc.get("eager_fp32")
+    rows = {}
+    for v, bare in paths_by.items():
+        row = {"ms_per_image": float(np.median(times[v])), "recall_at_1": recall_at_1(desc[v], n_db, ds.positives)}
+        if ref is not None:
+            row["min_cosine"] = float(np.min(np.sum(desc[v] * ref, axis=1)))
+            row["max_abs_diff"] = float(np.max(np.abs(desc[v] - ref)))
+        if bare.compile_s:
+            row["compile_s"] = {k: round(s, 1) for k, s in bare.compile_s.items()}
+        rows[v] = row
+    out = {"model": name, "input_size": list(model.preprocess.size), "decode_ms_per_image": decode_ms, "bare": rows}
+    record = check_record(out)
+    if record is not None:
+        out["check"] = record
+    precision = record["chosen"] if record is not None else "fp32"
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp / "inductor-pipeline")
+    d_today, s_today = pipeline_row(model, paths, args.batch_size, args.workers, "fp32", fast=False)
+    d_fast, s_fast = pipeline_row(model, paths, args.batch_size, args.workers, precision, fast=True)
+    fastest = min(rows, key=lambda v: rows[v]["ms_per_image"])
+    out["pipeline"] = {
+        "today": {"ms_per_image": s_today * 1000 / len(paths), "recall_at_1": recall_at_1(d_today, n_db, ds.positives)},
+        "default": {
+            "precision": precision,
+            "compile": True,
+            "ms_per_image": s_fast * 1000 / len(paths),
+            "recall_at_1": recall_at_1(d_fast, n_db, ds.positives),
+        },
+        "fastest_bare": fastest,
+    }
+    p = out["pipeline"]
+    p["default_vs_today"] = p["today"]["ms_per_image"] / p["default"]["ms_per_image"]
+    p["pipeline_vs_fastest_bare"] = rows[fastest]["ms_per_image"] / p["default"]["ms_per_image"]
+    return out
 
 
-def plot(result: dict, path: Path) -> None:
+def check_record(result: dict) -> dict | None:
+    """The ``--precision auto`` record from the channels_last fp32 and bf16 bare rows."""
+    bare = result["bare"]
+    if "channels_last" not in bare or "bf16" not in bare:
+        return None
+    record = {
+        "model": result["model"],
+        "device_class": device_class(torch.device("cpu")),
+        "input_size": result["input_size"],
+        "dataset": "gardenspoint_walking/day_right -> gardenspoint_walking/night_right, |i-j| <= 2",
+        "queries": 140,
+        "database": 140,
+        "source": "benchmarks/extraction.py (bare forward, channels_last, eager)",
+        "precisions": {
+            "fp32": {k: bare["channels_last"][k] for k in ("recall_at_1", "ms_per_image")},
+            "bf16": {k: bare["bf16"][k] for k in ("recall_at_1", "ms_per_image", "min_cosine", "max_abs_diff")},
+        },
+        "torch": torch.__version__,
+    }
+    record["chosen"] = choose_precision(record)
+    return record
+
+
+def write_checks(results: list[dict]) -> None:
+    shipped = json.loads(CHECKS.read_text())
+    new = {(r["check"]["model"], r["check"]["device_class"]): r["check"] for r in results if "check" in r}
+    kept = [c for c in shipped["checks"] if (c["model"], c["device_class"]) not in new]
+    shipped["checks"] = kept + list(new.values())
+    CHECKS.write_text(json.dumps(shipped, indent=2) + "\n")
+    print(f"wrote {len(new)} check(s) into {CHECKS}")
+
+
+def print_table(results: list[dict]) -> None:
+    print(f"\n| model | path | ms/image | vs eager | R@1 | min cos | compile s (cold/warm) |\n|{'---|' * 7}")
+    for res in results:
+        eager = res["bare"].get("eager_fp32", {}).get("ms_per_image")
+        for v, row in res["bare"].items():
+            speed = f"{eager / row['ms_per_image']:.2f}x" if eager else ""
+            c = row.get("compile_s", {})
+            comp = f"{c['cold']:.0f} / {c['warm']:.0f}" if c else ""
+            cos = f"{row['min_cosine']:.5f}" if "min_cosine" in row else ""
+            print(f"| {res['model']} | {v} | {row['ms_per_image']:.1f} | {speed} | {100 * row['recall_at_1']:.1f} | {cos} | {comp} |")  # fmt: skip
+        p = res["pipeline"]
+        for k in ("today", "default"):
+            print(f"| {res['model']} | pipeline {k} (+decode) | {p[k]['ms_per_image']:.1f} | | {100 * p[k]['recall_at_1']:.1f} | | |")  # fmt: skip
+        print(f"| {res['model']} | default / today: {p['default_vs_today']:.2f}x; pipeline / fastest bare ({p['fastest_bare']}): {p['pipeline_vs_fastest_bare']:.2f} | | | | | |")  # fmt: skip
+
+
+def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = ["bare forward", "extract_global"]
-    values = [result["median"]["bare_img_s"], result["median"]["pipeline_img_s"]]
-    colors = ["#999999", "#4477aa"]
-    for row in result["local_heads"]:
-        for mode, label, color in (
-            ("global", "global", "#4477aa"),
-            ("one_pass", "+local, 1 pass", "#228833"),
-            ("two_pass", "+local, 2 passes", "#cc6677"),
-        ):
-            labels.append(f"{row['model'].replace('-effnet-lite0', '')}\n{label}")
-            values.append(row[mode]["img_s"])
-            colors.append(color)
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(labels)), 4))
-    ax.bar(range(len(values)), values, color=colors)
-    ax.set_xticks(range(len(values)), labels, fontsize=7)
-    ax.set_ylabel("images / s")
-    ax.set_title(
-        f"extraction throughput ({result['device']}, {result['threads']} threads; models on EfficientNet-Lite0)"
-    )
-    for x, v in enumerate(values):
-        ax.annotate(f"{v:.2f}", (x, v), ha="center", va="bottom", fontsize=7)
+    fig, axes = plt.subplots(1, len(results), figsize=(3.4 * len(results), 3.8), squeeze=False)
+    for ax, res in zip(axes[0], results):
+        labels = [*res["bare"], "pipe today", "pipe default"]
+        values = [r["ms_per_image"] for r in res["bare"].values()]
+        values += [res["pipeline"][k]["ms_per_image"] for k in ("today", "default")]
+        colors = ["#999999"] + ["#4477aa"] * (len(res["bare"]) - 1) + ["#cc6677", "#228833"]
+        ax.bar(range(len(values)), values, color=colors)
+        ax.set_xticks(range(len(values)), labels, rotation=60, ha="right", fontsize=7)
+        ax.set_title(f"{res['model']} {res['input_size'][0]}x{res['input_size'][1]}", fontsize=8)
+        ax.set_ylabel("ms / image (lower is better)", fontsize=7)
+        for x, v in enumerate(values):
+            ax.annotate(f"{v:.0f}", (x, v), ha="center", va="bottom", fontsize=6)
+    fig.suptitle(f"extraction per model, CPU {torch.get_num_threads()} threads, batch 16", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=None)
+    ap.add_argument("--models", nargs="+", default=MODELS)
+    ap.add_argument("--variants", nargs="+", default=BARE, choices=BARE)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--image-size", type=int, nargs=2, default=None, help="smoke runs only (default: the model's)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--write-checks", action="store_true", help="update placerank/descriptors/precision_checks.json")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "extraction.json")
+    args = ap.parse_args()
+    root = find_shared_data(args.data) / "gardenspoint_walking"
+    ds = open_dataset(root / "day_right", root / "night_right", options=LayoutOptions(frame_tolerance=2))
+    results = []
+    with tempfile.TemporaryDirectory(prefix="placerank-bench-") as tmp:
+        for name in args.models:
+            results.append(bench_model(name, ds, args, Path(tmp)))
+            print_table(results[-1:])
+            save(results, args)
+    print_table(results)
+    if args.write_checks:
+        write_checks(results)
+
+
+def save(results: list[dict], args) -> None:
+    out = {
+        "benchmark": "extraction",
+        "dataset": "GardensPoint day_right (140) -> night_right (140), |i-j| <= 2",
+        "batch_size": args.batch_size,
+        "rounds": args.rounds,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "device_class": device_class(torch.device("cpu")),
+        "models": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    plot(results, args.out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

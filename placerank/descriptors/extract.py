@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from placerank.data.images import check_batch_errors, make_loader
 from placerank.descriptors.cache import DescriptorCache, cache_root, image_key, namespace
-from placerank.descriptors.fast import CompiledBackbone, as_input, check_precision, should_compile
+from placerank.descriptors.fast import CompiledBackbone, as_input, check_precision, is_prepared, should_compile
 from placerank.descriptors.local_store import LocalFeatureStore
 from placerank.descriptors.memory import fit_batch_size, workers_for
 from placerank.errors import PlaceRankError
@@ -201,7 +201,9 @@ def extract_features(
                     encode = functools.partial(
                         _encode, model, local_options=options if local_rows else None, precision=precision
                     )
-                    g, local = runner.run(encode, as_input(images, device), [(int(s[0]), int(s[1])) for s in sizes])
+                    g, local = runner.run(
+                        encode, as_input(images, device, is_prepared(model)), [(int(s[0]), int(s[1])) for s in sizes]
+                    )
                     d = g.float().cpu().numpy()
                     out[rows] = d
                     if cache is not None:

@@ -81,11 +81,17 @@ def compile_mode(model) -> str:
     return str(getattr(model, _COMPILE_ATTR, "off"))
 
 
-def as_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A batch moved to ``device``; image batches (4-D) in channels_last."""
-    if images.dim() == 4:
+def as_input(images: torch.Tensor, device: torch.device, channels_last: bool = True) -> torch.Tensor:
+    """A batch moved to ``device``; image batches (4-D) in channels_last when asked."""
+    if channels_last and images.dim() == 4:
         return images.to(device, non_blocking=True, memory_format=torch.channels_last)
     return images.to(device, non_blocking=True)
+
+
+def is_prepared(model) -> bool:
+    """Whether :func:`prepare_inference` ran on ``model`` (its weights are channels_last, so its
+    inputs should be too); an unprepared model keeps the plain eager path."""
+    return hasattr(model, _COMPILE_ATTR)
 
 
 # -- torch.compile ------------------------------------------------------------------------------
@@ -238,3 +244,22 @@ def resolve_precision(requested: str, model, device: torch.device) -> str:
         return check_precision(requested, device)
     record = find_check(model.name, device_class(device))
     return "fp32" if record is None else check_precision(choose_precision(record), device)
+
+
+def precision_report(model, device: torch.device, precision: str) -> dict:
+    """What a run says about its precision: the precision and, when reduced, the recall check it
+    rests on (R@1 of fp32 and of this precision, min cosine, where the record came from)."""
+    out: dict = {"precision": precision, "compile": compile_mode(model)}
+    if precision == "fp32":
+        return out
+    record = find_check(model.name, device_class(device))
+    runs = (record or {}).get("precisions", {})
+    if precision in runs and "fp32" in runs:
+        out["precision_check"] = {
+            "fp32_recall_at_1": runs["fp32"]["recall_at_1"],
+            "recall_at_1": runs[precision]["recall_at_1"],
+            "min_cosine": runs[precision].get("min_cosine"),
+            "dataset": record.get("dataset"),
+            "weights_id": record.get("weights_id"),
+        }
+    return out

@@ -15,7 +15,7 @@ from pathlib import Path
 from placerank.data.dataset import Dataset
 from placerank.data.layouts import LayoutOptions, open_dataset
 from placerank.descriptors.extract import check_precision, local_precision, local_store_for
-from placerank.descriptors.fast import check_compile_mode, prepare_inference, resolve_precision
+from placerank.descriptors.fast import check_compile_mode, precision_report, prepare_inference, resolve_precision
 from placerank.descriptors.files import extract_descriptors, open_rows
 from placerank.descriptors.standardize import check_mode, standardize_sides
 from placerank.eval.confidence import (
@@ -234,7 +234,7 @@ def evaluate(config: EvalConfig, model=None, dataset: Dataset | None = None) -> 
             "rule": ds.rule.describe(),
             "protocol": ds.describe(),
         },
-        model={**model.describe(), "precision": config.precision, "standardize": standardized},
+        model={**model.describe(), **precision_report(model, device, config.precision), "standardize": standardized},
         rerank=rerank_info,
         device=str(device),
         placerank_version=__version__,

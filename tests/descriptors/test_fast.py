@@ -170,3 +170,19 @@ def test_extract_records_the_resolved_precision(gardens, tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         main([*args, "--compile", "sometimes"])
     assert e.value.code == 2
+
+
+def test_eval_writes_the_resolved_precision_and_its_check(gardens, tmp_path, monkeypatch):
+    """``--precision auto`` resolved to bf16 is what results.json says, with the check it rests on;
+    its descriptors are the bf16 ones (another cache namespace than fp32)."""
+    monkeypatch.setattr(fast, "shipped_checks", lambda: [_record(0.65, 0.65)])
+    out = tmp_path / "e"
+    common = ["--database", str(gardens / "day_right"), "--queries", str(gardens / "night_right"), "--device", "cpu"]
+    args = [*common, "--frame-tolerance", "2", "--image-size", "32", "48", "--workers", "0", "--examples", "0"]
+    assert main(["eval", *args, "--out", str(out)]) == 0
+    model = json.loads((out / "results.json").read_text())["model"]
+    assert model["precision"] == "bf16" and model["compile"] == "auto"
+    assert model["precision_check"]["fp32_recall_at_1"] == 0.65 and model["precision_check"]["recall_at_1"] == 0.65
+    assert main(["eval", *args, "--out", str(tmp_path / "f"), "--precision", "fp32", "--no-compile"]) == 0
+    model = json.loads((tmp_path / "f" / "results.json").read_text())["model"]
+    assert model["precision"] == "fp32" and model["compile"] == "off" and "precision_check" not in model
