@@ -85,7 +85,8 @@ def add_precision_arg(p: argparse.ArgumentParser, default: str = "auto") -> None
 
 
 def add_compile_arg(p: argparse.ArgumentParser) -> None:
-    """``--compile auto|on|off`` (and ``--no-compile``): torch.compile of the backbone."""
+    """``--compile auto|on|off`` (and ``--no-compile``): torch.compile of the backbone; and
+    ``--runtime torch|onnx|openvino``: what runs the model."""
     p.add_argument(
         "--compile",
         default="auto",
@@ -94,6 +95,13 @@ def add_compile_arg(p: argparse.ArgumentParser) -> None:
         " compile time), on, off",
     )
     p.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="same as --compile off")
+    p.add_argument(
+        "--runtime",
+        default="torch",
+        choices=["torch", "onnx", "openvino"],
+        help="what runs the model: torch (default), or its exported ONNX file on ONNX Runtime (fp32) or OpenVINO"
+        " (fp32 / bf16), CPU only; exported once per model and weights into the cache (docs/inference.md)",
+    )
 
 
 def check_precision_arg(precision: str, device) -> None:
@@ -109,7 +117,7 @@ def inference_setup(args, model, device) -> str:
     return the concrete ``--precision`` (``auto`` resolved from the model's recall check)."""
     from placerank.descriptors.fast import prepare_inference, resolve_precision
 
-    prepare_inference(model, device, getattr(args, "compile", "off"))
+    prepare_inference(model, device, getattr(args, "compile", "off"), getattr(args, "runtime", "torch"))
     return resolve_precision(getattr(args, "precision", "fp32"), model, device)
 
 

@@ -56,6 +56,7 @@ def run(args) -> int:
         device=args.device,
         precision=args.precision,
         compile=args.compile,
+        runtime=args.runtime,
     )
     result = evaluate(cfg)
     print_summary(result, args.out)

@@ -135,6 +135,7 @@ def run(args) -> int:
         device=args.device,
         precision=args.precision,
         compile=args.compile,
+        runtime=args.runtime,
         batch_size=args.batch_size,
         num_workers=args.workers,
         use_cache=not args.no_cache,

@@ -32,9 +32,17 @@ from tqdm.auto import tqdm
 
 from placerank.data.images import check_batch_errors, make_loader
 from placerank.descriptors.cache import DescriptorCache, cache_root, image_key, namespace
-from placerank.descriptors.fast import CompiledBackbone, as_input, check_precision, is_prepared, should_compile
+from placerank.descriptors.fast import (
+    CompiledBackbone,
+    as_input,
+    check_precision,
+    is_prepared,
+    runtime_of,
+    should_compile,
+)
 from placerank.descriptors.local_store import LocalFeatureStore
 from placerank.descriptors.memory import fit_batch_size, workers_for
+from placerank.descriptors.runtime import exported_encoder
 from placerank.errors import PlaceRankError
 from placerank.models.base import LocalFeatures
 
@@ -192,14 +200,18 @@ def extract_features(
                 [paths[i] for i in todo], model.preprocess, batch_size, num_workers, pin_memory=device.type == "cuda"
             )
             bar = tqdm(total=len(todo), desc=f"{desc} ({model.name})", unit="img", leave=False, disable=not progress)
-            compiled = should_compile(model, len(todo), batch_size, precision, device)
+            exported = None if runtime_of(model) == "torch" else exported_encoder(model, runtime_of(model), precision)
+            compiled = exported is None and should_compile(model, len(todo), batch_size, precision, device)
             with CompiledBackbone(model, batch_size, precision, device, compiled) as runner:
                 for idx, images, sizes, errors in loader:
                     check_batch_errors(errors)
                     rows = [todo[int(i)] for i in idx]
                     local_rows = [j for j, r in enumerate(rows) if r in need_local]
-                    encode = functools.partial(
-                        _encode, model, local_options=options if local_rows else None, precision=precision
+                    opts = options if local_rows else None
+                    encode = (
+                        functools.partial(_encode, model, local_options=opts, precision=precision)
+                        if exported is None
+                        else functools.partial(exported.encode, local_options=opts)
                     )
                     g, local = runner.run(
                         encode, as_input(images, device, is_prepared(model)), [(int(s[0]), int(s[1])) for s in sizes]

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from placerank.descriptors.cache import namespace
+from placerank.descriptors.runtime import check_runtime
 from placerank.errors import PlaceRankError, warn
 from placerank.utils import cache_root, write_json_atomic
 
@@ -46,6 +47,7 @@ COLD_MIN_IMAGES = 1024  # ~35 s cold compile / ~35 ms saved per image at 360x640
 WARM_MIN_IMAGES = 128  # ~5 s warm compile / the same saving
 RECALL_TOLERANCE = 0.005  # R@1 (as a fraction) a reduced precision may lose against fp32
 _COMPILE_ATTR = "placerank_compile"
+_RUNTIME_ATTR = "placerank_runtime"
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # backbone -> compiled forward
 
 
@@ -66,14 +68,22 @@ def check_compile_mode(mode: str) -> str:
     return mode
 
 
-def prepare_inference(model, device: torch.device | str, compile: str = "off"):
+def prepare_inference(model, device: torch.device | str, compile: str = "off", runtime: str = "torch"):
     """``model`` on ``device``, in eval mode, with channels_last weights, and the compile mode
-    extraction follows (``auto`` / ``on`` / ``off``) recorded on it. Returns the same object."""
+    (``auto`` / ``on`` / ``off``) and runtime (``torch`` / ``onnx`` / ``openvino``,
+    :mod:`placerank.descriptors.runtime`) extraction follows recorded on it. Returns the same object."""
     check_compile_mode(compile)
     model = model.to(device).eval()
+    check_runtime(runtime, torch.device(device))
     model.to(memory_format=torch.channels_last)
     setattr(model, _COMPILE_ATTR, compile)
+    setattr(model, _RUNTIME_ATTR, runtime)
     return model
+
+
+def runtime_of(model) -> str:
+    """The runtime :func:`prepare_inference` recorded on ``model`` (``torch`` if never prepared)."""
+    return str(getattr(model, _RUNTIME_ATTR, "torch"))
 
 
 def compile_mode(model) -> str:
@@ -205,8 +215,9 @@ def user_checks_folder() -> Path:
     return cache_root() / "precision-checks"
 
 
-def check_record_path(model_name: str, device_cls: str) -> Path:
-    return user_checks_folder() / f"{model_name}__{device_cls}.json"
+def check_record_path(model_name: str, device_cls: str, runtime: str = "torch") -> Path:
+    suffix = "" if runtime == "torch" else f"__{runtime}"
+    return user_checks_folder() / f"{model_name}__{device_cls}{suffix}.json"
 
 
 def shipped_checks() -> list[dict]:
@@ -215,16 +226,17 @@ def shipped_checks() -> list[dict]:
     return list(json.loads(text)["checks"])
 
 
-def find_check(model_name: str, device_cls: str) -> dict | None:
-    """The user's own check for this model and device class, else the shipped one, else None."""
-    path = check_record_path(model_name, device_cls)
+def find_check(model_name: str, device_cls: str, runtime: str = "torch") -> dict | None:
+    """The user's own check for this model, device class and runtime, else the shipped one, else None."""
+    path = check_record_path(model_name, device_cls, runtime)
     if path.is_file():
         try:
             return dict(json.loads(path.read_text()))
         except (OSError, ValueError):
             warn(f"ignoring the unreadable precision check {path}")
     for record in shipped_checks():
-        if record.get("model") == model_name and record.get("device_class") == device_cls:
+        same = (record.get("model"), record.get("device_class"), record.get("runtime", "torch"))
+        if same == (model_name, device_cls, runtime):
             return dict(record)
     return None
 
@@ -238,21 +250,23 @@ def choose_precision(record: dict) -> str:
 
 
 def resolve_precision(requested: str, model, device: torch.device) -> str:
-    """``auto`` -> the precision the model's check chose on this device class (fp32 without a
-    check); any other value is checked (``fp16`` needs CUDA) and returned."""
+    """``auto`` -> the precision the model's check chose on this device class and the model's
+    runtime (fp32 without a check); any other value is checked (``fp16`` needs CUDA; what the
+    runtime runs) and returned."""
+    check_runtime(runtime_of(model), device, requested)
     if requested != "auto":
         return check_precision(requested, device)
-    record = find_check(model.name, device_class(device))
+    record = find_check(model.name, device_class(device), runtime_of(model))
     return "fp32" if record is None else check_precision(choose_precision(record), device)
 
 
 def precision_report(model, device: torch.device, precision: str) -> dict:
     """What a run says about its precision: the precision and, when reduced, the recall check it
     rests on (R@1 of fp32 and of this precision, min cosine, where the record came from)."""
-    out: dict = {"precision": precision, "compile": compile_mode(model)}
+    out: dict = {"precision": precision, "compile": compile_mode(model), "runtime": runtime_of(model)}
     if precision == "fp32":
         return out
-    record = find_check(model.name, device_class(device))
+    record = find_check(model.name, device_class(device), runtime_of(model))
     runs = (record or {}).get("precisions", {})
     if precision in runs and "fp32" in runs:
         out["precision_check"] = {

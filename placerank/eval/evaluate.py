@@ -17,6 +17,7 @@ from placerank.data.layouts import LayoutOptions, open_dataset
 from placerank.descriptors.extract import check_precision, local_precision, local_store_for
 from placerank.descriptors.fast import check_compile_mode, precision_report, prepare_inference, resolve_precision
 from placerank.descriptors.files import extract_descriptors, open_rows
+from placerank.descriptors.runtime import check_runtime
 from placerank.descriptors.standardize import check_mode, standardize_sides
 from placerank.eval.confidence import (
     check_rerank_below,
@@ -65,6 +66,7 @@ class EvalConfig:
     device: str = "auto"
     precision: str = "fp32"  # the model's forward: fp32, bf16 / fp16 (CUDA) autocast, or auto (docs/inference.md)
     compile: str = "off"  # torch.compile the backbone: auto (when it repays itself) | on | off
+    runtime: str = "torch"  # torch | onnx | openvino (the exported model on the CPU; docs/inference.md)
     batch_size: int = 16
     num_workers: int | None = None
     use_cache: bool = True
@@ -117,13 +119,14 @@ def evaluate(config: EvalConfig, model=None, dataset: Dataset | None = None) -> 
     if config.precision != "auto":
         check_precision(config.precision, device)
     check_compile_mode(config.compile)
+    check_runtime(config.runtime, device, config.precision)
     ds = dataset if dataset is not None else open_eval_dataset(config)
     seq = sequence_options(config.sequence_length, config.sequence_candidates, config.sequence_velocity)
     orders = sequence_orders(ds) if seq is not None else None  # unordered data fails before any work
     positives = ds.positives
     if model is None:
         model = load_model(config.model, config.weights, config.image_size, device)
-    prepare_inference(model, device, config.compile)  # eval mode, channels_last, the compile mode
+    prepare_inference(model, device, config.compile, config.runtime)  # eval mode, channels_last, compile, runtime
     config = replace(config, precision=resolve_precision(config.precision, model, device))
     from placerank.index.spec import check_spec
 

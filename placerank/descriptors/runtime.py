@@ -1,0 +1,126 @@
+"""``--runtime onnx|openvino``: extraction on the exported model instead of PyTorch (CPU).
+
+Why: measured side by side on this project's 2-core CPU (``benchmarks/results/onnx_runtime.json``,
+EfficientNet-Lite0 + GeM at 360x640), ONNX Runtime (graph optimisation ALL) runs the *fp32*
+graph faster than PyTorch's best path (torch.compile + bf16), and OpenVINO faster still, with
+descriptors equal to PyTorch fp32 (max difference ~3e-7). So a CPU deployment can extract with
+them; PyTorch stays the default (GPU, training, any model, no export step).
+
+The model is exported once per (model, weights, input size) with
+:func:`placerank.models.onnx_export.export_onnx` (checked against PyTorch on export) into the
+cache root (``exported/``), then loaded into an ONNX Runtime session or an OpenVINO compiled
+model. Local-head outputs (FoL region scores, SelaVPR's dense map) are turned into
+:class:`~placerank.models.base.LocalFeatures` by
+:func:`placerank.models.onnx_outputs.local_features_from_outputs`, so one pass still gives global
+and local features. Precision: ONNX Runtime runs fp32 only; OpenVINO fp32 or bf16 (its
+``INFERENCE_PRECISION_HINT``). Descriptor caches are keyed by precision, not runtime: fp32
+descriptors of every runtime agree to 1e-5, and OpenVINO's bf16 ones agree with PyTorch's bf16
+as closely as either does with fp32 (measured in ``benchmarks/extraction.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from placerank.errors import PlaceRankError
+from placerank.utils import cache_root
+
+RUNTIMES = ("torch", "onnx", "openvino")
+_PACKAGES = {"onnx": "onnxruntime", "openvino": "openvino"}
+_ENCODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(runtime, precision): encoder}
+
+
+def check_runtime(runtime: str, device: torch.device, precision: str | None = None) -> str:
+    """``runtime`` if it can run here at ``precision``; else one line (before any work)."""
+    if runtime not in RUNTIMES:
+        raise PlaceRankError(f"--runtime {runtime}: use one of {', '.join(RUNTIMES)}")
+    if runtime == "torch":
+        return runtime
+    if device.type != "cpu":
+        raise PlaceRankError(f"--runtime {runtime} runs on the CPU (the device is {device}); use --runtime torch")
+    allowed = ("fp32",) if runtime == "onnx" else ("fp32", "bf16")
+    if precision not in (None, "auto", *allowed):
+        raise PlaceRankError(f"--runtime {runtime} runs {' or '.join(allowed)}, not --precision {precision}")
+    try:
+        __import__(_PACKAGES[runtime])
+    except ImportError:
+        raise PlaceRankError(
+            f"--runtime {runtime} needs the {_PACKAGES[runtime]} package: pip install 'placerank[export]'"
+        ) from None
+    return runtime
+
+
+def exported_path(model) -> Path:
+    h, w = model.preprocess.size
+    return cache_root() / "exported" / f"{model.name}-{model.weights_id}-{h}x{w}.onnx"
+
+
+def export_once(model) -> Path:
+    """The model's exported file in the cache root, exported (and checked) the first time."""
+    from placerank.models.onnx_export import export_onnx
+
+    path = exported_path(model)
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        export_onnx(copy.deepcopy(model).cpu(), path)
+    return path
+
+
+class ExportedEncoder:
+    """``encode(images, sizes, local_options) -> (global (B, D) tensor, local list | None)`` on the
+    exported file, the same contract as :meth:`VPRModel.encode`."""
+
+    def __init__(self, model, runtime: str, precision: str):
+        from placerank.models.onnx_export import read_metadata
+
+        self.runtime, self.precision = runtime, precision
+        path = export_once(model)
+        self.meta = read_metadata(path)
+        self.names = list(self.meta["outputs"])
+        threads = torch.get_num_threads()
+        if runtime == "onnx":
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            self._run = lambda x: dict(zip(self.names, session.run(self.names, {"images": x})))
+        else:
+            import openvino as ov
+
+            hint = "bf16" if precision == "bf16" else "f32"
+            config = {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads}
+            compiled = ov.Core().compile_model(str(path), "CPU", config)
+            ports = [compiled.output(n) for n in self.names]
+            self._run = lambda x: (lambda r: {n: np.asarray(r[p]) for n, p in zip(self.names, ports)})(compiled(x))
+
+    def encode(self, images: torch.Tensor, sizes, local_options: dict | None = None):
+        from placerank.models.onnx_outputs import local_features_from_outputs
+
+        x = np.ascontiguousarray(images.detach().cpu().float().numpy())
+        out = self._run(x)
+        g = torch.nn.functional.normalize(torch.from_numpy(np.asarray(out["global"], dtype=np.float32)), dim=-1)
+        if local_options is None:
+            return g, None
+        mode = local_options.get("mode")
+        if mode is not None and mode != self.meta.get("local_mode"):
+            raise PlaceRankError(
+                f"--runtime {self.runtime}: {self.meta['model']} was exported with local_mode"
+                f" {self.meta.get('local_mode')}, not {mode}; use --runtime torch"
+            )
+        return g, local_features_from_outputs(self.meta, out, sizes, local_options.get("num_regions"))
+
+
+def exported_encoder(model, runtime: str, precision: str) -> ExportedEncoder:
+    """One encoder per model, runtime and precision for the life of the model object."""
+    per_model = _ENCODERS.setdefault(model, {})
+    key = (runtime, precision, model.weights_id)
+    if key not in per_model:
+        per_model[key] = ExportedEncoder(model, runtime, precision)
+    return per_model[key]
