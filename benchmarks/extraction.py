@@ -52,7 +52,7 @@ from placerank.index.flat import FlatIndex  # noqa: E402
 from placerank.models import create  # noqa: E402
 
 MODELS = ["effnet-lite0-gem", "effnet-lite2-gem", "fol-effnet-lite0", "selavpr-effnet-lite0", "sfrs-effnet-lite0"]
-BARE = ["eager_fp32", "channels_last", "compile", "bf16", "compile_bf16", "onnxruntime"]
+BARE = ["eager_fp32", "channels_last", "compile", "bf16", "compile_bf16", "onnxruntime", "openvino", "openvino_bf16"]
 CHECKS = REPO / "placerank" / "descriptors" / "precision_checks.json"
 
 
@@ -69,9 +69,15 @@ class BarePath:
         self.compile_s: dict[str, float] = {}
         self.model = model if name == "eager_fp32" else prepare_inference(copy.deepcopy(model), "cpu")
         self.dtype = torch.bfloat16 if "bf16" in name else None
-        self.session = None
+        self.session = self.encoder = None
         if name == "onnxruntime":
             self.session = self._onnx_session(model, onnx_dir)
+        if name.startswith("openvino"):
+            from placerank.descriptors.runtime import exported_encoder
+
+            os.environ["PLACERANK_CACHE"] = str(onnx_dir / "cache")  # the export lands in a scratch cache
+            self.encoder = exported_encoder(model, "openvino", "bf16" if "bf16" in name else "fp32")
+            self.dtype = None
         if "compile" in name:
             self._compile(onnx_dir)
 
@@ -103,6 +109,8 @@ class BarePath:
     def _forward(self, x: torch.Tensor) -> np.ndarray:
         if self.session is not None:
             return self.session.run(["global"], {"images": x.contiguous().numpy()})[0]
+        if self.encoder is not None:
+            return self.encoder.encode(x.contiguous(), [(0, 0)] * len(x))[0].numpy()
         if self.name != "eager_fp32":
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cpu", dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None):
@@ -120,15 +128,17 @@ class BarePath:
         return np.concatenate(out), time.perf_counter() - t0
 
 
-def pipeline_row(model, paths: list[Path], batch: int, workers: int | None, precision: str, fast: bool) -> tuple:
+def pipeline_row(model, paths: list[Path], batch: int, workers: int | None, precision: str, compile_: str,
+                 runtime: str) -> tuple:  # fmt: skip
+    """``extract_features`` over ``paths`` (decode in workers): an unprepared model for today's
+    path, else prepared with ``compile_`` and ``runtime``; a warm-up batch first (compile, export)."""
     m = copy.deepcopy(model)
-    if fast:
-        prepare_inference(m, "cpu", compile="on")
-    extract_features(m, paths[:batch], torch.device("cpu"), batch, workers, use_cache=False, progress=False,
-                     precision=precision)  # warm-up (and the compile, timed apart)  # fmt: skip
+    if (compile_, runtime) != ("off", "torch"):
+        prepare_inference(m, "cpu", compile=compile_, runtime=runtime)
+    cpu = torch.device("cpu")
+    extract_features(m, paths[:batch], cpu, batch, workers, use_cache=False, progress=False, precision=precision)
     t0 = time.perf_counter()
-    d, _ = extract_features(m, paths, torch.device("cpu"), batch, workers, use_cache=False, progress=False,
-                            precision=precision)  # fmt: skip
+    d, _ = extract_features(m, paths, cpu, batch, workers, use_cache=False, progress=False, precision=precision)
     return d, time.perf_counter() - t0
 
 
@@ -161,46 +171,60 @@ def bench_model(name: str, ds, args, tmp: Path) -> dict:
             row["compile_s"] = {k: round(s, 1) for k, s in bare.compile_s.items()}
         rows[v] = row
     out = {"model": name, "input_size": list(model.preprocess.size), "decode_ms_per_image": decode_ms, "bare": rows}
-    record = check_record(out)
-    if record is not None:
-        out["check"] = record
-    precision = record["chosen"] if record is not None else "fp32"
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp / "inductor-pipeline")
-    d_today, s_today = pipeline_row(model, paths, args.batch_size, args.workers, "fp32", fast=False)
-    d_fast, s_fast = pipeline_row(model, paths, args.batch_size, args.workers, precision, fast=True)
-    fastest = min(rows, key=lambda v: rows[v]["ms_per_image"])
-    out["pipeline"] = {
-        "today": {"ms_per_image": s_today * 1000 / len(paths), "recall_at_1": recall_at_1(d_today, n_db, ds.positives)},
-        "default": {
+    for key, runtime in (("check", "torch"), ("check_openvino", "openvino")):
+        record = check_record(out, runtime)
+        if record is not None:
+            out[key] = record
+    n = len(paths)
+    d_today, s_today = pipeline_row(model, paths, args.batch_size, args.workers, "fp32", "off", "torch")
+    pipe = {"today": {"ms_per_image": s_today * 1000 / n, "recall_at_1": recall_at_1(d_today, n_db, ds.positives)}}
+    for key, runtime, precision, compile_ in (
+        ("torch_fast", "torch", _chosen(out.get("check")), "on"),
+        ("openvino", "openvino", _chosen(out.get("check_openvino")), "off"),
+    ):
+        if runtime == "openvino" and "openvino" not in rows:
+            continue
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp / "inductor-pipeline")
+        d, s = pipeline_row(model, paths, args.batch_size, args.workers, precision, compile_, runtime)
+        pipe[key] = {
+            "runtime": runtime,
             "precision": precision,
-            "compile": True,
-            "ms_per_image": s_fast * 1000 / len(paths),
-            "recall_at_1": recall_at_1(d_fast, n_db, ds.positives),
-        },
-        "fastest_bare": fastest,
-    }
-    p = out["pipeline"]
-    p["default_vs_today"] = p["today"]["ms_per_image"] / p["default"]["ms_per_image"]
-    p["pipeline_vs_fastest_bare"] = rows[fastest]["ms_per_image"] / p["default"]["ms_per_image"]
+            "compile": compile_ == "on",
+            "ms_per_image": s * 1000 / n,
+            "recall_at_1": recall_at_1(d, n_db, ds.positives),
+            "vs_today": s_today / s,
+        }
+    fastest = min(rows, key=lambda v: rows[v]["ms_per_image"])
+    best = min((k for k in pipe if k != "today"), key=lambda k: pipe[k]["ms_per_image"])
+    pipe["fastest_bare"] = fastest
+    pipe["best_pipeline"] = best
+    pipe["best_vs_fastest_bare"] = rows[fastest]["ms_per_image"] / pipe[best]["ms_per_image"]
+    out["pipeline"] = pipe
     return out
 
 
-def check_record(result: dict) -> dict | None:
-    """The ``--precision auto`` record from the channels_last fp32 and bf16 bare rows."""
+def _chosen(record: dict | None) -> str:
+    return record["chosen"] if record is not None else "fp32"
+
+
+def check_record(result: dict, runtime: str = "torch") -> dict | None:
+    """The ``--precision auto`` record of ``runtime`` from its fp32 and bf16 bare rows."""
     bare = result["bare"]
-    if "channels_last" not in bare or "bf16" not in bare:
+    fp32, bf16 = ("channels_last", "bf16") if runtime == "torch" else ("openvino", "openvino_bf16")
+    if fp32 not in bare or bf16 not in bare:
         return None
     record = {
         "model": result["model"],
         "device_class": device_class(torch.device("cpu")),
+        "runtime": runtime,
         "input_size": result["input_size"],
         "dataset": "gardenspoint_walking/day_right -> gardenspoint_walking/night_right, |i-j| <= 2",
         "queries": 140,
         "database": 140,
-        "source": "benchmarks/extraction.py (bare forward, channels_last, eager)",
+        "source": f"benchmarks/extraction.py (bare forward, rows {fp32} and {bf16})",
         "precisions": {
-            "fp32": {k: bare["channels_last"][k] for k in ("recall_at_1", "ms_per_image")},
-            "bf16": {k: bare["bf16"][k] for k in ("recall_at_1", "ms_per_image", "min_cosine", "max_abs_diff")},
+            "fp32": {k: bare[fp32][k] for k in ("recall_at_1", "ms_per_image")},
+            "bf16": {k: bare[bf16][k] for k in ("recall_at_1", "ms_per_image", "min_cosine", "max_abs_diff")},
         },
         "torch": torch.__version__,
     }
@@ -210,8 +234,12 @@ def check_record(result: dict) -> dict | None:
 
 def write_checks(results: list[dict]) -> None:
     shipped = json.loads(CHECKS.read_text())
-    new = {(r["check"]["model"], r["check"]["device_class"]): r["check"] for r in results if "check" in r}
-    kept = [c for c in shipped["checks"] if (c["model"], c["device_class"]) not in new]
+
+    def key(c: dict) -> tuple:
+        return c["model"], c["device_class"], c.get("runtime", "torch")
+
+    new = {key(r[k]): r[k] for r in results for k in ("check", "check_openvino") if k in r}
+    kept = [c for c in shipped["checks"] if key(c) not in new]
     shipped["checks"] = kept + list(new.values())
     CHECKS.write_text(json.dumps(shipped, indent=2) + "\n")
     print(f"wrote {len(new)} check(s) into {CHECKS}")
@@ -228,9 +256,13 @@ def print_table(results: list[dict]) -> None:
             cos = f"{row['min_cosine']:.5f}" if "min_cosine" in row else ""
             print(f"| {res['model']} | {v} | {row['ms_per_image']:.1f} | {speed} | {100 * row['recall_at_1']:.1f} | {cos} | {comp} |")  # fmt: skip
         p = res["pipeline"]
-        for k in ("today", "default"):
-            print(f"| {res['model']} | pipeline {k} (+decode) | {p[k]['ms_per_image']:.1f} | | {100 * p[k]['recall_at_1']:.1f} | | |")  # fmt: skip
-        print(f"| {res['model']} | default / today: {p['default_vs_today']:.2f}x; pipeline / fastest bare ({p['fastest_bare']}): {p['pipeline_vs_fastest_bare']:.2f} | | | | | |")  # fmt: skip
+        for k in ("today", "torch_fast", "openvino"):
+            if k in p:
+                x = p[k]
+                what = f" {x['runtime']} {x['precision']}{' compiled' if x['compile'] else ''}" if k != "today" else ""
+                speed = f"{x['vs_today']:.2f}x" if k != "today" else "1.00x"
+                print(f"| {res['model']} | pipeline {k}{what} (+decode) | {x['ms_per_image']:.1f} | {speed} | {100 * x['recall_at_1']:.1f} | | |")  # fmt: skip
+        print(f"| {res['model']} | best pipeline / fastest bare ({p['fastest_bare']}): {p['best_vs_fastest_bare']:.2f} | | | | | |")  # fmt: skip
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -241,10 +273,11 @@ def plot(results: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(results), figsize=(3.4 * len(results), 3.8), squeeze=False)
     for ax, res in zip(axes[0], results):
-        labels = [*res["bare"], "pipe today", "pipe default"]
+        pipes = [k for k in ("today", "torch_fast", "openvino") if k in res["pipeline"]]
+        labels = [*res["bare"], *(f"pipe {k}" for k in pipes)]
         values = [r["ms_per_image"] for r in res["bare"].values()]
-        values += [res["pipeline"][k]["ms_per_image"] for k in ("today", "default")]
-        colors = ["#999999"] + ["#4477aa"] * (len(res["bare"]) - 1) + ["#cc6677", "#228833"]
+        values += [res["pipeline"][k]["ms_per_image"] for k in pipes]
+        colors = ["#999999"] + ["#4477aa"] * (len(res["bare"]) - 1) + ["#cc6677"] + ["#228833"] * (len(pipes) - 1)
         ax.bar(range(len(values)), values, color=colors)
         ax.set_xticks(range(len(values)), labels, rotation=60, ha="right", fontsize=7)
         ax.set_title(f"{res['model']} {res['input_size'][0]}x{res['input_size'][1]}", fontsize=8)

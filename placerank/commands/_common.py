@@ -97,10 +97,12 @@ def add_compile_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="same as --compile off")
     p.add_argument(
         "--runtime",
-        default="torch",
-        choices=["torch", "onnx", "openvino"],
-        help="what runs the model: torch (default), or its exported ONNX file on ONNX Runtime (fp32) or OpenVINO"
-        " (fp32 / bf16), CPU only; exported once per model and weights into the cache (docs/inference.md)",
+        default="auto",
+        choices=["auto", "torch", "onnx", "openvino"],
+        help="what runs the model: auto (default: OpenVINO on a CPU where it is installed once the model is"
+        " exported or the job repays the export, else torch), torch, or the exported ONNX file on ONNX Runtime"
+        " (fp32) or OpenVINO (fp32 / bf16), CPU only; exported once per model and weights into the cache"
+        " (docs/inference.md)",
     )
 
 
@@ -112,12 +114,15 @@ def check_precision_arg(precision: str, device) -> None:
         check_precision(precision, device)
 
 
-def inference_setup(args, model, device) -> str:
-    """Apply ``--compile`` and channels_last to a loaded ``model`` (on ``device``, eval mode) and
-    return the concrete ``--precision`` (``auto`` resolved from the model's recall check)."""
+def inference_setup(args, model, device, images: int = 0) -> str:
+    """Apply ``--compile``, ``--runtime`` (``auto``: decided for ``images`` to extract) and
+    channels_last to a loaded ``model`` (on ``device``, eval mode) and return the concrete
+    ``--precision`` (``auto`` resolved from the model's recall check for that runtime)."""
     from placerank.descriptors.fast import prepare_inference, resolve_precision
+    from placerank.descriptors.runtime import choose_runtime
 
-    prepare_inference(model, device, getattr(args, "compile", "off"), getattr(args, "runtime", "torch"))
+    runtime = choose_runtime(getattr(args, "runtime", "torch"), model, device, images)
+    prepare_inference(model, device, getattr(args, "compile", "off"), runtime)
     return resolve_precision(getattr(args, "precision", "fp32"), model, device)
 
 

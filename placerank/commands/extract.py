@@ -54,7 +54,7 @@ def run(args) -> int:
     device = resolve_device(args.device)
     check_precision_arg(args.precision, device)  # before loading the model
     model = load_model(args.model, args.weights, image_size_arg(args.image_size), device)
-    args.precision = inference_setup(args, model, device)  # auto -> the checked precision
+    args.precision = inference_setup(args, model, device, len(images.paths))  # auto -> runtime, checked precision
     if model.needs_data_init:
         model.init_from_images(images.paths)
     reranker = create_reranker(args.rerank, model=model, **options).to(device) if args.rerank else None

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from placerank.commands._common import (
+    add_compile_arg,
     add_index_args,
     add_model_args,
     add_nproc_arg,
@@ -16,6 +17,20 @@ from placerank.commands._common import (
     positive_float,
     positive_int,
 )
+
+
+def add_database_precision_arg(p) -> None:
+    """``--precision`` for a database's commands (index, localize, serve): a new database is
+    built in it; an existing one keeps its own, which ``auto`` (the default) means."""
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="inference precision of the database's descriptors: auto (default; existing database: the one it was"
+        " built with; new database: the fastest one whose measured GardensPoint R@1 is within 0.5 points of fp32"
+        " for this model on this device, else fp32), fp32, bf16 or fp16 (CUDA) autocast. A database never mixes"
+        " precisions: another explicit one than its own is refused",
+    )
 
 
 def register(sub) -> None:
@@ -62,15 +77,20 @@ def register(sub) -> None:
     add_model_args(p, for_database=True)
     add_index_args(p, for_database=True)  # --index SPEC, --index-option KEY=VALUE (docs/index.md)
     add_nproc_arg(p)  # new photos' descriptors from N local ranks
+    add_database_precision_arg(p)
+    add_compile_arg(p)  # auto: compiled only for a run of new photos large enough to repay it
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from placerank.commands._common import check_precision_arg
     from placerank.descriptors.shards import check_nproc
     from placerank.errors import PlaceRankError
     from placerank.localize.database import Database
+    from placerank.utils import resolve_device
 
     check_nproc(args.nproc)  # before a database is made
+    check_precision_arg(args.precision, resolve_device(args.device))
     if args.folder is None and args.positions is None and not args.remove and not (args.index or args.index_option):
         raise PlaceRankError("give a FOLDER of photos, --positions CSV, --remove PATH... or --index SPEC")
     size = image_size_arg(args.image_size)
@@ -94,6 +114,9 @@ def run(args) -> int:
             wait=args.wait,
             index=args.index,
             index_options=index_options_arg(args.index_option) if args.index_option else None,
+            precision=args.precision,
+            compile=args.compile,
+            runtime=args.runtime,
         )
     except BaseException:
         if created:  # a database that failed to be made (e.g. disk full) leaves nothing behind
@@ -103,7 +126,7 @@ def run(args) -> int:
         info = db.info()
         print(
             f"database {db.folder}: {info['model']} (weights {info['weights_id']}), {info['images']} photo(s), "
-            f"positions: {info['frame']}, index: {info['index']}"
+            f"positions: {info['frame']}, precision: {info['precision']}, index: {info['index']}"
             + "".join(f" {k}={v}" for k, v in info["index_options"].items())
         )
         if args.remove:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from placerank.commands._common import add_model_args, non_negative_int, positive_float, positive_int
+from placerank.commands._common import add_compile_arg, add_model_args, non_negative_int, positive_float, positive_int
+from placerank.commands.index import add_database_precision_arg
 
 
 def register(sub) -> None:
@@ -44,6 +45,8 @@ def register(sub) -> None:
     )
     p.add_argument("--show", type=non_negative_int, default=5, help="top matches printed per photo (default 5)")
     add_model_args(p, for_database=True)
+    add_database_precision_arg(p)  # auto: the database's own
+    add_compile_arg(p)  # auto: one photo at a time stays eager
     p.set_defaults(func=run)
 
 
@@ -91,17 +94,25 @@ def sequence_tracker(db, length: int):
 
 
 def run(args) -> int:
-    from placerank.commands._common import image_size_arg
+    from placerank.commands._common import check_precision_arg, image_size_arg
     from placerank.errors import DataError
     from placerank.localize.database import Database
     from placerank.localize.outputs import expand_photos, summary_row, unique_stem, write_outputs, write_summary
 
     photos = expand_photos(args.photos)
-    from placerank.utils import check_output_folder
+    from placerank.utils import check_output_folder, resolve_device
 
     check_output_folder(args.out)  # before any work
+    check_precision_arg(args.precision, resolve_device(args.device))
     db = Database.open(
-        args.db, model=args.model, weights=args.weights, image_size=image_size_arg(args.image_size), device=args.device
+        args.db,
+        model=args.model,
+        weights=args.weights,
+        image_size=image_size_arg(args.image_size),
+        device=args.device,
+        precision=args.precision,
+        compile=args.compile,
+        runtime=args.runtime,
     )
     failures = 0
     rows = []

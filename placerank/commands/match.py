@@ -29,6 +29,14 @@ def register(sub) -> None:
     p.add_argument("--threshold", type=positive_float, default=1.0, help="RANSAC threshold in px at longest side 640")
     p.add_argument("--weights", default=None, help="feature weights file (default: from $PLACERANK_WEIGHTS)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="the feature network's CNN: fp32, bf16 or fp16 (CUDA only) autocast; auto (default):"
+        " the re-rankers' choice for this network and device (fp32 for now; bf16 is faster on CPU"
+        " for xfeat / aliked at the same R@1, docs/inference.md)",
+    )
     p.set_defaults(func=run)
 
 
@@ -38,6 +46,7 @@ def run(args) -> int:
 
     from placerank.errors import PlaceRankError
     from placerank.rerank.base import create_reranker
+    from placerank.rerank.ransac import resolve_local_precision
     from placerank.utils import resolve_device
     from placerank.viz.matches import draw_matches
 
@@ -46,6 +55,8 @@ def run(args) -> int:
     name = f"ransac-{args.features}" + ("-lighterglue" if args.matcher == "lighterglue" else "")
     if args.matcher == "lighterglue" and args.features != "xfeat":
         raise PlaceRankError("LighterGlue matches XFeat features only (use --features xfeat)")
+    device = resolve_device(args.device)
+    precision = resolve_local_precision(args.precision, args.features, device)  # fp16 on CPU: one line
     rr: Any = create_reranker(
         name,
         image_size=(args.longest_side, args.longest_side),
@@ -53,7 +64,8 @@ def run(args) -> int:
         geometry=args.geometry,
         threshold_px=args.threshold,
         weights=args.weights,
-        device=resolve_device(args.device),
+        device=device,
+        precision=precision,
     )
     f1 = rr.extract_path(args.image1, keep_aspect=True)
     f2 = rr.extract_path(args.image2, keep_aspect=True)

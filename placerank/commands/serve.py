@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from placerank.commands._common import add_compile_arg
+from placerank.commands.index import add_database_precision_arg
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -34,13 +37,17 @@ def register(sub) -> None:
         "--upload-dir", type=Path, default=None, help="where POST /v1/index keeps added photos (default: DB-uploads)"
     )
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
+    add_database_precision_arg(p)  # auto: the database's own
+    add_compile_arg(p)  # auto: one query at a time stays eager; on: compiled at start
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from placerank.commands._common import check_precision_arg
     from placerank.errors import PlaceRankError
     from placerank.serve.server import serve
     from placerank.serve.service import ServeConfig
+    from placerank.utils import resolve_device
 
     if args.max_upload_mb <= 0:
         raise PlaceRankError(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
@@ -52,6 +59,7 @@ def run(args) -> int:
         raise PlaceRankError(f"--top-k must be 1..100, got {args.top_k}")
     if args.tiles and not (args.tiles.startswith(("https://", "http://")) and "{z}" in args.tiles):
         raise PlaceRankError("--tiles must be an http(s) URL with {z}, {x} and {y}")
+    check_precision_arg(args.precision, resolve_device(args.device))
     config = ServeConfig(
         db=args.db,
         host=args.host,
@@ -64,5 +72,8 @@ def run(args) -> int:
         max_queue=args.max_queue,
         upload_dir=args.upload_dir,
         device=args.device,
+        precision=args.precision,
+        compile=args.compile,
+        runtime=args.runtime,
     )
     return serve(config, log=lambda msg: print(msg, flush=True))

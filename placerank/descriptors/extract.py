@@ -200,7 +200,7 @@ def extract_features(
                 [paths[i] for i in todo], model.preprocess, batch_size, num_workers, pin_memory=device.type == "cuda"
             )
             bar = tqdm(total=len(todo), desc=f"{desc} ({model.name})", unit="img", leave=False, disable=not progress)
-            exported = None if runtime_of(model) == "torch" else exported_encoder(model, runtime_of(model), precision)
+            exported = exported_encoder(model, runtime_of(model), precision)
             compiled = exported is None and should_compile(model, len(todo), batch_size, precision, device)
             with CompiledBackbone(model, batch_size, precision, device, compiled) as runner:
                 for idx, images, sizes, errors in loader:

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from placerank.descriptors.cache import namespace
-from placerank.descriptors.runtime import check_runtime
+from placerank.descriptors.runtime import RUNTIME_ATTR, check_runtime
 from placerank.errors import PlaceRankError, warn
 from placerank.utils import cache_root, write_json_atomic
 
@@ -47,7 +47,6 @@ COLD_MIN_IMAGES = 1024  # ~35 s cold compile / ~35 ms saved per image at 360x640
 WARM_MIN_IMAGES = 128  # ~5 s warm compile / the same saving
 RECALL_TOLERANCE = 0.005  # R@1 (as a fraction) a reduced precision may lose against fp32
 _COMPILE_ATTR = "placerank_compile"
-_RUNTIME_ATTR = "placerank_runtime"
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # backbone -> compiled forward
 
 
@@ -77,13 +76,13 @@ def prepare_inference(model, device: torch.device | str, compile: str = "off", r
     check_runtime(runtime, torch.device(device))
     model.to(memory_format=torch.channels_last)
     setattr(model, _COMPILE_ATTR, compile)
-    setattr(model, _RUNTIME_ATTR, runtime)
+    setattr(model, RUNTIME_ATTR, runtime)
     return model
 
 
 def runtime_of(model) -> str:
     """The runtime :func:`prepare_inference` recorded on ``model`` (``torch`` if never prepared)."""
-    return str(getattr(model, _RUNTIME_ATTR, "torch"))
+    return str(getattr(model, RUNTIME_ATTR, "torch"))
 
 
 def compile_mode(model) -> str:
@@ -266,8 +265,8 @@ def precision_report(model, device: torch.device, precision: str) -> dict:
     out: dict = {"precision": precision, "compile": compile_mode(model), "runtime": runtime_of(model)}
     if precision == "fp32":
         return out
-    record = find_check(model.name, device_class(device), runtime_of(model))
-    runs = (record or {}).get("precisions", {})
+    record = find_check(model.name, device_class(device), runtime_of(model)) or {}
+    runs = record.get("precisions", {})
     if precision in runs and "fp32" in runs:
         out["precision_check"] = {
             "fp32_recall_at_1": runs["fp32"]["recall_at_1"],

@@ -21,25 +21,28 @@ as closely as either does with fp32 (measured in ``benchmarks/extraction.py``).
 from __future__ import annotations
 
 import copy
+import importlib.util
 import weakref
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from placerank.errors import PlaceRankError
+from placerank.errors import PlaceRankError, warn
 from placerank.utils import cache_root
 
 RUNTIMES = ("torch", "onnx", "openvino")
+RUNTIME_ATTR = "placerank_runtime"  # where prepare_inference records a model's runtime
+EXPORT_MIN_IMAGES = 256  # ~10-35 s one-time export / >= ~100 ms saved per image at 360x640 (docs/inference.md)
 _PACKAGES = {"onnx": "onnxruntime", "openvino": "openvino"}
 _ENCODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(runtime, precision): encoder}
 
 
 def check_runtime(runtime: str, device: torch.device, precision: str | None = None) -> str:
     """``runtime`` if it can run here at ``precision``; else one line (before any work)."""
-    if runtime not in RUNTIMES:
-        raise PlaceRankError(f"--runtime {runtime}: use one of {', '.join(RUNTIMES)}")
-    if runtime == "torch":
+    if runtime not in (*RUNTIMES, "auto"):
+        raise PlaceRankError(f"--runtime {runtime}: use one of auto, {', '.join(RUNTIMES)}")
+    if runtime in ("torch", "auto"):
         return runtime
     if device.type != "cpu":
         raise PlaceRankError(f"--runtime {runtime} runs on the CPU (the device is {device}); use --runtime torch")
@@ -53,6 +56,19 @@ def check_runtime(runtime: str, device: torch.device, precision: str | None = No
             f"--runtime {runtime} needs the {_PACKAGES[runtime]} package: pip install 'placerank[export]'"
         ) from None
     return runtime
+
+
+def choose_runtime(requested: str, model, device: torch.device, images: int = 0) -> str:
+    """``auto`` -> ``openvino`` on a CPU where it is installed, for a model that exports (no
+    uninitialised NetVLAD), when the model is exported already or ``images`` (to extract) repay
+    the export (:data:`EXPORT_MIN_IMAGES`); else ``torch``. Other values are returned as given."""
+    if requested != "auto":
+        return requested
+    if device.type != "cpu" or getattr(model, "needs_data_init", False):
+        return "torch"
+    if importlib.util.find_spec("openvino") is None or importlib.util.find_spec("onnx") is None:
+        return "torch"
+    return "openvino" if exported_path(model).is_file() or images >= EXPORT_MIN_IMAGES else "torch"
 
 
 def exported_path(model) -> Path:
@@ -117,10 +133,20 @@ class ExportedEncoder:
         return g, local_features_from_outputs(self.meta, out, sizes, local_options.get("num_regions"))
 
 
-def exported_encoder(model, runtime: str, precision: str) -> ExportedEncoder:
-    """One encoder per model, runtime and precision for the life of the model object."""
+def exported_encoder(model, runtime: str, precision: str) -> ExportedEncoder | None:
+    """One encoder per model, runtime and precision for the life of the model object; None for
+    ``torch``, or when the model cannot be exported / loaded (one warning, then PyTorch runs it:
+    the model's runtime becomes ``torch``)."""
+    if runtime in ("torch", "auto"):
+        return None
     per_model = _ENCODERS.setdefault(model, {})
     key = (runtime, precision, model.weights_id)
     if key not in per_model:
-        per_model[key] = ExportedEncoder(model, runtime, precision)
+        try:
+            per_model[key] = ExportedEncoder(model, runtime, precision)
+        except Exception as e:  # an op the exporter or the runtime cannot take: PyTorch runs it
+            text = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            warn(f"--runtime {runtime} cannot run {model.name} ({text}); running it with torch")
+            setattr(model, RUNTIME_ATTR, "torch")
+            return None
     return per_model[key]

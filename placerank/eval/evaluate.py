@@ -17,7 +17,7 @@ from placerank.data.layouts import LayoutOptions, open_dataset
 from placerank.descriptors.extract import check_precision, local_precision, local_store_for
 from placerank.descriptors.fast import check_compile_mode, precision_report, prepare_inference, resolve_precision
 from placerank.descriptors.files import extract_descriptors, open_rows
-from placerank.descriptors.runtime import check_runtime
+from placerank.descriptors.runtime import check_runtime, choose_runtime
 from placerank.descriptors.standardize import check_mode, standardize_sides
 from placerank.eval.confidence import (
     check_rerank_below,
@@ -126,7 +126,8 @@ def evaluate(config: EvalConfig, model=None, dataset: Dataset | None = None) -> 
     positives = ds.positives
     if model is None:
         model = load_model(config.model, config.weights, config.image_size, device)
-    prepare_inference(model, device, config.compile, config.runtime)  # eval mode, channels_last, compile, runtime
+    runtime = choose_runtime(config.runtime, model, device, len(ds.database) + len(ds.queries))
+    prepare_inference(model, device, config.compile, runtime)  # eval mode, channels_last, compile, runtime
     config = replace(config, precision=resolve_precision(config.precision, model, device))
     from placerank.index.spec import check_spec
 

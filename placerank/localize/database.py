@@ -17,6 +17,10 @@ this one: :mod:`.store` (SQLite and FAISS kept in step), :mod:`.folder` (``index
 dies); a second writer is refused at once or waits up to ``wait`` seconds. Readers (``localize``)
 take no lock: SQLite gives them a consistent snapshot and, if a writer is mid-run, they rebuild the
 index in memory. **Your photos are only read.**
+
+**One precision per database**: the descriptors are extracted in the precision the database was
+created with (``precision`` meta row: fp32, bf16 or fp16; none recorded = fp32), and so are photos
+added later and every query; asking for another one is refused (:mod:`.model`).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from placerank.localize.estimate import EstimateConfig
 from placerank.localize.features import LocalFeatureCache
 from placerank.localize.folder import FolderIndexer, is_under, list_photos
 from placerank.localize.lock import DatabaseBusyError, WriteLock
-from placerank.localize.model import build_model, check_request, load_model, model_meta
+from placerank.localize.model import build_model, check_request, database_precision, load_model, model_meta
 from placerank.localize.query import localize
 from placerank.localize.results import IndexReport, LocalizeResult, RemoveReport
 from placerank.localize.store import Store
@@ -52,9 +56,25 @@ class Database(contextlib.AbstractContextManager):
     ``Database.create(path, model=...)`` / ``Database.open(path)`` / ``Database.open_or_create``;
     then :meth:`add_folder` (alias :meth:`index`), :meth:`remove`, :meth:`localize`. The model is
     loaded on first use (``remove`` and ``info`` never load it).
+
+    ``precision``: the one the database's descriptors are in (every extraction uses it);
+    ``compile``: the model's ``--compile`` mode (auto / on / off; ``auto`` compiles an ``index``
+    run large enough to repay it, never a single query); ``runtime``: what runs it (``--runtime``
+    torch / onnx / openvino, docs/inference.md).
     """
 
-    def __init__(self, folder: Path, conn: sqlite3.Connection, device="auto", model=None, weights=None, built=None):
+    def __init__(
+        self,
+        folder: Path,
+        conn: sqlite3.Connection,
+        device="auto",
+        model=None,
+        weights=None,
+        built=None,
+        precision: str = "fp32",
+        compile: str = "off",
+        runtime: str = "torch",
+    ):
         from placerank.utils import resolve_device
 
         self.folder = folder
@@ -62,7 +82,8 @@ class Database(contextlib.AbstractContextManager):
         self.store = Store(folder, conn)
         self._requested = (model, weights)
         self._model = built
-        self.features = LocalFeatureCache(folder, lambda: self.model, self.device)
+        self.precision, self.compile, self.runtime = precision, compile, runtime
+        self.features = LocalFeatureCache(folder, lambda: self.model, self.device, lambda: self.precision)
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
@@ -77,9 +98,14 @@ class Database(contextlib.AbstractContextManager):
         wait: float = 0.0,
         index: str = "flat",
         index_options: dict | None = None,
+        precision: str = "fp32",
+        compile: str = "off",
+        runtime: str = "torch",
     ) -> Database:
         """Make a new, empty database for ``model`` (a registry name or a built VPRModel), searched
-        with an index of kind ``index`` (docs/index.md)."""
+        with an index of kind ``index`` (docs/index.md), its descriptors in ``precision`` (fp32,
+        bf16, fp16, or ``auto``: what the model's recall check chose on this device, docs/inference.md)."""
+        from placerank.descriptors.fast import check_precision, resolve_precision
         from placerank.utils import resolve_device
 
         folder = Path(path).resolve()
@@ -90,8 +116,12 @@ class Database(contextlib.AbstractContextManager):
             raise PlaceRankError(f"{folder}: exists and is not a folder")
         if radius <= 0:
             raise PlaceRankError(f"radius must be > 0 metres, got {radius}")
-        m = build_model(model if model is not None else DEFAULT_MODEL, weights, image_size, resolve_device(device))
-        meta = model_meta(m, weights, radius, metadata.now())
+        dev = resolve_device(device)
+        if precision != "auto":
+            check_precision(precision, dev)  # before the model is built
+        m = build_model(model if model is not None else DEFAULT_MODEL, weights, image_size, dev, compile, runtime)
+        precision = resolve_precision(precision, m, dev)
+        meta = model_meta(m, weights, radius, metadata.now(), precision)
         IdMapIndex(int(m.descriptor_dim), spec=index, options=index_options)  # a bad kind fails before any file
         meta.update(index=index, index_options=json.dumps(dict(index_options or {}), sort_keys=True))
         folder.mkdir(parents=True, exist_ok=True)
@@ -99,28 +129,40 @@ class Database(contextlib.AbstractContextManager):
             if metadata.is_initialised(folder):
                 raise PlaceRankError(exists)
             conn = metadata.create(folder, meta)
-        return cls(folder, conn, device, model, weights, built=m)
+        return cls(folder, conn, device, model, weights, m, precision, compile, runtime)
 
     @classmethod
     def open(
-        cls, path: str | Path, model=None, weights=None, image_size=None, device: str = "auto", read_only: bool = False
+        cls,
+        path: str | Path,
+        model=None,
+        weights=None,
+        image_size=None,
+        device: str = "auto",
+        read_only: bool = False,
+        precision: str | None = None,
+        compile: str = "off",
+        runtime: str = "torch",
     ) -> Database:
-        """Open an existing database. ``model``/``weights``/``image_size``, when given, must be the
-        ones it was built with (refused otherwise); left out, the stored ones are used.
-        ``read_only``: nothing is ever written (SQLite ``mode=ro``; a stale index is rebuilt in
-        memory only); add/remove/set_radius are refused."""
+        """Open an existing database. ``model``/``weights``/``image_size``/``precision``, when
+        given, must be the ones it was built with (refused otherwise); left out (``precision``:
+        None or ``auto``), the stored ones are used. ``read_only``: nothing is ever written
+        (SQLite ``mode=ro``; a stale index is rebuilt in memory only); add/remove/set_radius
+        are refused."""
         folder = Path(path).resolve()
         if not metadata.is_initialised(folder):
             raise PlaceRankError(
                 f"{folder}: no placerank database here (build one with `placerank index FOLDER --db {path}`)"
             )
-        db = cls(folder, metadata.connect(folder, read_only=read_only), device, model, weights)
+        conn = metadata.connect(folder, read_only=read_only)
+        db = cls(folder, conn, device, model, weights, compile=compile, runtime=runtime)
         db.store.read_only = read_only
         try:
             meta = db.meta()
         except sqlite3.DatabaseError as e:
             raise PlaceRankError(f"{folder / metadata.DB_FILE}: not a readable placerank database ({e})") from None
         check_request(folder, meta, model, image_size)
+        db.precision = database_precision(folder, meta, precision)
         if (model is not None and not isinstance(model, str)) or weights is not None:
             _ = db.model  # load now so a weights mismatch is reported at open
         return db
@@ -137,18 +179,26 @@ class Database(contextlib.AbstractContextManager):
         wait=0.0,
         index: str | None = None,
         index_options: dict | None = None,
+        precision: str | None = None,
+        compile: str = "off",
+        runtime: str = "torch",
     ) -> Database:
         """Open the database at ``path``, or create it. ``index`` (a kind, docs/index.md) and
-        ``index_options``, when given, become the database's index (rebuilt on next use)."""
+        ``index_options``, when given, become the database's index (rebuilt on next use).
+        ``precision``: a new database's (None: fp32); an existing one keeps its own (another
+        explicit value is refused)."""
         if not metadata.is_initialised(Path(path).resolve()):
             try:  # ``wait``: another process may be creating it right now
                 args = (model if model is not None else DEFAULT_MODEL, weights, image_size, device)
                 r = 25.0 if radius is None else radius
-                return cls.create(path, *args, r, wait=wait, index=index or "flat", index_options=index_options)
+                return cls.create(
+                    path, *args, r, wait=wait, index=index or "flat", index_options=index_options,
+                    precision=precision or "fp32", compile=compile, runtime=runtime,
+                )  # fmt: skip
             except PlaceRankError as e:
                 if not _made_meanwhile(Path(path).resolve()):
                     raise e from None
-        db = cls.open(path, model, weights, image_size, device)
+        db = cls.open(path, model, weights, image_size, device, precision=precision, compile=compile, runtime=runtime)
         if radius is not None and float(radius) != db.info()["radius_m"]:
             db.set_radius(radius)
         if index is not None or index_options:
@@ -179,6 +229,7 @@ class Database(contextlib.AbstractContextManager):
             "weights_id": meta["weights_id"],
             "weights": meta["weights_source"],
             "image_size": meta["image_size"],
+            "precision": meta.get("precision") or "fp32",
             "frame": meta["frame"] or "(none yet)",
             "radius_m": float(meta["radius"]),
             "rerankers": json.loads(meta["rerankers"]),
@@ -197,7 +248,9 @@ class Database(contextlib.AbstractContextManager):
     def model(self):
         """The VPR model this database was built with (loaded on first use, then checked)."""
         if self._model is None:
-            self._model = load_model(self.folder, self.meta(), *self._requested, self.device)
+            self._model = load_model(
+                self.folder, self.meta(), *self._requested, self.device, self.compile, self.runtime
+            )
         return self._model
 
     # -- changing it ------------------------------------------------------------------------------

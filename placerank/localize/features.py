@@ -5,10 +5,18 @@ is never extracted twice).
 
 Photos are described in chunks of a few batches; each chunk is committed by the caller before the
 next starts, so an interrupted run keeps every finished chunk. A chunk that holds an unreadable
-photo is retried photo by photo, so the others still get in and each failure has its reason."""
+photo is retried photo by photo, so the others still get in and each failure has its reason.
+
+Everything is extracted in the database's precision (:mod:`.model`): global descriptors, and the
+local features of a re-ranker that scores the model's own head (those come from the same
+autocast pass, so their store folder is named with the precision unless fp32, and photos whose
+features were not stored in that pass are described again in it rather than in fp32).
+``--compile auto`` is decided once for a whole ``index`` run (:func:`compile_for`): each chunk
+alone is too small to repay a compile."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -16,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from placerank.descriptors.cache import image_key, namespace
-from placerank.descriptors.extract import extract_features, extract_local, shared_local_options
+from placerank.descriptors.extract import extract_features, extract_local, local_precision, shared_local_options
+from placerank.descriptors.fast import compile_mode, prepare_inference, runtime_of, should_compile
 from placerank.descriptors.local_store import LocalFeatureStore
 from placerank.errors import DataError
 from placerank.models.base import LocalFeatures
@@ -30,10 +39,17 @@ def _reason(path: Path, e: Exception) -> str:
     return f"{path}: cannot read file ({getattr(e, 'strerror', None) or e})"
 
 
-def _chunks(paths: Sequence[Path], size: int, fn: Callable[[list[Path]], object]) -> Iterator[tuple[list, list, list]]:
-    """(indices done, their results, [(index, reason)] failed) per chunk of ``size`` paths."""
-    for start in range(0, len(paths), size):
-        part = list(range(start, min(start + size, len(paths))))
+def _chunks(
+    paths: Sequence[Path], size: int, fn: Callable[[list[Path]], object], min_last: int = 1, retry=None
+) -> Iterator[tuple[list, list, list]]:
+    """(indices done, their results, [(index, reason)] failed) per chunk of ``size`` paths; a last
+    chunk shorter than ``min_last`` joins the one before (a compiled graph keeps its batch size).
+    A chunk that fails is retried photo by photo with ``retry`` (default ``fn``)."""
+    starts = list(range(0, len(paths), size))
+    if len(starts) > 1 and len(paths) - starts[-1] < min_last:
+        starts.pop()
+    for n, start in enumerate(starts):
+        part = list(range(start, starts[n + 1] if n + 1 < len(starts) else len(paths)))
         failed: list[tuple[int, str]] = []
         try:
             result = fn([paths[i] for i in part])
@@ -42,7 +58,7 @@ def _chunks(paths: Sequence[Path], size: int, fn: Callable[[list[Path]], object]
             done, outs = [], []
             for i in part:
                 try:
-                    outs.append(fn([paths[i]]))
+                    outs.append((retry or fn)([paths[i]]))
                     done.append(i)
                 except (DataError, OSError) as e:
                     failed.append((i, _reason(paths[i], e)))
@@ -58,10 +74,12 @@ def describe(
     reranker=None,
     store=None,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> Iterator[tuple[list[int], np.ndarray, list[tuple[int, str]]]]:
-    """Global descriptors of ``paths`` chunk by chunk: (indices, (n, D) descriptors, failures).
-    With a ``reranker`` on the model's own local head and its ``store``, the same backbone pass
-    also stores the photos' local features."""
+    """Global descriptors of ``paths`` chunk by chunk, in ``precision``: (indices, (n, D)
+    descriptors, failures). With a ``reranker`` on the model's own local head and its ``store``,
+    the same backbone pass also stores the photos' local features. Photos retried one by one
+    after a failed chunk run eagerly (a batch of one would be a graph of its own to compile)."""
 
     def run(part: list[Path]) -> np.ndarray:
         return extract_features(
@@ -75,11 +93,40 @@ def describe(
             store=store,
             desc="index",
             progress=progress,
+            precision=precision,
         )[0]
 
-    for done, outs, failed in _chunks(list(paths), max(1, batch_size) * CHUNK_BATCHES, run):
+    def one(part: list[Path]) -> np.ndarray:
+        with compile_as(model, device, "off"):
+            return run(part)
+
+    size = max(1, batch_size)
+    for done, outs, failed in _chunks(list(paths), size * CHUNK_BATCHES, run, min_last=size, retry=one):
         descs = np.concatenate(outs) if outs else np.zeros((0, model.descriptor_dim), np.float32)
         yield done, descs, failed
+
+
+@contextlib.contextmanager
+def compile_as(model, device, mode: str) -> Iterator[None]:
+    """``model`` with the compile mode ``mode`` for a while, then its own again (unless a failed
+    compile turned it off meanwhile: then it stays off)."""
+    before, runtime = compile_mode(model), runtime_of(model)
+    prepare_inference(model, device, mode, runtime=runtime)
+    try:
+        yield
+    finally:
+        if compile_mode(model) == mode:
+            prepare_inference(model, device, before, runtime=runtime)
+
+
+def compile_for(model, images: int, batch_size: int, precision: str, device) -> contextlib.AbstractContextManager:
+    """A model prepared with ``--compile auto`` compiles (or not) for a run of ``images`` photos,
+    decided once here (:func:`~placerank.descriptors.fast.should_compile`); ``on`` / ``off`` are
+    kept."""
+    if compile_mode(model) != "auto":
+        return contextlib.nullcontext()
+    decided = should_compile(model, images, batch_size, precision, device)
+    return compile_as(model, device, "on" if decided else "off")
 
 
 def image_sizes(paths: Sequence[Path]) -> list[tuple[int, int]]:
@@ -118,20 +165,37 @@ class MemoryStore(dict):
         self.update(items)
 
 
-def extract_now(reranker, paths: Sequence[Path], device) -> list[LocalFeatures]:
-    mem = MemoryStore()
-    keys = extract_local(
-        reranker, list(paths), mem, device, batch_size=max(1, len(paths)), num_workers=0, progress=False
-    )
-    return [mem[k] for k in keys]
-
-
 class LocalFeatureCache:
     """Re-rankers built for one database (by name + options) and their stores in ``DB/local/``."""
 
-    def __init__(self, folder: Path, model: Callable, device):
-        self.folder, self._model, self.device = folder, model, device
+    def __init__(self, folder: Path, model: Callable, device, precision: Callable[[], str] = lambda: "fp32"):
+        self.folder, self._model, self.device, self._precision = folder, model, device, precision
         self._built: dict[tuple, object] = {}
+
+    def precision(self, reranker) -> str:
+        """The precision ``reranker``'s features are in here: the database's for the model's own
+        local head (the same autocast pass as the global descriptors), else fp32."""
+        return local_precision(self._model(), reranker, self._precision())
+
+    def extract(self, reranker, paths: list[Path], sink, batch_size: int, num_workers: int | None, progress: bool):
+        """Local features of ``paths`` into ``sink``, in :meth:`precision`; returns their keys."""
+        precision = self.precision(reranker)
+        if precision == "fp32":
+            return extract_local(
+                reranker, paths, sink, self.device, batch_size=batch_size, num_workers=num_workers, progress=progress
+            )
+        model = self._model()  # the model's own head, under autocast: its backbone pass, run eagerly
+        with compile_as(model, self.device, "off"):
+            return extract_features(
+                model, paths, self.device, batch_size, num_workers, use_cache=False, reranker=reranker,
+                store=sink, desc="local features", progress=progress, precision=precision,
+            )[1]  # fmt: skip
+
+    def extract_now(self, reranker, paths: Sequence[Path]) -> list[LocalFeatures]:
+        """Local features of photos that are not stored (candidates indexed without them)."""
+        mem = MemoryStore()
+        keys = self.extract(reranker, list(paths), mem, max(1, len(paths)), 0, progress=False)
+        return [mem[k] for k in keys]
 
     def reranker(self, name: str, options: dict | None):
         key = (name, json.dumps(options or {}, sort_keys=True, default=str))
@@ -159,7 +223,9 @@ class LocalFeatureCache:
             store.close()
 
     def store(self, reranker, create: bool) -> LocalFeatureStore | None:
-        folder = self.folder / "local" / namespace(reranker.name, reranker.signature())
+        precision = self.precision(reranker)
+        extra = [f"precision={precision}"] if precision != "fp32" else []  # fp32: the folder it always had
+        folder = self.folder / "local" / namespace(reranker.name, reranker.signature(), *extra)
         if not create and not (folder / "meta.json").exists():
             return None
         return LocalFeatureStore(folder, reranker.signature(), reranker.dim)
@@ -179,9 +245,7 @@ class LocalFeatureCache:
             failures: list[tuple[str, str]] = []
 
             def run(part: list[Path]) -> None:
-                extract_local(
-                    reranker, part, view, self.device, batch_size=8, num_workers=num_workers, progress=progress
-                )
+                self.extract(reranker, part, view, 8, num_workers, progress)
 
             for ok, _, failed in _chunks(paths, 8 * CHUNK_BATCHES, run):
                 done += len(ok)

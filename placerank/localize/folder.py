@@ -20,8 +20,9 @@ import numpy as np
 from placerank.data.exif import GpsReading, read_gps
 from placerank.data.positions import LOCAL, WGS84, Position, read_positions_csv
 from placerank.errors import DataError, PlaceRankError
-from placerank.localize.features import CHUNK_BATCHES, LocalFeatureCache, describe, image_sizes
+from placerank.localize.features import CHUNK_BATCHES, LocalFeatureCache, compile_for, describe, image_sizes
 from placerank.localize.metadata import FileRow
+from placerank.localize.model import stored_precision
 from placerank.localize.results import IndexReport
 from placerank.localize.store import NewPhoto, Store
 
@@ -268,23 +269,27 @@ class FolderIndexer:
     def _describe(self, fresh, model, report, plan, batch_size, num_workers, reranker, view) -> None:
         paths = [it.path for it in fresh]
         device = self.features.device
-        if self.nproc > 1 and self._describe_in_processes(fresh, model, report, batch_size, num_workers):
+        precision = stored_precision(self.store.meta.all())  # the database's, for every photo it holds
+        if self.nproc > 1 and self._describe_in_processes(fresh, model, report, batch_size, num_workers, precision):
             return
-        for done, descs, failed in describe(
-            model, paths, device, batch_size, num_workers, reranker, view, progress=self.progress
-        ):
-            for i, why in failed:
-                report.failed.append((str(paths[i]), why))
-                if fresh[i].old_id is not None:
-                    plan.stale.append(str(paths[i]))
-            if done:
-                batch = [fresh[i] for i in done]
-                for it, d, hw in zip(batch, descs, image_sizes([it.path for it in batch])):
-                    it.desc, it.hw = d, hw
-                self._commit(batch, report)
-                report.extracted += len(batch)
+        with compile_for(model, len(fresh), batch_size, precision, device):  # --compile auto: for the whole run
+            for done, descs, failed in describe(
+                model, paths, device, batch_size, num_workers, reranker, view, self.progress, precision
+            ):
+                for i, why in failed:
+                    report.failed.append((str(paths[i]), why))
+                    if fresh[i].old_id is not None:
+                        plan.stale.append(str(paths[i]))
+                if done:
+                    batch = [fresh[i] for i in done]
+                    for it, d, hw in zip(batch, descs, image_sizes([it.path for it in batch])):
+                        it.desc, it.hw = d, hw
+                    self._commit(batch, report)
+                    report.extracted += len(batch)
 
-    def _describe_in_processes(self, fresh, model, report, batch_size: int, num_workers: int | None) -> bool:
+    def _describe_in_processes(
+        self, fresh, model, report, batch_size: int, num_workers: int | None, precision: str = "fp32"
+    ) -> bool:
         """``--nproc N``: the global descriptors of the new photos from N ranks (the sharded,
         resumable extraction of ``placerank extract --nproc``), committed in chunks. False when a
         rank failed (e.g. an unreadable photo): the one-process path then finds and reports the
@@ -295,8 +300,9 @@ class FolderIndexer:
         paths = [it.path for it in fresh]
         try:
             (ds,) = extract_in_processes(
-                model, [paths], self.nproc, str(self.features.device), batch_size, num_workers, use_cache=False
-            )
+                model, [paths], self.nproc, str(self.features.device), batch_size, num_workers, use_cache=False,
+                precision=precision,
+            )  # fmt: skip
         except PlaceRankError as e:
             self.say(f"{e}; extracting in one process instead")
             return False

@@ -1,6 +1,13 @@
 """The VPR model a database was built with: built from its stored name, weights file and input
 size, and checked against the stored weights hash and preprocessing, so descriptors from another
-model never meet the stored ones."""
+model never meet the stored ones.
+
+The same holds for the inference **precision** (fp32, or bf16 / fp16 autocast): a bf16
+descriptor is ~0.999 cosine of the fp32 one, enough to move a ranking, so a database is built in
+one precision (recorded in its ``precision`` meta row; a database without the row predates it and
+is fp32) and every photo added later and every query is extracted in it. Models are prepared
+for inference here (:func:`~placerank.descriptors.fast.prepare_inference`: eval mode,
+channels_last, the ``--compile`` mode)."""
 
 from __future__ import annotations
 
@@ -9,10 +16,13 @@ from pathlib import Path
 from placerank.errors import IndexMismatchError, PlaceRankError
 
 
-def build_model(model, weights, image_size, device):
-    """``model``: a registry name (built with ``weights``/``image_size``) or a built VPRModel."""
+def build_model(model, weights, image_size, device, compile: str = "off", runtime: str = "torch"):
+    """``model``: a registry name (built with ``weights``/``image_size``) or a built VPRModel;
+    prepared for inference on ``device`` with the ``compile`` mode (auto / on / off) and runtime."""
+    from placerank.descriptors.fast import prepare_inference
+
     if not isinstance(model, str):
-        return model.to(device).eval()
+        return prepare_inference(model, device, compile, runtime=runtime)
     from placerank.models import create
 
     kwargs = (
@@ -20,11 +30,37 @@ def build_model(model, weights, image_size, device):
         if image_size is not None
         else {}
     )
-    return create(model, weights=weights, **kwargs).to(device).eval()
+    return prepare_inference(create(model, weights=weights, **kwargs), device, compile, runtime=runtime)
 
 
-def model_meta(m, weights, radius: float, created: str) -> dict[str, str]:
-    """The ``meta`` rows of a new database built with model ``m``."""
+def stored_precision(meta: dict[str, str]) -> str:
+    """The precision a database's descriptors were extracted in (fp32 before it was recorded)."""
+    return meta.get("precision") or "fp32"
+
+
+def database_precision(folder: Path, meta: dict[str, str], requested: str | None, device=None) -> str:
+    """The precision new photos and queries of this database are extracted in: its own.
+    ``requested`` None or ``auto`` takes it; another explicit value is refused (one line), as
+    is (with ``device``) a stored precision the device cannot run."""
+    from placerank.descriptors.fast import PRECISIONS
+
+    stored = stored_precision(meta)
+    if requested not in (None, "auto") and requested != stored:
+        if requested not in PRECISIONS:
+            raise PlaceRankError(f"--precision {requested}: use one of auto, {', '.join(PRECISIONS)}")
+        raise IndexMismatchError(
+            f"{folder}: database was built with precision {stored}, not {requested}; "
+            f"use --precision {stored} (or auto) or a new --db"
+        )
+    if device is not None and stored == "fp16" and getattr(device, "type", str(device)) != "cuda":
+        raise PlaceRankError(
+            f"{folder}: database was built with precision fp16, which needs a CUDA device (the device is {device})"
+        )
+    return stored
+
+
+def model_meta(m, weights, radius: float, created: str, precision: str = "fp32") -> dict[str, str]:
+    """The ``meta`` rows of a new database built with model ``m`` in ``precision``."""
     if m.needs_data_init:
         # Its k-means initialisation depends on data and is not part of any weights file, so a
         # database built with it could never be reopened with the same model.
@@ -43,6 +79,7 @@ def model_meta(m, weights, radius: float, created: str) -> dict[str, str]:
         "weights_path": str(Path(weights).resolve()) if isinstance(weights, (str, Path)) else "",
         "descriptor_dim": str(m.descriptor_dim),
         "preprocess": m.preprocess.signature(),
+        "precision": precision,
         "image_size": f"{m.preprocess.size[0]},{m.preprocess.size[1]}",
         "frame": "",
         "radius": repr(float(radius)),
@@ -72,19 +109,22 @@ def check_request(folder: Path, meta: dict[str, str], model, image_size) -> None
             )
 
 
-def load_model(folder: Path, meta: dict[str, str], req_model, req_weights, device):
+def load_model(
+    folder: Path, meta: dict[str, str], req_model, req_weights, device, compile: str = "off", runtime: str = "torch"
+):
     """The database's model: the requested one (an object, or the stored name with the requested
     weights) or the stored one; refused unless name, weights hash and preprocessing all match."""
+    database_precision(folder, meta, None, device)  # an fp16 database on a CPU: one line, no model built
     size = tuple(int(v) for v in meta["image_size"].split(","))
     if req_model is not None and not isinstance(req_model, str):
-        m = build_model(req_model, None, None, device)
+        m = build_model(req_model, None, None, device, compile, runtime)
     else:
         weights = req_weights if req_weights is not None else (meta["weights_path"] or None)
         if weights is not None and not Path(weights).exists():
             raise PlaceRankError(
                 f"{folder}: the weights file it was built with is gone ({weights}); pass --weights with a copy of it"
             )
-        m = build_model(meta["model"], weights, size, device)
+        m = build_model(meta["model"], weights, size, device, compile, runtime)
     if m.name != meta["model"]:
         raise IndexMismatchError(
             f"{folder}: database was built with model '{meta['model']}', not '{m.name}'; use a new --db for another model"

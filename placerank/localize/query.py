@@ -2,7 +2,10 @@
 (:func:`~placerank.descriptors.extract.extract_features`: global descriptor, and local features
 when re-ranking, in one backbone pass for a re-ranker on the model's own head), search the id-mapped index, optionally
 re-rank the top-K (:func:`~placerank.rerank.topk.rerank_topk` on stored local features), then
-estimate the position from the matches that agree (:mod:`placerank.localize.estimate`)."""
+estimate the position from the matches that agree (:mod:`placerank.localize.estimate`).
+
+The query is described in the database's precision (``precision`` meta row; fp32 when none is
+recorded), so it meets descriptors made the same way; ``--compile auto`` leaves one photo eager."""
 
 from __future__ import annotations
 
@@ -17,8 +20,9 @@ from placerank.data.positions import LOCAL, WGS84, project_latlon, unproject, ut
 from placerank.descriptors.extract import extract_features
 from placerank.errors import DataError, PlaceRankError
 from placerank.localize.estimate import EstimateConfig, estimate_position
-from placerank.localize.features import LocalFeatureCache, MemoryStore, extract_now
+from placerank.localize.features import LocalFeatureCache, MemoryStore
 from placerank.localize.metadata import Row
+from placerank.localize.model import stored_precision
 from placerank.localize.results import LocalizeResult, Match, QueryGps
 from placerank.localize.store import Store
 from placerank.rerank.sequence import frame_scores
@@ -52,7 +56,7 @@ def rerank(features: LocalFeatureCache, reranker, query_lf, cand: list[Row], nam
             store.close()
     missing = {r.sha256: Path(r.path) for r in cand if r.sha256 not in feats}
     if missing:
-        feats.update(zip(missing, extract_now(reranker, list(missing.values()), features.device)))
+        feats.update(zip(missing, features.extract_now(reranker, list(missing.values()))))
         notes.append(
             f"{len(missing)} candidate(s) had no stored {reranker.name} features and were extracted now "
             f"(index with --rerank {name} to store them)"
@@ -121,6 +125,7 @@ def localize(
         store=mem,
         desc="query",
         progress=False,
+        precision=(precision := stored_precision(store.meta.all())),
     )
     timing["describe"] = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -229,6 +234,7 @@ def localize(
         database=str(store.folder),
         database_size=len(index),
         query_gps=query_gps,
+        precision=precision,
         timing_s={k: round(v, 4) for k, v in timing.items()},
         notes=notes,
         extras=extras,

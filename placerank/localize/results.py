@@ -131,6 +131,7 @@ class LocalizeResult:
     database: str
     database_size: int
     query_gps: QueryGps | None = None
+    precision: str = "fp32"  # the database's (and so the query's) extraction precision
     timing_s: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     extras: dict = field(default_factory=dict, repr=False, compare=False)  # pictures only; not saved

@@ -155,7 +155,7 @@ class LighterGlue(torch.nn.Module):
             self.weights_sha256 = file_sha256(path)
         self.eval()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def match(
         self,
         kpts1: np.ndarray,

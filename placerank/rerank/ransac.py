@@ -11,7 +11,10 @@ Registered re-rankers: ``ransac-xfeat``, ``ransac-aliked``, ``ransac-disk`` (MNN
 eval batches images, so the size must be fixed; keypoints are mapped back to original pixels), ``max_keypoints`` (2048),
 ``geometry`` ('fundamental' | 'homography'), ``threshold_px`` (1.0, in a frame whose longest side
 is 640 px), ``confidence``, ``max_iters``, ``weights`` / ``matcher_weights`` (file paths),
-``device``.
+``device``, ``precision`` ('auto' | 'fp32' | 'bf16' | 'fp16': the feature network's dense CNN
+under autocast; 'auto' is :data:`AUTO_PRECISION`, the measured choice per network and device).
+The network runs channels_last in inference mode (:meth:`LocalFeatureNet.extract`); a reduced
+precision is part of :meth:`RansacReranker.signature`, so its features get their own store.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 import torch
 
 from placerank.data.images import Preprocess, load_tensor
+from placerank.descriptors.fast import check_precision
 from placerank.errors import PlaceRankError
 from placerank.models.base import LocalFeatures
 from placerank.models.localfeat.base import create_features, to_original_pixels
@@ -38,6 +42,23 @@ LOCAL_MEAN = (0.0, 0.0, 0.0)
 LOCAL_STD = (1.0, 1.0, 1.0)
 LOCAL_MIN_SIDE = 32
 DEFAULT_SIZE = (480, 640)
+#: ``precision=auto`` per (network, device type); anything not listed runs fp32. Measured
+#: (``benchmarks/local_extraction.py``, docs/inference.md): bf16 keeps the re-ranked R@1 on
+#: GardensPoint day -> night for XFeat and ALIKED on CPU and is faster (1.15x / 1.3x over fp32
+#: channels_last). It is not the default yet: ``auto`` must first resolve to the precision an
+#: existing localize database's features were stored in (its ``rerankers`` meta row records the
+#: signature), or every old database would re-extract them. DISK's bf16 descriptors drift
+#: (cosine down to 0.85); nothing on CUDA was measured.
+AUTO_PRECISION: dict[tuple[str, str], str] = {}
+
+
+def resolve_local_precision(requested: str, features: str, device: torch.device | str) -> str:
+    """The concrete precision of ``features``' network on ``device``: 'auto' -> the measured
+    :data:`AUTO_PRECISION`; fp16 off CUDA is one line (the wording ``--precision`` uses)."""
+    device = torch.device(device)
+    if requested == "auto":
+        return AUTO_PRECISION.get((features, device.type), "fp32")
+    return check_precision(requested, device)
 
 
 def _size(v) -> tuple[int, int]:
@@ -67,6 +88,7 @@ class RansacConfig:
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     weights: str | None = None
     matcher_weights: str | None = None
+    precision: str = "auto"  # 'auto' is resolved for the device in RansacReranker.to
 
 
 class RansacReranker(Reranker):
@@ -77,9 +99,12 @@ class RansacReranker(Reranker):
             raise PlaceRankError(f"unknown matcher '{config.matcher}': use mnn or lighterglue")
         if config.matcher == "lighterglue" and config.features != "xfeat":
             raise PlaceRankError("LighterGlue matches XFeat features only (use --features xfeat)")
+        if config.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise PlaceRankError(f"precision {config.precision!r}: use one of auto, fp32, bf16, fp16")
         self.config = config
         self.name = f"ransac-{config.features}" + ("-lighterglue" if config.matcher == "lighterglue" else "")
         self.net = create_features(config.features, weights=config.weights, max_keypoints=config.max_keypoints)
+        self.precision = "fp32"  # the concrete one, set by .to(device); read by local_precision
         self.dim = self.net.dim
         size = (int(config.image_size[0]), int(config.image_size[1]))
         self.preprocess = Preprocess(size, LOCAL_MEAN, LOCAL_STD, min_side=LOCAL_MIN_SIDE)
@@ -89,24 +114,28 @@ class RansacReranker(Reranker):
 
     def signature(self) -> str:
         """Stored features depend on the network, its weights, the keypoint budget and the input
-        size; the matcher and RANSAC settings only affect scoring, so they are not part of it."""
+        size, and (unless fp32, so existing stores stay valid) the precision; the matcher and
+        RANSAC settings only affect scoring, so they are not part of it."""
+        precision = f":{self.precision}" if self.precision != "fp32" else ""
         return (
             f"{self.name}:{self.net.kind}-{self.net.config_id()}:w{self.net.weights_sha256[:12]}:"
-            f"k{self.config.max_keypoints}:{self.preprocess.signature()}"
+            f"k{self.config.max_keypoints}:{self.preprocess.signature()}{precision}"
         )
 
     def to(self, device) -> RansacReranker:
+        """Move to ``device`` (channels_last weights); 'auto' precision is resolved for it."""
         self.device = torch.device(device)
-        self.net.to(self.device)
+        self.precision = resolve_local_precision(self.config.precision, self.config.features, self.device)
+        self.net.set_precision(self.precision)
+        self.net.to(self.device).to(memory_format=torch.channels_last)
         if self.glue is not None:
             self.glue.to(self.device)
         return self
 
     # -- extraction -----------------------------------------------------------------------------
-    @torch.no_grad()
+    @torch.inference_mode()
     def extract(self, images: torch.Tensor, original_sizes: Sequence[tuple[int, int]]) -> list[LocalFeatures]:
-        images = images.to(self.device, torch.float32)
-        raw = self.net.detect(images)
+        raw = self.net.extract(images)  # channels_last float32 on the network's device
         hw = (int(images.shape[-2]), int(images.shape[-1]))
         out = []
         for r, orig in zip(raw, original_sizes):
@@ -162,7 +191,7 @@ def _make(features: str, matcher: str = "mnn", **kw) -> RansacReranker:
     device = kw.pop("device", "cpu")
     verify_keys = {"geometry", "threshold_px", "confidence", "max_iters", "min_matches"}
     vkw = {k: kw.pop(k) for k in list(kw) if k in verify_keys}
-    unknown = set(kw) - {"image_size", "max_keypoints", "weights", "matcher_weights"}
+    unknown = set(kw) - {"image_size", "max_keypoints", "weights", "matcher_weights", "precision"}
     if unknown:
         raise PlaceRankError(f"unknown option(s) for ransac re-ranking: {', '.join(sorted(unknown))}")
     verify = VerifyConfig()
@@ -177,6 +206,7 @@ def _make(features: str, matcher: str = "mnn", **kw) -> RansacReranker:
         verify=verify,
         weights=kw.get("weights"),
         matcher_weights=kw.get("matcher_weights"),
+        precision=str(kw.get("precision", "auto")),
     )
     return RansacReranker(cfg, device=device)
 
@@ -207,10 +237,15 @@ def _factory(features: str, matcher: str = "mnn"):
         weights: str | None = None,
         matcher_weights: str | None = None,
         device: str | torch.device = "cpu",
+        precision: str = "auto",
         **unknown,
     ) -> RansacReranker:
         kw: dict[str, Any] = dict(
-            image_size=image_size, max_keypoints=max_keypoints, weights=weights, matcher_weights=matcher_weights
+            image_size=image_size,
+            max_keypoints=max_keypoints,
+            weights=weights,
+            matcher_weights=matcher_weights,
+            precision=precision,
         )
         kw.update(geometry=geometry, threshold_px=threshold_px, confidence=confidence, max_iters=max_iters)
         if min_matches is not None:

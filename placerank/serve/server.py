@@ -64,7 +64,8 @@ def serve(config: ServeConfig, log=print) -> int:
             log(
                 f"placerank serve: http://{shown}:{port}/ ({info['database']}: {info['database_size']} photos, "
                 f"{info['model']}{', rerank ' + config.rerank if config.rerank else ''}; "
-                f"writes {'enabled' if service.token else 'disabled'}); Ctrl-C to stop",
+                f"writes {'enabled' if service.token else 'disabled'}; precision {info['precision']}, "
+                f"compile {info['compile']}); Ctrl-C to stop",
             )
             sys.stdout.flush()
 

@@ -12,6 +12,12 @@ and the FAISS index are used from that thread only, so nothing else needs a lock
 The database is opened **read-only** (SQLite ``mode=ro``); ``POST /v1/index`` and
 ``DELETE /v1/places/{id}`` open a writer for the duration of the change, under the same
 ``write.lock`` as ``placerank index``, sharing the loaded model.
+
+**Precision and compile**: queries are described in the database's precision (``precision``:
+``auto`` = the database's own; another explicit one is refused at start). ``compile``: ``auto``
+(default) keeps single queries eager (a compile costs ~35 s and repays itself only over a
+thousand photos, docs/inference.md); ``on`` compiles the batch-of-one graph at start
+(:func:`warm_up`), so no request waits for it.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from placerank.descriptors.fast import compile_mode, runtime_of
 from placerank.errors import PlaceRankError
 from placerank.localize.database import Database, DatabaseBusyError
 from placerank.serve.uploads import CheckedImage
@@ -44,6 +51,9 @@ class ServeConfig:
     upload_dir: Path | None = None  # photos added through POST /v1/index (default: DB-uploads beside DB)
     write_wait: float = 10.0  # seconds a write waits for another writer's lock before 409
     device: str = "auto"
+    precision: str = "auto"  # auto: the database's own; another explicit one is refused
+    compile: str = "auto"  # auto: one query at a time stays eager; on: compiled (and warmed up) at start
+    runtime: str = "torch"  # what runs the model (--runtime, docs/inference.md)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -96,9 +106,13 @@ class LocalizeService:
 
     # -- the worker's side (runs on the one worker thread) -----------------------------------------
     def _open(self) -> Database:
-        db = Database.open(self.config.db, device=self.config.device, read_only=True)
+        c = self.config
+        db = Database.open(
+            c.db, device=c.device, read_only=True, precision=c.precision, compile=c.compile, runtime=c.runtime
+        )
         try:
             _ = db.model  # load once, now
+            warm_up(db, self.log)
             db.store.index()
             if self.config.rerank:
                 db.features.reranker(self.config.rerank, None)
@@ -135,6 +149,8 @@ class LocalizeService:
             "model": info["model"],
             "weights_id": info["weights_id"],
             "image_size": info["image_size"],
+            "precision": info["precision"],
+            "compile": compile_mode(db.model),
             "rerank": self.config.rerank,
             "index": {"type": "faiss IndexIDMap2(IndexFlatIP)", "count": len(index), "generation": gen},
         }
@@ -187,7 +203,14 @@ class LocalizeService:
         return message.replace(str(self.db.folder), self.info.get("database", "database"))
 
     def _writer(self) -> Database:
-        return Database.open(self.config.db, model=self.db.model, device=self.config.device)
+        model = self.db.model  # shared: the same precision, and its compile mode as it is now
+        return Database.open(
+            self.config.db,
+            model=model,
+            device=self.config.device,
+            compile=compile_mode(model),
+            runtime=runtime_of(model),
+        )
 
     def _add(self, files: list[tuple[str, CheckedImage]]) -> dict:
         batch = self.upload_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
@@ -243,6 +266,28 @@ class LocalizeService:
 
     def close(self) -> None:
         self.worker.shutdown(last=self.db.close)
+
+
+def warm_up(db: Database, log=print) -> None:
+    """With ``compile on``: run one blank photo at the model's input size through the query
+    path, so the compile (~35 s cold, seconds with inductor's cache warm) happens before the
+    first request, not during it."""
+    if compile_mode(db.model) != "on":
+        return
+    from PIL import Image
+
+    from placerank.descriptors.extract import extract_features
+
+    model = db.model
+    height, width = model.preprocess.size
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="placerank-warm-") as tmp:
+        path = Path(tmp) / "blank.jpg"
+        Image.new("RGB", (int(width), int(height)), (128, 128, 128)).save(path)
+        extract_features(
+            model, [path], db.device, 1, 0, use_cache=False, desc="warm-up", progress=False, precision=db.precision
+        )
+    log(f"placerank serve: compiled {model.name} for one query at a time ({time.perf_counter() - started:.0f} s)")
 
 
 def read_token(path: Path) -> str:

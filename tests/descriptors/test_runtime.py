@@ -65,7 +65,7 @@ def test_runtime_errors_are_one_line(make_model):
         check_runtime("openvino", CPU, "fp16")
     with pytest.raises(PlaceRankError, match=r"^--runtime onnx runs on the CPU \(the device is cuda\)"):
         check_runtime("onnx", torch.device("cuda"))
-    with pytest.raises(PlaceRankError, match="^--runtime tensorrt: use one of torch, onnx, openvino$"):
+    with pytest.raises(PlaceRankError, match="^--runtime tensorrt: use one of auto, torch, onnx, openvino$"):
         check_runtime("tensorrt", CPU)
     model = prepare_inference(make_model("effnet-lite0-gem", image_size=(64, 64)), CPU, "off", "onnx")
     assert resolve_precision("auto", model, CPU) == "fp32"

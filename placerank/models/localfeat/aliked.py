@@ -55,16 +55,23 @@ class ALIKED(LocalFeatureNet):
     def load_checkpoint_state(self, state: object, path: Path) -> None:
         strict_load(self.net, state, path, "ALIKED-n16", computed_buffers=("dkd.hw_grid",))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def detect(self, images: torch.Tensor) -> list[RawFeatures]:
-        feats = self.net(images)
+        # kornia's ALIKED.forward in its three steps, so that only the dense CNN is autocast: the
+        # soft-argmax refinement (DKD) and the deformable descriptor head (SDDH) stay float32.
+        net = self.net
+        with self.autocast(images.device):
+            feature_map, score_map = net.extract_dense_map(images)
+        keypoints, kptscores, _ = net.dkd(score_map.float())
+        descriptors, _ = net.desc_head(feature_map.float(), keypoints)
+        h, w = images.shape[-2:]
+        wh = torch.tensor([w - 1, h - 1], device=images.device, dtype=torch.float32)
         out = []
-        for f in feats:
-            n = min(len(f.keypoint_scores), self.max_keypoints)
-            order = torch.argsort(-f.keypoint_scores)[:n]
-            out.append(
-                RawFeatures(f.keypoints[order].float(), f.descriptors[order].float(), f.keypoint_scores[order].float())
-            )
+        for kp, desc, sc in zip(keypoints, descriptors, kptscores):
+            n = min(len(sc), self.max_keypoints)
+            order = torch.argsort(-sc)[:n]
+            pts = wh * (kp[order].float() + 1) / 2.0  # normalised [-1, 1] -> pixels (x, y)
+            out.append(RawFeatures(pts, desc[order].float(), sc[order].float()))
         return out
 
 

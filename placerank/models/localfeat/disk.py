@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from placerank.errors import WeightsError
 from placerank.models.checkpoints import strict_load
@@ -42,15 +43,21 @@ class DISK(LocalFeatureNet):
             raise WeightsError(f"{path}: weights do not fit DISK (expected a dict with an 'extractor' state_dict)")
         strict_load(self.net, state["extractor"], path, "DISK")
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def detect(self, images: torch.Tensor) -> list[RawFeatures]:
-        feats = self.net(
-            images,
-            n=self.max_keypoints,
-            window_size=self.window_size,
-            score_threshold=self.score_threshold,
-            pad_if_not_divisible=True,
+        # kornia's DISK.forward with only the U-Net autocast: NMS and descriptor reads in float32.
+        from kornia.feature.disk.detector import heatmap_to_keypoints
+
+        h, w = images.shape[-2:]
+        pad = (0, -w % self.multiple, 0, -h % self.multiple)
+        padded = F.pad(images, pad).contiguous(memory_format=torch.channels_last) if any(pad) else images
+        with self.autocast(images.device):
+            heatmaps, descriptors = self.net.heatmap_and_dense_descriptors(padded)
+        heatmaps, descriptors = heatmaps[..., :h, :w].float(), descriptors[..., :h, :w].float()
+        keypoints = heatmap_to_keypoints(
+            heatmaps, n=self.max_keypoints, window_size=self.window_size, score_threshold=self.score_threshold
         )
+        feats = [k.merge_with_descriptors(d) for k, d in zip(keypoints, descriptors)]
         return [RawFeatures(f.keypoints.float(), f.descriptors.float(), f.detection_scores.float()) for f in feats]
 
 

@@ -150,14 +150,16 @@ class XFeat(LocalFeatureNet):
         """Softmax over the 65 cell logits, dustbin dropped, cells laid out at full resolution."""
         return F.pixel_shuffle(F.softmax(logits, dim=1)[:, :64], 8)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def detect(self, images: torch.Tensor) -> list[RawFeatures]:
         B, _, H0, W0 = images.shape
         H, W = (H0 // 32) * 32, (W0 // 32) * 32
         if H < 32 or W < 32:
             raise ValueError(f"XFeat needs inputs of at least 32x32 px, got {W0}x{H0}")
         x = images if (H, W) == (H0, W0) else F.interpolate(images, (H, W), mode="bilinear", align_corners=False)
-        dense, logits, reliability = self.net(x)
+        with self.autocast(x.device):  # the CNN only; selection and sampling in float32
+            maps = self.net(x)
+        dense, logits, reliability = (m.float() for m in maps)
         dense = F.normalize(dense, dim=1)
         heat = self.keypoint_heatmap(logits)  # (B, 1, H, W)
         local_max = F.max_pool2d(heat, NMS_KERNEL, stride=1, padding=NMS_KERNEL // 2)
