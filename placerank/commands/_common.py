@@ -86,7 +86,7 @@ def add_precision_arg(p: argparse.ArgumentParser, default: str = "auto") -> None
 
 def add_compile_arg(p: argparse.ArgumentParser) -> None:
     """``--compile auto|on|off`` (and ``--no-compile``): torch.compile of the backbone; and
-    ``--runtime torch|onnx|openvino``: what runs the model."""
+    ``--runtime auto|torch|openvino``: what runs the model."""
     p.add_argument(
         "--compile",
         default="auto",
@@ -97,12 +97,11 @@ def add_compile_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="same as --compile off")
     p.add_argument(
         "--runtime",
-        default="auto",
-        choices=["auto", "torch", "onnx", "openvino"],
-        help="what runs the model: auto (default: OpenVINO on a CPU where it is installed once the model is"
-        " exported or the job repays the export, else torch), torch, or the exported ONNX file on ONNX Runtime"
-        " (fp32) or OpenVINO (fp32 / bf16), CPU only; exported once per model and weights into the cache"
-        " (docs/inference.md)",
+        default="torch",
+        choices=["torch", "openvino", "auto"],
+        help="what runs the model: torch (default), openvino (the exported ONNX file on OpenVINO, fp32 / bf16,"
+        " CPU only, the fastest measured CPU path; exported once per model, weights and input size into the"
+        " cache) or auto (OpenVINO where installed once the export repays itself, else torch); docs/inference.md",
     )
 
 

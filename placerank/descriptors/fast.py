@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from placerank.descriptors.cache import namespace
-from placerank.descriptors.runtime import RUNTIME_ATTR, check_runtime
+from placerank.descriptors.runtime import RUNTIME_ATTR, check_runtime, choose_runtime
 from placerank.errors import PlaceRankError, warn
 from placerank.utils import cache_root, write_json_atomic
 
@@ -70,10 +70,14 @@ def check_compile_mode(mode: str) -> str:
 def prepare_inference(model, device: torch.device | str, compile: str = "off", runtime: str = "torch"):
     """``model`` on ``device``, in eval mode, with channels_last weights, and the compile mode
     (``auto`` / ``on`` / ``off``) and runtime (``torch`` / ``onnx`` / ``openvino``,
-    :mod:`placerank.descriptors.runtime`) extraction follows recorded on it. Returns the same object."""
+    :mod:`placerank.descriptors.runtime`; ``auto`` here: OpenVINO when the model is exported
+    already, else torch — callers that know the job's size decide with
+    :func:`~placerank.descriptors.runtime.choose_runtime` first) extraction follows recorded on
+    it. Returns the same object."""
     check_compile_mode(compile)
     model = model.to(device).eval()
     check_runtime(runtime, torch.device(device))
+    runtime = choose_runtime(runtime, model, torch.device(device))  # auto: OpenVINO once exported
     model.to(memory_format=torch.channels_last)
     setattr(model, _COMPILE_ATTR, compile)
     setattr(model, RUNTIME_ATTR, runtime)

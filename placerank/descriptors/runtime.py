@@ -1,18 +1,22 @@
-"""``--runtime onnx|openvino``: extraction on the exported model instead of PyTorch (CPU).
+"""``--runtime openvino``: extraction on the exported model instead of PyTorch (CPU).
 
 Why: measured side by side on this project's 2-core CPU (``benchmarks/results/onnx_runtime.json``,
-EfficientNet-Lite0 + GeM at 360x640), ONNX Runtime (graph optimisation ALL) runs the *fp32*
-graph faster than PyTorch's best path (torch.compile + bf16), and OpenVINO faster still, with
-descriptors equal to PyTorch fp32 (max difference ~3e-7). So a CPU deployment can extract with
-them; PyTorch stays the default (GPU, training, any model, no export step).
+EfficientNet-Lite0 + GeM at 360x640), ONNX Runtime (graph optimisation ALL) and OpenVINO both
+run the *fp32* graph faster than PyTorch's best path (torch.compile + bf16), with descriptors
+equal to PyTorch fp32 (max difference ~3e-7); OpenVINO is the faster of the two (6.4-7.1x eager
+PyTorch fp32 against 5.3-6.7x) and also runs bf16 (11-15x), so it is the one kept as a runtime
+(ONNX Runtime only checks exported files: a long-lived ONNX Runtime session and OpenVINO in one
+process corrupted the heap here, reproduced under pytest). PyTorch stays the default runtime (GPU,
+training, anything that cannot be exported, and no process that loads ONNX Runtime elsewhere
+— ``placerank export``'s check — ever loads OpenVINO too); ``--runtime openvino`` or ``auto``
+opts in.
 
 The model is exported once per (model, weights, input size) with
 :func:`placerank.models.onnx_export.export_onnx` (checked against PyTorch on export) into the
-cache root (``exported/``), then loaded into an ONNX Runtime session or an OpenVINO compiled
-model. Local-head outputs (FoL region scores, SelaVPR's dense map) are turned into
+cache root (``exported/``), then loaded into an OpenVINO compiled model. Local-head outputs (FoL region scores, SelaVPR's dense map) are turned into
 :class:`~placerank.models.base.LocalFeatures` by
 :func:`placerank.models.onnx_outputs.local_features_from_outputs`, so one pass still gives global
-and local features. Precision: ONNX Runtime runs fp32 only; OpenVINO fp32 or bf16 (its
+and local features. Precision: fp32 or bf16 (OpenVINO's
 ``INFERENCE_PRECISION_HINT``). Descriptor caches are keyed by precision, not runtime: fp32
 descriptors of every runtime agree to 1e-5, and OpenVINO's bf16 ones agree with PyTorch's bf16
 as closely as either does with fp32 (measured in ``benchmarks/extraction.py``).
@@ -31,10 +35,10 @@ import torch
 from placerank.errors import PlaceRankError, warn
 from placerank.utils import cache_root
 
-RUNTIMES = ("torch", "onnx", "openvino")
+RUNTIMES = ("torch", "openvino")
 RUNTIME_ATTR = "placerank_runtime"  # where prepare_inference records a model's runtime
 EXPORT_MIN_IMAGES = 256  # ~10-35 s one-time export / >= ~100 ms saved per image at 360x640 (docs/inference.md)
-_PACKAGES = {"onnx": "onnxruntime", "openvino": "openvino"}
+_PACKAGES = {"openvino": "openvino"}
 _ENCODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(runtime, precision): encoder}
 
 
@@ -46,15 +50,13 @@ def check_runtime(runtime: str, device: torch.device, precision: str | None = No
         return runtime
     if device.type != "cpu":
         raise PlaceRankError(f"--runtime {runtime} runs on the CPU (the device is {device}); use --runtime torch")
-    allowed = ("fp32",) if runtime == "onnx" else ("fp32", "bf16")
+    allowed = ("fp32", "bf16")
     if precision not in (None, "auto", *allowed):
         raise PlaceRankError(f"--runtime {runtime} runs {' or '.join(allowed)}, not --precision {precision}")
-    try:
-        __import__(_PACKAGES[runtime])
-    except ImportError:
+    if importlib.util.find_spec(_PACKAGES[runtime]) is None:  # found, not loaded: loading is the encoder's
         raise PlaceRankError(
             f"--runtime {runtime} needs the {_PACKAGES[runtime]} package: pip install 'placerank[export]'"
-        ) from None
+        )
     return runtime
 
 
@@ -83,7 +85,7 @@ def export_once(model) -> Path:
     path = exported_path(model)
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        export_onnx(copy.deepcopy(model).cpu(), path)
+        export_onnx(copy.deepcopy(model).cpu(), path, check_with="openvino")
     return path
 
 
@@ -98,23 +100,16 @@ class ExportedEncoder:
         path = export_once(model)
         self.meta = read_metadata(path)
         self.names = list(self.meta["outputs"])
-        threads = torch.get_num_threads()
-        if runtime == "onnx":
-            import onnxruntime as ort
+        import openvino as ov
 
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = threads
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-            self._run = lambda x: dict(zip(self.names, session.run(self.names, {"images": x})))
-        else:
-            import openvino as ov
+        hint = "bf16" if precision == "bf16" else "f32"
+        config = {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+        self._compiled = ov.Core().compile_model(str(path), "CPU", config)
+        self._ports = [self._compiled.output(n) for n in self.names]
 
-            hint = "bf16" if precision == "bf16" else "f32"
-            config = {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads}
-            compiled = ov.Core().compile_model(str(path), "CPU", config)
-            ports = [compiled.output(n) for n in self.names]
-            self._run = lambda x: (lambda r: {n: np.asarray(r[p]) for n, p in zip(self.names, ports)})(compiled(x))
+    def _run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        result = self._compiled(x)
+        return {n: np.asarray(result[p]) for n, p in zip(self.names, self._ports)}
 
     def encode(self, images: torch.Tensor, sizes, local_options: dict | None = None):
         from placerank.models.onnx_outputs import local_features_from_outputs

@@ -26,6 +26,7 @@ import io
 import json
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -205,10 +206,21 @@ def run_onnxruntime(path: str | os.PathLike, images: np.ndarray, threads: int | 
     return dict(zip(names, session.run(names, {INPUT_NAME: np.ascontiguousarray(images, dtype=np.float32)})))
 
 
-def export_onnx(model: VPRModel, out: str | os.PathLike) -> dict[str, Any]:
-    """Write ``model`` as an ONNX file at ``out`` (atomically) and check it: ONNX Runtime's outputs
-    on a batch of 1 and of 3 (the dynamic axis) against PyTorch's. Returns the metadata, the output
-    names and ``max_abs_diff`` (largest over outputs and batches)."""
+def run_openvino(path: str | os.PathLike, images: np.ndarray) -> dict[str, np.ndarray]:
+    """All outputs of an exported file for one batch, on OpenVINO's CPU plugin in fp32."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    result = compiled(np.ascontiguousarray(images, dtype=np.float32))
+    return {o.get_any_name(): np.asarray(result[o]) for o in compiled.outputs}
+
+
+def export_onnx(model: VPRModel, out: str | os.PathLike, check_with: str = "onnxruntime") -> dict[str, Any]:
+    """Write ``model`` as an ONNX file at ``out`` (atomically) and check it: the outputs of
+    ``check_with`` (ONNX Runtime, or OpenVINO for ``--runtime openvino``, so that one process never
+    holds both: together they corrupted the heap here) on a batch of 1 and of 3 (the dynamic axis)
+    against PyTorch's. Returns the metadata, the output names and ``max_abs_diff`` (largest over
+    outputs and batches)."""
     require_onnx()
     import onnx
 
@@ -226,14 +238,15 @@ def export_onnx(model: VPRModel, out: str | os.PathLike) -> dict[str, Any]:
     proto.doc_string = f"placerank {__version__} export of {model.name} (weights {model.weights_id})"
     with atomic_path(out) as tmp:
         onnx.save(proto, str(tmp))
-        diff = max(_max_diff(graph, tmp, example_input(model, batch, seed=batch)) for batch in (1, 3))
+        run = run_openvino if check_with == "openvino" else run_onnxruntime
+        diff = max(_max_diff(graph, tmp, example_input(model, batch, seed=batch), run) for batch in (1, 3))
     return {"metadata": meta, "outputs": graph.output_names(), "max_abs_diff": diff}
 
 
-def _max_diff(graph: ExportGraph, path: Path, images: torch.Tensor) -> float:
+def _max_diff(graph: ExportGraph, path: Path, images: torch.Tensor, run: Callable = run_onnxruntime) -> float:
     with torch.inference_mode():
         ref = [t.float().numpy() for t in graph(images)]
-    got = run_onnxruntime(path, images.numpy())
+    got = run(path, images.numpy())
     return max(float(np.abs(got[name] - r).max()) for name, r in zip(graph.output_names(), ref))
 
 
