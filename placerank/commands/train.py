@@ -75,6 +75,13 @@ def register(sub) -> None:
     )
     p.add_argument("--weights", default=None, help="backbone weights file")
     p.add_argument("--device", default=None, help="auto | cpu | cuda (default auto)")
+    p.add_argument(
+        "--precision",
+        default=None,
+        help="fp32 (default) | bf16 | fp16 (CUDA only, with a GradScaler) | auto (the measured choice per method "
+        "and device: bf16 for fol and selavpr on CPU, fp16 for fol on CUDA, else fp32); autocast covers the forward only: "
+        "losses, weights and the optimizer stay fp32 (docs/training.md, 'Precision')",
+    )
     p.add_argument("--workers", type=non_negative_int, default=None)
     p.add_argument(
         "--nproc",
@@ -118,6 +125,7 @@ def train_settings(args) -> dict:
         "image_size": image_size_arg(args.image_size),
         "frames": tuple(args.frames) if args.frames else None,
         "device": args.device,
+        "precision": args.precision,
         "weights": args.weights,
         "num_workers": args.workers,
     }
@@ -170,6 +178,10 @@ def check_settings(settings: dict) -> None:
         value = settings.get(key)
         if value is not None and (not isinstance(value, int) or value < 1):
             raise PlaceRankError(f"{flag} must be a whole number >= 1, got {value}")
+    from placerank.train.precision import resolve_train_precision
+    from placerank.utils import resolve_device
+
+    resolve_train_precision(settings.get("precision", "fp32"), settings["method"], resolve_device(settings["device"]))
     minutes = settings.get("max_minutes")
     if minutes is not None and not minutes > 0:
         raise PlaceRankError(f"--max-minutes must be > 0, got {minutes}")

@@ -42,6 +42,7 @@ class TrainConfig:
     weights: str | None = None  # backbone weights (default: resolved like the models)
     resume: bool = True
     num_workers: int | None = None
+    precision: str = "fp32"  # fp32 | bf16 | fp16 | auto (train/precision.py); run_training resolves auto
     options: dict = field(default_factory=dict)  # method-specific key=value options
 
     def to_json(self) -> dict:
@@ -56,6 +57,7 @@ HELPERS = (
     "common",
     "distributed",
     "losses",
+    "precision",
     "selavpr_mining",
     "sfrs_data",
     "sfrs_features",
@@ -75,6 +77,12 @@ def list_methods() -> list[str]:
 
 
 def run_training(config: TrainConfig) -> Path:
+    """Run ``config.method``; ``config.precision`` is made concrete first (``auto`` -> the
+    measured choice for the method on this device), so config.json records what ran."""
+    from placerank.train.precision import resolve_train_precision
+    from placerank.utils import resolve_device
+
+    config.precision = resolve_train_precision(config.precision, config.method, resolve_device(config.device))
     return METHODS.create(config.method, config=config)
 
 

@@ -4,7 +4,8 @@ Batches are P places x K images ordered by place (:class:`PlaceBatchSampler`); t
 :class:`placerank.train.losses.fol.FoLCriterion` (MS + local MNN triplet + SAL + CEL +
 pseudo-correspondences); AdamW (lr 6e-5 for ViTs, 1e-4 for the CNN; weight decay 9.5e-9) with
 the official linear decay of the lr factor from 1 to 0.1 over 10,000 iterations, stepped every
-iteration. fp16 autocast + GradScaler on CUDA only. Per-epoch resumable checkpoints, one JSON
+iteration. ``--precision`` (train/precision.py): the forward under bf16 / fp16 autocast, losses in fp32
+(``amp=false``: fp32 whatever it says). Per-epoch resumable checkpoints, one JSON
 line per step in ``RUN_DIR/log.jsonl``, a tqdm bar, and ``RUN_DIR/model.pt`` (a placerank
 checkpoint: ``placerank eval --model fol-effnet-lite0 --weights RUN_DIR/model.pt``).
 
@@ -66,6 +67,7 @@ from placerank.train.distributed import (
 )
 from placerank.train.losses.fol import FoLCriterion, FoLLossConfig
 from placerank.train.losses.fol_adapt import adapt_loss_config, head_parameters, shared_parameters
+from placerank.train.precision import TrainPrecision
 
 BACKBONE_MODELS = {
     "effnet-lite0": "fol-effnet-lite0",
@@ -282,8 +284,7 @@ def _train_fol(config: TrainConfig, ctx: DistContext) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, opts.lr_decay_iters, opts.lr_final_factor)
     )
-    use_amp = bool(opts.amp) and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    prec = TrainPrecision.of(config, device) if opts.amp else TrainPrecision("fp32", device)
     loss_cfg = adapt_loss_config(loss_cfg, name, config.options)  # CNN: relative miner (losses/fol_adapt.py)
     criterion = FoLCriterion(loss_cfg, shared_parameters(model), head_parameters(model))
 
@@ -299,8 +300,7 @@ def _train_fol(config: TrainConfig, ctx: DistContext) -> Path:
         model.load_state_dict(state["model"], strict=True)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        if "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
+        prec.load_state_dict(state.get("scaler"))
         criterion.rng.setstate(state["criterion_rng"])
         start_epoch, step = int(state["epoch"]), int(state["step"])
         selector.load(state.get("selection"))
@@ -315,6 +315,7 @@ def _train_fol(config: TrainConfig, ctx: DistContext) -> Path:
                 "batches_per_epoch": len(sampler),
                 "lr": lr,
                 "device": str(device),
+                "precision": prec.precision,
                 "processes": ctx.world_size,
                 "trainable_params": int(sum(p.numel() for p in params)),
                 "options": {**asdict(opts), "local_mode": local_mode, "train_local_mode": train_local_mode},
@@ -338,18 +339,18 @@ def _train_fol(config: TrainConfig, ctx: DistContext) -> Path:
         )
         for images, labels in bar:
             images, labels = images.to(device, non_blocking=True), labels.to(device)
-            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+            with prec.autocast():
                 out, local_map = forward(images)
                 if ctx.distributed:  # the batch-global losses see the whole batch on every rank
                     out, local_map = gather_output(out, local_map, ctx)
                     labels = gather_rows(labels, ctx)
-                loss, record = fol_batch_loss(model, criterion, out, local_map, labels, train_local_mode)
+            with prec.full():  # the losses in float32 on float32 inputs
+                loss, record = fol_batch_loss(model, criterion, *prec.fp32((out, local_map)), labels, train_local_mode)
             if not math.isfinite(float(loss.detach())):  # the same loss on every rank: all stop
                 raise PlaceRankError(f"fol training diverged at step {step} (loss {float(loss)}); lower --lr")
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            prec.backward(loss)
+            prec.step(optimizer)
             scheduler.step()
             step += 1
             totals.append(record["loss"])
@@ -378,7 +379,7 @@ def _train_fol(config: TrainConfig, ctx: DistContext) -> Path:
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
+                    "scaler": prec.state_dict(),
                     "criterion_rng": criterion.rng.getstate(),
                     "selection": selector.state(),
                 }

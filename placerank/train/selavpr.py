@@ -62,6 +62,7 @@ from placerank.train.distributed import (
     wrap_ddp,
 )
 from placerank.train.losses.selavpr import SelaVPRLossConfig
+from placerank.train.precision import TrainPrecision
 from placerank.train.selavpr_mining import (
     FeatureSource,
     SelaVPRForward,
@@ -205,6 +206,7 @@ def _train_selavpr(config: TrainConfig, ctx: DistContext) -> Path:
     params = model.trainable_parameters()
     optimizer = torch.optim.Adam(params, lr=lr)
     loss_config = SelaVPRLossConfig(margin=opts.margin, local_weight=opts.local_weight)
+    prec = TrainPrecision.of(config, device)  # the training step's forward; mining and validation stay fp32
 
     val_rerank, val_patience = opts.official_selection(config.backbone)
     val = ValidationSet.from_options(
@@ -239,6 +241,7 @@ def _train_selavpr(config: TrainConfig, ctx: DistContext) -> Path:
         "queryable": len(queryable),
         "lr": lr,
         "device": str(device),
+        "precision": prec.precision,
         "processes": ctx.world_size,
         "neighbour_exclusion": exclusion,
         "options": asdict(opts),
@@ -359,7 +362,7 @@ def _train_selavpr(config: TrainConfig, ctx: DistContext) -> Path:
             for b in bar:
                 batch = tuples[b * opts.batch_tuples : (b + 1) * opts.batch_tuples][rows].reshape(-1)
                 inputs = source.get(batch)
-                parts = train_step(model, inputs, optimizer, opts.num_negatives, loss_config, True, forward)
+                parts = train_step(model, inputs, optimizer, opts.num_negatives, loss_config, True, forward, prec)
                 if ctx.distributed:  # the mean over equal shares of per-tuple means: the batch's
                     parts = dict(zip(parts, mean_across(list(parts.values()), ctx)))
                 step += 1

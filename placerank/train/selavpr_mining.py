@@ -22,6 +22,7 @@ from placerank.data.places import TrainingPlaces
 from placerank.models.selavpr import SelaVPRModel, is_trainable_name
 from placerank.train.distributed import DistContext, sum_across
 from placerank.train.losses.selavpr import SelaVPRLossConfig, selavpr_loss
+from placerank.train.precision import TrainPrecision
 
 
 class FeatureSource:
@@ -131,16 +132,21 @@ def train_step(
     loss_config: SelaVPRLossConfig,
     from_prefix: bool = False,
     forward: torch.nn.Module | None = None,
+    prec: TrainPrecision | None = None,
 ) -> dict[str, float]:
     """One optimisation step on a tuple-ordered batch of B*(2+k) images (or their cached
     frozen-prefix features when ``from_prefix``). ``forward``: the DDP-wrapped
-    :class:`SelaVPRForward` of ``model`` when this rank holds a share of the batch."""
+    :class:`SelaVPRForward` of ``model`` when this rank holds a share of the batch. ``prec``:
+    the forward under its autocast, the losses in float32 (default: all float32)."""
+    prec = prec or TrainPrecision("fp32", inputs.device)
     model.train()
-    g, dense = (forward or model.forward_train)(inputs, from_prefix=from_prefix)
-    loss, parts = selavpr_loss(g, dense, num_negatives, loss_config)
+    with prec.autocast():
+        g, dense = (forward or model.forward_train)(inputs, from_prefix=from_prefix)
+    with prec.full():
+        loss, parts = selavpr_loss(*prec.fp32((g, dense)), num_negatives, loss_config)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    prec.backward(loss)
+    prec.step(optimizer)
     model.invalidate_weights_id()
     return parts
 

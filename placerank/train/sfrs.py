@@ -59,11 +59,12 @@ from placerank.train.distributed import (
     wrap_ddp,
 )
 from placerank.train.losses.sfrs import teacher_temperature
+from placerank.train.precision import TrainPrecision
 from placerank.train.sfrs_data import TupleImages, build_sfrs_data, make_loader
 from placerank.train.sfrs_features import SFRSFeatures
 from placerank.train.sfrs_mining import SFRSMiner
 from placerank.train.sfrs_options import SFRSOptions
-from placerank.train.sfrs_step import step_items, tuple_loss
+from placerank.train.sfrs_step import SFRSForward, step_items, tuple_loss
 
 BACKBONE_MODELS = {
     "effnet-lite0": "sfrs-effnet-lite0",
@@ -131,7 +132,8 @@ class SFRSTrainer:
         # Copies (teacher, saved models) are made from this untouched template, never from the
         # DDP-wrapped student (whose parameters carry the reducer's hooks).
         self._template = copy.deepcopy(self.model)
-        self.student = wrap_ddp(self.model, ctx)
+        self.prec = TrainPrecision.of(config, self.device)  # the step's forward; mining, k-means, PCA: fp32
+        self.student = wrap_ddp(SFRSForward(self.model, self.prec), ctx)
         self.teacher = None
         o = self.opts  # read the validation pair now: a bad path fails before any training
         self.val = ValidationSet.from_options(
@@ -217,6 +219,7 @@ class SFRSTrainer:
                             "event": "generation_start",
                             "gen": gen,
                             "epochs": self.epochs_of(gen),
+                            "precision": self.prec.precision,
                             "teacher_temperature": teacher_temperature(gen, self.temps) if gen else None,
                         }
                     )
@@ -308,15 +311,17 @@ class SFRSTrainer:
                     last = j == per_rank - 1 or not ctx.distributed
                     sync = contextlib.nullcontext() if last else cast(Any, student).no_sync()
                     with sync:
-                        loss, h, sft = tuple_loss(student, self.teacher, x.to(self.device), t, gen, o, frozen)
+                        loss, h, sft = tuple_loss(
+                            student, self.teacher, x.to(self.device), t, gen, o, frozen, self.prec
+                        )
                         finite &= bool(torch.isfinite(loss))
-                        (loss / per_rank).backward()
+                        self.prec.backward(loss / per_rank)
                     loss_sum += float(loss.detach()) / per_rank
                     hard_sum += h / per_rank
                     soft_sum += sft / per_rank
                 if not all_true(finite, ctx):
                     return "collapsed"
-                optimizer.step()
+                self.prec.step(optimizer)
                 loss_g, hard_g, soft_g = mean_across([loss_sum, hard_sum, soft_sum], ctx)
                 sums["loss"] += loss_g
                 sums["loss_hard"] += hard_g

@@ -12,6 +12,7 @@ from placerank.train.losses.sfrs import (
     soft_region_loss,
     teacher_temperature,
 )
+from placerank.train.precision import TrainPrecision
 from placerank.train.sfrs_options import SFRSOptions
 
 
@@ -32,12 +33,46 @@ def step_items(
     return items, owners
 
 
+def mixed_forward(model, prec: TrainPrecision, x: torch.Tensor, output: str, frozen: bool) -> torch.Tensor:
+    """``model(x, output=output)`` ('vlad' | 'regions') with the backbone under the run's autocast
+    and NetVLAD in float32: its soft assignment is a softmax of alpha = 100 x cosine logits, where
+    bf16's rounding (~0.4 at 100) would move the assignment; in fp32 exactly the model's forward."""
+    with prec.autocast():
+        fmap = model.feature_map(x, frozen)
+    with prec.full():
+        fmap = prec.fp32(fmap)
+        return model.regions_from_map(fmap) if output == "regions" else model.aggregator(fmap)
+
+
+class SFRSForward(torch.nn.Module):
+    """:func:`mixed_forward` of the student as a module: what DistributedDataParallel wraps."""
+
+    def __init__(self, model, prec: TrainPrecision):
+        super().__init__()
+        self.model = model
+        self.prec = prec
+
+    def forward(self, x: torch.Tensor, output: str = "vlad", frozen_input: bool = False) -> torch.Tensor:
+        if output not in ("vlad", "regions"):
+            raise ValueError(f"SFRS training uses output 'vlad' or 'regions', not '{output}'")
+        return mixed_forward(self.model, self.prec, x, output, frozen_input)
+
+
 def tuple_loss(
-    student, teacher, x: torch.Tensor, t: dict, gen: int, opts: SFRSOptions, frozen: bool
+    student,
+    teacher,
+    x: torch.Tensor,
+    t: dict,
+    gen: int,
+    opts: SFRSOptions,
+    frozen: bool,
+    prec: TrainPrecision | None = None,
 ) -> tuple[torch.Tensor, float, float]:
     """One tuple's loss (and its hard / soft parts): SARE-individual on VLADs in generation 0;
     on regions (negatives by their most confusing region) + ``soft_weight`` x the soft region
-    loss against the frozen teacher in generations >= 1."""
+    loss against the frozen teacher in generations >= 1. The losses run in float32 on float32
+    outputs (``student``: an :class:`SFRSForward`, or the model itself in fp32); ``prec``: the
+    teacher's forward precision (default fp32)."""
     o = opts
     temps = opts.temperature_list
     tau0 = temps[0]
@@ -55,7 +90,7 @@ def tuple_loss(
         return hard, float(hard.detach()), 0.0
     with torch.no_grad():
         sel = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(2 + nn_, 2 + nn_ + nd)]).to(x.device)
-        tr = teacher(x[sel], output="regions", frozen_input=frozen)
+        tr = mixed_forward(teacher, prec or TrainPrecision("fp32", x.device), x[sel], "regions", frozen)
         s_t = image_to_region_similarities(tr[0, 0], tr[1:])
     s_s = image_to_region_similarities(anchor, r[2 + nn_ :])
     soft = soft_region_loss(s_s, s_t, tau0, teacher_temperature(gen, temps))
