@@ -247,8 +247,8 @@ def test_own_head_local_features_follow_the_database_precision(tum, tum_position
         assert [p.name for p in local.iterdir()] == [namespace("fol-region", reranker.signature(), "precision=bf16")]
         store = db.features.store(reranker, create=False)
         assert store is not None
-        shas = {r.path: r.sha256 for r in db.store.images.files().values()}
-        got = [store.get(shas[p]) for p in paths]
+        shas = {str(Path(r.path).resolve()): r.sha256 for r in db.store.images.files().values()}
+        got = [store.get(shas[str(Path(p).resolve())]) for p in paths]  # the database keeps resolved paths
         store.close()
         want = {}
         for precision in ("bf16", "fp32"):
