@@ -131,6 +131,20 @@ def _remove_dead_leftovers(target: Path) -> None:
             pass
 
 
+def check_writable_parent(target: Path, flag: str) -> None:
+    """``target``'s nearest existing ancestor must be a folder this process can write in (one
+    line otherwise): what every output path (a folder or a file) is checked for before work."""
+    from placerank.errors import PlaceRankError
+
+    parent = target.parent if str(target.parent) else Path(".")
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise PlaceRankError(f"{flag} {target}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PlaceRankError(f"{flag} {target}: cannot write in {parent} (permission denied or read-only)")
+
+
 def check_output_folder(target: str | os.PathLike, flag: str = "--out", owned: Sequence[str] | None = None) -> Path:
     """Before any work: ``target`` must be a folder (or not exist yet) whose parent is writable,
     so a run does not find out after all extraction that it cannot write its results. With
@@ -141,13 +155,7 @@ def check_output_folder(target: str | os.PathLike, flag: str = "--out", owned: S
     target = Path(target)
     if target.exists() and not target.is_dir():
         raise PlaceRankError(f"{flag} {target} is an existing file; give a folder")
-    parent = target.parent if str(target.parent) else Path(".")
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise PlaceRankError(f"{flag} {target}: {parent} is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PlaceRankError(f"{flag} {target}: cannot write in {parent} (permission denied or read-only)")
+    check_writable_parent(target, flag)
     if target.is_dir() and not os.access(target, os.W_OK | os.X_OK):
         raise PlaceRankError(f"{flag} {target}: cannot write in {target} (permission denied or read-only)")
     if owned is not None and target.is_dir():

@@ -39,7 +39,7 @@ from placerank.errors import PlaceRankError
 from placerank.models.base import VPRModel
 from placerank.models.fol import FoLModel
 from placerank.models.selavpr import SelaVPRModel
-from placerank.utils import atomic_path
+from placerank.utils import atomic_path, check_writable_parent
 from placerank.version import __version__
 
 FORMATS = ("onnx",)
@@ -86,13 +86,7 @@ def check_out_file(target: str | os.PathLike, flag: str = "--out") -> Path:
     target = Path(target)
     if target.is_dir():
         raise PlaceRankError(f"{flag} {target} is a folder; give a file name such as model.onnx")
-    parent = target.parent if str(target.parent) else Path(".")
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise PlaceRankError(f"{flag} {target}: {parent} is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PlaceRankError(f"{flag} {target}: cannot write in {parent} (permission denied or read-only)")
+    check_writable_parent(target, flag)
     return target
 
 
