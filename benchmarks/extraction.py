@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import multiprocessing as mp
 import os
 import platform
 import sys
@@ -61,6 +62,41 @@ def recall_at_1(desc: np.ndarray, n_db: int, positives) -> float:
     return recall_at_n(ids, positives, ns=[1])["1"]
 
 
+def _ort_child(onnx_path: str, npy_path: str, batch: int, threads: int, conn) -> None:
+    """ONNX Runtime rows in their own process: ONNX Runtime and OpenVINO in one process corrupt
+    the heap (docs/inference.md), and this benchmark measures both. Times only the batches."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
+    while conn.recv() == "run":
+        images = np.load(npy_path, mmap_mode="r")
+        out, t0 = [], time.perf_counter()
+        for s in range(0, len(images), batch):
+            out.append(session.run(["global"], {"images": np.ascontiguousarray(images[s : s + batch])})[0])
+        conn.send((np.concatenate(out), time.perf_counter() - t0))
+
+
+class OrtChild:
+    """``run(tensors) -> (descriptors, seconds)`` on ONNX Runtime in a spawned child process."""
+
+    def __init__(self, onnx_path: Path, batch: int, folder: Path):
+        ctx = mp.get_context("spawn")
+        self.npy = folder / "images.npy"
+        self.conn, child = ctx.Pipe()
+        args = (str(onnx_path), str(self.npy), batch, torch.get_num_threads(), child)
+        self.process = ctx.Process(target=_ort_child, args=args, daemon=True)
+        self.process.start()
+
+    def run(self, tensors: torch.Tensor) -> tuple[np.ndarray, float]:
+        if not self.npy.exists():
+            np.save(self.npy, tensors.contiguous().numpy())
+        self.conn.send("run")
+        return self.conn.recv()
+
+
 class BarePath:
     """One bare-forward path of one model: ``run(tensors) -> (descriptors, seconds)``."""
 
@@ -81,17 +117,12 @@ class BarePath:
         if "compile" in name:
             self._compile(onnx_dir)
 
-    def _onnx_session(self, model, folder: Path):
-        import onnxruntime as ort
-
+    def _onnx_session(self, model, folder: Path) -> OrtChild:
         from placerank.models.onnx_export import export_onnx
 
         path = folder / f"{model.name}.onnx"
-        export_onnx(copy.deepcopy(model), path)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = torch.get_num_threads()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        export_onnx(copy.deepcopy(model), path, check_with="openvino")  # this process never loads ORT
+        return OrtChild(path, self.batch, folder)
 
     def _compile(self, folder: Path) -> None:
         """Cold compile in a fresh inductor cache, then warm (same cache, dynamo reset)."""
@@ -107,8 +138,6 @@ class BarePath:
 
     @torch.inference_mode()
     def _forward(self, x: torch.Tensor) -> np.ndarray:
-        if self.session is not None:
-            return self.session.run(["global"], {"images": x.contiguous().numpy()})[0]
         if self.encoder is not None:
             return self.encoder.encode(x.contiguous(), [(0, 0)] * len(x))[0].numpy()
         if self.name != "eager_fp32":
@@ -118,6 +147,8 @@ class BarePath:
         return torch.nn.functional.normalize(g.float(), dim=-1).numpy()
 
     def run(self, tensors: torch.Tensor) -> tuple[np.ndarray, float]:
+        if self.session is not None:
+            return self.session.run(tensors)
         out, t0 = [], time.perf_counter()
         for s in range(0, len(tensors), self.batch):
             x = tensors[s : s + self.batch]

@@ -12,7 +12,10 @@ eval batches images, so the size must be fixed; keypoints are mapped back to ori
 ``geometry`` ('fundamental' | 'homography'), ``threshold_px`` (1.0, in a frame whose longest side
 is 640 px), ``confidence``, ``max_iters``, ``weights`` / ``matcher_weights`` (file paths),
 ``device``, ``precision`` ('auto' | 'fp32' | 'bf16' | 'fp16': the feature network's dense CNN
-under autocast; 'auto' is :data:`AUTO_PRECISION`, the measured choice per network and device).
+under autocast; 'auto' is :data:`AUTO_PRECISION`, the measured choice per network and device),
+``workers`` (threads verifying a query's candidates at once; 0 = torch's thread count). OpenCV's
+USAC runs one estimation on one core and releases the GIL, so a query's K candidates verify in
+parallel; each estimation seeds its own generator, so the inlier counts do not depend on it.
 The network runs channels_last in inference mode (:meth:`LocalFeatureNet.extract`); a reduced
 precision is part of :meth:`RansacReranker.signature`, so its features get their own store.
 """
@@ -20,6 +23,7 @@ precision is part of :meth:`RansacReranker.signature`, so its features get their
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -89,6 +93,7 @@ class RansacConfig:
     weights: str | None = None
     matcher_weights: str | None = None
     precision: str = "auto"  # 'auto' is resolved for the device in RansacReranker.to
+    workers: int = 0  # verification threads; 0 = torch.get_num_threads()
 
 
 class RansacReranker(Reranker):
@@ -184,14 +189,30 @@ class RansacReranker(Reranker):
         return pairs[inl]
 
     def score(self, query: LocalFeatures, candidates: Sequence[LocalFeatures]) -> np.ndarray:
-        return np.array([len(self.matches(query, c)) for c in candidates], dtype=np.float64)
+        """Inlier count per candidate. The putative matches (torch, already multi-threaded) are
+        found one candidate at a time; the RANSAC estimations, single-threaded in OpenCV and
+        most of the re-ranking time, run ``workers`` at once."""
+        pairs = [self.putative(query, c) for c in candidates]
+
+        def inliers(i: int) -> int:
+            c = candidates[i]
+            mask = verify_pairs(
+                query.keypoints, c.keypoints, pairs[i], query.image_size, c.image_size, self.config.verify
+            )
+            return int(mask.sum())
+
+        workers = min(self.config.workers or torch.get_num_threads(), len(candidates))
+        if workers <= 1:
+            return np.array([inliers(i) for i in range(len(candidates))], dtype=np.float64)
+        with ThreadPoolExecutor(workers, thread_name_prefix="ransac") as pool:
+            return np.array(list(pool.map(inliers, range(len(candidates)))), dtype=np.float64)
 
 
 def _make(features: str, matcher: str = "mnn", **kw) -> RansacReranker:
     device = kw.pop("device", "cpu")
     verify_keys = {"geometry", "threshold_px", "confidence", "max_iters", "min_matches"}
     vkw = {k: kw.pop(k) for k in list(kw) if k in verify_keys}
-    unknown = set(kw) - {"image_size", "max_keypoints", "weights", "matcher_weights", "precision"}
+    unknown = set(kw) - {"image_size", "max_keypoints", "weights", "matcher_weights", "precision", "workers"}
     if unknown:
         raise PlaceRankError(f"unknown option(s) for ransac re-ranking: {', '.join(sorted(unknown))}")
     verify = VerifyConfig()
@@ -207,6 +228,7 @@ def _make(features: str, matcher: str = "mnn", **kw) -> RansacReranker:
         weights=kw.get("weights"),
         matcher_weights=kw.get("matcher_weights"),
         precision=str(kw.get("precision", "auto")),
+        workers=int(kw.get("workers", 0)),
     )
     return RansacReranker(cfg, device=device)
 
@@ -219,6 +241,7 @@ BOUNDS = {
     "confidence": Bound(0.0, 1.0, open_low=True),
     "max_iters": Bound(1, whole=True),
     "min_matches": Bound(0, whole=True),
+    "workers": Bound(0, whole=True),
 }
 
 
@@ -238,6 +261,7 @@ def _factory(features: str, matcher: str = "mnn"):
         matcher_weights: str | None = None,
         device: str | torch.device = "cpu",
         precision: str = "auto",
+        workers: int = 0,
         **unknown,
     ) -> RansacReranker:
         kw: dict[str, Any] = dict(
@@ -246,6 +270,7 @@ def _factory(features: str, matcher: str = "mnn"):
             weights=weights,
             matcher_weights=matcher_weights,
             precision=precision,
+            workers=workers,
         )
         kw.update(geometry=geometry, threshold_px=threshold_px, confidence=confidence, max_iters=max_iters)
         if min_matches is not None:

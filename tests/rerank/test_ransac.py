@@ -52,3 +52,19 @@ def test_registered_and_tie_order():
     sig = rr.signature()
     assert sig.startswith("ransac-disk:disk-w5-th0:w9c2ee4ded238:k2048:240x320")
     assert create_reranker("ransac-disk", image_size=(240, 320), max_keypoints=512).signature() != sig
+
+
+def test_parallel_verification_gives_the_sequential_inlier_counts(gardens):
+    """``workers`` only spreads the RANSAC estimations over threads: every candidate's inlier
+    count equals the one-thread run and ``len(matches())``, whatever the thread order."""
+    seq = create_reranker("ransac-xfeat", image_size=(288, 512), max_keypoints=1024, workers=1)
+    par = create_reranker("ransac-xfeat", image_size=(288, 512), max_keypoints=1024, workers=3)
+    assert seq.signature() == par.signature()  # scoring settings never touch the stored features
+    query = seq.extract_path(gardens / "day_right" / "Image050.jpg", keep_aspect=False)
+    frames = [48, 50, 52, 10, 90, 130]  # near positives, then far negatives
+    cands = [seq.extract_path(gardens / "day_left" / f"Image{f:03d}.jpg", keep_aspect=False) for f in frames]
+    one = seq.score(query, cands)
+    assert one.tolist() == [float(len(seq.matches(query, c))) for c in cands]
+    for _ in range(2):
+        assert par.score(query, cands).tolist() == one.tolist()
+    assert one[:3].min() > one[3:].max()  # the positives verify, the far frames do not
