@@ -62,39 +62,61 @@ def recall_at_1(desc: np.ndarray, n_db: int, positives) -> float:
     return recall_at_n(ids, positives, ns=[1])["1"]
 
 
-def _ort_child(onnx_path: str, npy_path: str, batch: int, threads: int, conn) -> None:
-    """ONNX Runtime rows in their own process: ONNX Runtime and OpenVINO in one process corrupt
-    the heap (docs/inference.md), and this benchmark measures both. Times only the batches."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
-    while conn.recv() == "run":
-        images = np.load(npy_path, mmap_mode="r")
-        out, t0 = [], time.perf_counter()
-        for s in range(0, len(images), batch):
-            out.append(session.run(["global"], {"images": np.ascontiguousarray(images[s : s + batch])})[0])
-        conn.send((np.concatenate(out), time.perf_counter() - t0))
+FOREIGN = {"onnxruntime": "onnxruntime", "openvino": "openvino", "openvino_bf16": "openvino"}
 
 
-class OrtChild:
-    """``run(tensors) -> (descriptors, seconds)`` on ONNX Runtime in a spawned child process."""
+def _runtime_child(model_file: str, npy_path: str, batch: int, threads: int, folder: str, conn) -> None:
+    """One foreign runtime's rows (bare paths and the pipeline) in their own spawned process.
+    ONNX Runtime and OpenVINO each beside the other, or OpenVINO beside torch.compile, crashed
+    this benchmark's process (a corrupted heap, found nondeterministically); every PyTorch row
+    stays in the parent, which never loads either runtime. Times only the work itself."""
+    torch.set_num_threads(threads)
+    os.environ["PLACERANK_CACHE"] = str(Path(folder) / "cache")  # the export lands in a scratch cache
+    model = torch.load(model_file, weights_only=False)
+    bare: dict[str, BarePath] = {}
+    while (msg := conn.recv()) is not None:
+        kind, arg = msg
+        if kind == "bare":
+            bare.setdefault(arg, BarePath(arg, model, batch, Path(folder)))
+            conn.send(bare[arg].run(torch.from_numpy(np.load(npy_path))))
+        else:  # ("pipeline", (paths, workers, precision)): extract_features on the exported model
+            paths, workers, precision = arg
+            conn.send(pipeline_row(model, paths, batch, workers, precision, "off", "openvino"))
 
-    def __init__(self, onnx_path: Path, batch: int, folder: Path):
+
+class RuntimeChild:
+    """The parent's handle on :func:`_runtime_child`: ``bare(name)``, ``pipeline(...)``."""
+
+    def __init__(self, model, tensors: torch.Tensor, batch: int, folder: Path, runtime: str):
+        folder = folder / runtime
+        folder.mkdir(parents=True, exist_ok=True)
+        model_file, npy = folder / "model.pt", folder / "images.npy"
+        torch.save(model, model_file)
+        np.save(npy, tensors.contiguous().numpy())
         ctx = mp.get_context("spawn")
-        self.npy = folder / "images.npy"
         self.conn, child = ctx.Pipe()
-        args = (str(onnx_path), str(self.npy), batch, torch.get_num_threads(), child)
-        self.process = ctx.Process(target=_ort_child, args=args, daemon=True)
+        args = (str(model_file), str(npy), batch, torch.get_num_threads(), str(folder), child)
+        self.process = ctx.Process(target=_runtime_child, args=args)  # not daemonic: its DataLoader forks workers
         self.process.start()
 
-    def run(self, tensors: torch.Tensor) -> tuple[np.ndarray, float]:
-        if not self.npy.exists():
-            np.save(self.npy, tensors.contiguous().numpy())
-        self.conn.send("run")
+    def ask(self, kind: str, arg) -> tuple[np.ndarray, float]:
+        self.conn.send((kind, arg))
         return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.process.join(timeout=60)
+
+
+class ChildPath:
+    """A bare path that runs in a :class:`RuntimeChild`."""
+
+    def __init__(self, name: str, child: RuntimeChild):
+        self.name, self.child = name, child
+        self.compile_s: dict[str, float] = {}
+
+    def run(self, tensors: torch.Tensor) -> tuple[np.ndarray, float]:
+        return self.child.ask("bare", self.name)
 
 
 class BarePath:
@@ -111,18 +133,22 @@ class BarePath:
         if name.startswith("openvino"):
             from placerank.descriptors.runtime import exported_encoder
 
-            os.environ["PLACERANK_CACHE"] = str(onnx_dir / "cache")  # the export lands in a scratch cache
             self.encoder = exported_encoder(model, "openvino", "bf16" if "bf16" in name else "fp32")
             self.dtype = None
         if "compile" in name:
             self._compile(onnx_dir)
 
-    def _onnx_session(self, model, folder: Path) -> OrtChild:
+    def _onnx_session(self, model, folder: Path):
+        import onnxruntime as ort
+
         from placerank.models.onnx_export import export_onnx
 
         path = folder / f"{model.name}.onnx"
-        export_onnx(copy.deepcopy(model), path, check_with="openvino")  # this process never loads ORT
-        return OrtChild(path, self.batch, folder)
+        export_onnx(copy.deepcopy(model), path)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
     def _compile(self, folder: Path) -> None:
         """Cold compile in a fresh inductor cache, then warm (same cache, dynamo reset)."""
@@ -138,6 +164,8 @@ class BarePath:
 
     @torch.inference_mode()
     def _forward(self, x: torch.Tensor) -> np.ndarray:
+        if self.session is not None:
+            return self.session.run(["global"], {"images": x.contiguous().numpy()})[0]
         if self.encoder is not None:
             return self.encoder.encode(x.contiguous(), [(0, 0)] * len(x))[0].numpy()
         if self.name != "eager_fp32":
@@ -147,8 +175,6 @@ class BarePath:
         return torch.nn.functional.normalize(g.float(), dim=-1).numpy()
 
     def run(self, tensors: torch.Tensor) -> tuple[np.ndarray, float]:
-        if self.session is not None:
-            return self.session.run(tensors)
         out, t0 = [], time.perf_counter()
         for s in range(0, len(tensors), self.batch):
             x = tensors[s : s + self.batch]
@@ -183,7 +209,14 @@ def bench_model(name: str, ds, args, tmp: Path) -> dict:
     tensors = torch.stack([load_tensor(p, model.preprocess)[0] for p in paths])
     decode_ms = (time.perf_counter() - t0) * 1000 / len(paths)
     n_db = len(ds.database)
-    paths_by = {v: BarePath(v, model, args.batch_size, tmp) for v in args.variants}
+    children = {
+        rt: RuntimeChild(model, tensors, args.batch_size, tmp, rt)
+        for rt in sorted({FOREIGN[v] for v in args.variants if v in FOREIGN})
+    }
+    paths_by = {
+        v: ChildPath(v, children[FOREIGN[v]]) if v in FOREIGN else BarePath(v, model, args.batch_size, tmp)
+        for v in args.variants
+    }
     times: dict[str, list[float]] = {v: [] for v in paths_by}
     desc: dict[str, np.ndarray] = {}
     for r in range(args.rounds):
@@ -216,7 +249,10 @@ def bench_model(name: str, ds, args, tmp: Path) -> dict:
         if runtime == "openvino" and "openvino" not in rows:
             continue
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp / "inductor-pipeline")
-        d, s = pipeline_row(model, paths, args.batch_size, args.workers, precision, compile_, runtime)
+        if runtime == "openvino":
+            d, s = children["openvino"].ask("pipeline", (paths, args.workers, precision))
+        else:
+            d, s = pipeline_row(model, paths, args.batch_size, args.workers, precision, compile_, runtime)
         pipe[key] = {
             "runtime": runtime,
             "precision": precision,
@@ -225,6 +261,8 @@ def bench_model(name: str, ds, args, tmp: Path) -> dict:
             "recall_at_1": recall_at_1(d, n_db, ds.positives),
             "vs_today": s_today / s,
         }
+    for child in children.values():
+        child.close()
     fastest = min(rows, key=lambda v: rows[v]["ms_per_image"])
     best = min((k for k in pipe if k != "today"), key=lambda k: pipe[k]["ms_per_image"])
     pipe["fastest_bare"] = fastest
