@@ -235,6 +235,8 @@ def bench_model(name: str, ds, args, tmp: Path) -> dict:
             row["compile_s"] = {k: round(s, 1) for k, s in bare.compile_s.items()}
         rows[v] = row
     out = {"model": name, "input_size": list(model.preprocess.size), "decode_ms_per_image": decode_ms, "bare": rows}
+    load = os.getloadavg()[0]
+    out["measured"] = f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {load:.1f} at the end"
     for key, runtime in (("check", "torch"), ("check_openvino", "openvino")):
         record = check_record(out, runtime)
         if record is not None:
@@ -349,7 +351,9 @@ def plot(results: list[dict], path: Path) -> None:
         colors = ["#999999"] + ["#4477aa"] * (len(res["bare"]) - 1) + ["#cc6677"] + ["#228833"] * (len(pipes) - 1)
         ax.bar(range(len(values)), values, color=colors)
         ax.set_xticks(range(len(values)), labels, rotation=60, ha="right", fontsize=7)
-        ax.set_title(f"{res['model']} {res['input_size'][0]}x{res['input_size'][1]}", fontsize=8)
+        when = res.get("measured", "")
+        cores = "busy cores" if "shared" in when else "idle cores" if "idle" in when else when.split(", ")[-1]
+        ax.set_title(f"{res['model']} {res['input_size'][0]}x{res['input_size'][1]}, {cores}", fontsize=8)
         ax.set_ylabel("ms / image (lower is better)", fontsize=7)
         for x, v in enumerate(values):
             ax.annotate(f"{v:.0f}", (x, v), ha="center", va="bottom", fontsize=6)
