@@ -7,61 +7,30 @@ with defaults 1, 1, 0.005, 1, 1 (§3.6), each configurable in :class:`FoLLossCon
 Batches are place-labelled (any P x K, ideally ordered by place as
 :class:`placerank.train.common.PlaceBatchSampler` yields them); partners are found from the
 labels, not from fixed batch positions, so any K >= 2 works.
+
+The settings live in :mod:`.fol_config`, the pseudo-correspondence loss in
+:mod:`.fol_correspondence` and the CNN adaptation in :mod:`.fol_adapt`; this module re-exports
+their public names.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from placerank.errors import PlaceRankError
 from placerank.rerank.mutual_nn import mnn_mean_similarity
-from placerank.train.losses.fol_adapt import WS_CELLS, WS_MINERS, centre_cells, mine_relative, term_grad_norms
-
-
-@dataclass
-class FoLLossConfig:
-    """Weights and thresholds of FoL's losses (defaults = the official code)."""
-
-    w_ms: float = 1.0
-    w_local: float = 1.0
-    w_sal: float = 0.005  # applied to KL₁ + KL₂
-    w_cel: float = 1.0
-    w_ws: float = 1.0
-    # multi-similarity (§3.1)
-    ms_alpha: float = 1.0
-    ms_beta: float = 50.0
-    ms_base: float = 0.0
-    miner_epsilon: float = 0.1
-    # local triplet loss (§3.4)
-    local_threshold: float = 0.7
-    local_margin: float = 0.0
-    local_reduction: str = "sum"  # the official code sums over triplets (pitfall 15); "mean" to average
-    # CEL (§3.3)
-    cel_fg_weight: float = 0.7
-    cel_bg_weight: float = 0.3
-    # pseudo-correspondences (§3.5)
-    ws_anchor_threshold: float = 0.1  # Ã(a) > 0.1
-    ws_assign_threshold: float = 0.1  # P_j(κ, b) > 0.1
-    ws_min_cos: float = 0.8
-    ws_ratio: float = 2.0
-    ws_max_per_image: int = 5
-    ws_max_pairs: int = 1200
-    ws_scale: float = 0.01
-    ws_drop_first_anchor: bool = True  # official quirk, kept for parity
-    # CNN adaptation (train/losses/fol_adapt.py; the CNN's defaults there): "official" miner |
-    # "relative" (top-fraction candidates per cluster row, mutual check, cos > ws_mutual_min_cos)
-    ws_miner: str = "official"
-    ws_candidate_fraction: float = 0.1
-    ws_mutual_min_cos: float = 0.5
-    ws_cells: str = "official"  # patch -> up-conv cell: "official" round((r+.5)H'/h) | "center" (4r, 4c)
-    grad_log_every: int = 20  # log each term's gradient norm every N steps (0: never)
-    seed: int = 0  # CEL partner choice
-
+from placerank.train.losses.fol_adapt import WS_CELLS, WS_MINERS, term_grad_norms
+from placerank.train.losses.fol_config import FoLLossConfig
+from placerank.train.losses.fol_correspondence import (  # noqa: F401  (re-exported: tests, docs)
+    dense_cell_descriptors,
+    mine_pseudo_correspondences,
+    patch_to_local_cell,
+    pseudo_correspondence_loss,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Global: multi-similarity loss + miner (pytorch-metric-learning)
@@ -212,120 +181,6 @@ def local_triplet_loss(
         return local_sets[0].float().sum() * 0.0 if len(local_sets) else torch.zeros(())
     t = torch.stack(terms)
     return t.sum() if reduction == "sum" else t.mean()
-
-
-# ---------------------------------------------------------------------------------------------
-# Weakly supervised pseudo-correspondence loss
-# ---------------------------------------------------------------------------------------------
-
-
-def patch_to_local_cell(
-    r: torch.Tensor, c: torch.Tensor, grid: tuple[int, int], local_grid: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Local-grid cell of patch (r, c): row = round((r + 0.5)·H'/h), col likewise, clamped.
-
-    This is the official round((14r + 7)·89/322) written for any grid: at h = 23, H' = 89,
-    S = 322 the two agree for every r (tested)."""
-    h, w = grid
-    Hl, Wl = local_grid
-    row = torch.round((r.double() + 0.5) * Hl / h).long().clamp(0, Hl - 1)
-    col = torch.round((c.double() + 0.5) * Wl / w).long().clamp(0, Wl - 1)
-    return row, col
-
-
-@torch.no_grad()
-def mine_pseudo_correspondences(
-    feat_i: torch.Tensor,
-    feat_j: torch.Tensor,
-    plan_i: torch.Tensor,
-    plan_j: torch.Tensor,
-    attn_i: torch.Tensor,
-    cfg: FoLLossConfig,
-) -> list[tuple[int, int, float]]:
-    """Patch pairs (a in i, b in j, s₁) for one image pair (§3.5, no gradient).
-
-    ``feat_*`` (C, N) L2-normalised patch features, ``plan_*`` (K, N), ``attn_i`` (N,) = Ã_i.
-    Anchors: Ã_i(a) > 0.1 in index order (the first dropped, as in the official code); each
-    anchor's cluster κ = argmax_k P_i(k, a); candidates b with P_j(κ, b) > 0.1; accept the best
-    when s₁ > 0.8 and s₁/s₂ > 2 (a missing or negative s₂ fails); keep the first 5 accepted.
-    ``cfg.ws_miner == "relative"``: the CNN rules of :func:`~.fol_adapt.mine_relative` instead.
-    """
-    if cfg.ws_miner == "relative":
-        return mine_relative(feat_i, feat_j, plan_i, plan_j, attn_i, cfg)
-    anchors = torch.nonzero(attn_i > cfg.ws_anchor_threshold, as_tuple=False).squeeze(1)
-    if cfg.ws_drop_first_anchor:
-        anchors = anchors[1:]
-    if anchors.numel() == 0:
-        return []
-    kappa = plan_i[:, anchors].argmax(dim=0)  # (A,)
-    cand = plan_j[kappa] > cfg.ws_assign_threshold  # (A, N)
-    cos = feat_i[:, anchors].t() @ feat_j  # (A, N)
-    cos = torch.where(cand, cos, torch.full_like(cos, -10.0))
-    if cos.shape[1] < 2:
-        return []
-    top = cos.topk(2, dim=1)
-    s1, s2 = top.values[:, 0], top.values[:, 1]
-    ok = (s1 > cfg.ws_min_cos) & (s1 / s2 > cfg.ws_ratio)  # s₂ < 0 (incl. the -10 fill) gives a negative ratio
-    pairs = []
-    for k in torch.nonzero(ok, as_tuple=False).squeeze(1).tolist()[: cfg.ws_max_per_image]:
-        pairs.append((int(anchors[k]), int(top.indices[k, 0]), float(s1[k])))
-    return pairs
-
-
-def dense_cell_descriptors(local_map_normed: torch.Tensor):
-    """``(b, rows, cols) -> (n, D)``: 3 x 3 means of a dense normalised local map (B, D, H', W')
-    at the given cells (borders average the cells that exist)."""
-    pooled = F.avg_pool2d(local_map_normed, 3, stride=1, padding=1, count_include_pad=False)
-
-    def cells(b: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        return pooled[b, :, rows, cols]
-
-    return cells
-
-
-def pseudo_correspondence_loss(
-    patch_feats: torch.Tensor,
-    plan: torch.Tensor,
-    attn_thr: torch.Tensor,
-    cell_descriptors,
-    grid: tuple[int, int],
-    local_grid: tuple[int, int],
-    partners: Sequence[int],
-    cfg: FoLLossConfig,
-) -> tuple[torch.Tensor, int]:
-    """L_WS of §3.5. ``patch_feats`` (B, C, N) L2-normalised backbone features, ``plan`` (B, K, N),
-    ``attn_thr`` (B, N) = Ã; ``cell_descriptors(b, rows, cols)`` gives, with gradient, the mean
-    of the 3 x 3 neighbourhood of the normalised local map at those cells of the ``local_grid``
-    (:func:`dense_cell_descriptors`, or the model's window-based ``pooled_cells``).
-
-    Pair loss = s₁·(1 − cos(ℓ_i(a), ℓ_j(b)))·0.01 (ℓ not re-normalised); L_WS = Σ pair losses /
-    #pairs (≤ ``ws_max_pairs``), 0 if none. Returns (loss, number of pairs).
-    """
-    B = patch_feats.shape[0]
-    h, w = grid
-    rows = []
-    for i in range(B):
-        j = partners[i]
-        if j < 0:
-            continue
-        for a, b, s1 in mine_pseudo_correspondences(patch_feats[i], patch_feats[j], plan[i], plan[j], attn_thr[i], cfg):
-            rows.append((i, a, j, b, s1))
-            if len(rows) >= cfg.ws_max_pairs:
-                break
-        if len(rows) >= cfg.ws_max_pairs:
-            break
-    if not rows:
-        return attn_thr.new_zeros(()), 0
-    dev = patch_feats.device
-    t = torch.tensor([(i, a, j, b) for i, a, j, b, _ in rows], dtype=torch.long, device=dev)
-    sims = torch.tensor([r[4] for r in rows], dtype=torch.float32, device=dev)
-    to_cell = patch_to_local_cell if cfg.ws_cells == "official" else lambda r, c, g, lg: centre_cells(r, c, lg)
-    ri, ci = to_cell(t[:, 1] // w, t[:, 1] % w, grid, local_grid)
-    rj, cj = to_cell(t[:, 3] // w, t[:, 3] % w, grid, local_grid)
-    li = cell_descriptors(t[:, 0], ri, ci)
-    lj = cell_descriptors(t[:, 2], rj, cj)
-    per = sims * (1.0 - F.cosine_similarity(li.float(), lj.float(), dim=1)) * cfg.ws_scale
-    return per.sum() / len(rows), len(rows)
 
 
 # ---------------------------------------------------------------------------------------------
