@@ -17,18 +17,24 @@ def register(sub) -> None:
     )
     add_model_args(p)
     p.add_argument("--data", default=None, help="the shared data folder (default: found beside the repository)")
+    p.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="skip the compiled runs of reduced precisions (then --compile auto never compiles them for this model)",
+    )
     p.add_argument("--no-save", action="store_true", help="print the record only; do not store it for auto")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from placerank.descriptors.fast import compiled_precision_holds
     from placerank.eval.evaluate import load_model
     from placerank.eval.precision_check import run_precision_check, save_precision_check
     from placerank.utils import resolve_device
 
     device = resolve_device(args.device)
     model = load_model(args.model, args.weights, image_size_arg(args.image_size), device)
-    record = run_precision_check(model, device, args.data, batch_size=args.batch_size)
+    record = run_precision_check(model, device, args.data, batch_size=args.batch_size, compiled=not args.no_compile)
     fp32 = record["precisions"]["fp32"]
     print(f"{record['model']} on {record['device_class']}, {record['dataset']} ({record['queries']} queries):")
     for name, run_ in record["precisions"].items():
@@ -37,7 +43,15 @@ def run(args) -> int:
         print(
             f"  {name}: R@1 {100 * run_['recall_at_1']:.1f} ({delta:+.1f}), {run_['ms_per_image']:.1f} ms/image{agree}"
         )
+    for name, run_ in record.get("compiled", {}).items():
+        delta = 100 * (run_["recall_at_1"] - fp32["recall_at_1"])
+        print(
+            f"  {name} compiled: R@1 {100 * run_['recall_at_1']:.1f} ({delta:+.1f}), {run_['ms_per_image']:.1f} ms/image"
+        )
     print(f"--precision auto takes {record['chosen']}")
+    if record["chosen"] != "fp32":
+        holds = compiled_precision_holds(record, record["chosen"])
+        print(f"--compile auto {'may compile' if holds else 'does not compile'} its {record['chosen']} forward")
     if not args.no_save:
         print(f"saved {save_precision_check(record)}")
     return 0

@@ -3,8 +3,10 @@
 For one model on this device class, GardensPoint Walking ``day_right`` (database) -> ``night_right``
 (queries), positives ``|i-j| <= 2`` (the demo's benchmark, real shared data) is extracted once per
 candidate precision — fp32, then bf16 where the CPU has native bf16 (AMX / AVX512-BF16) or on
-CUDA, and fp16 on CUDA — at the model's input size with the fast path (channels_last, eager: a
-compile would be timed, not the precision). Each run records R@1, milliseconds per image
+CUDA, and fp16 on CUDA — at the model's input size with the fast path (channels_last, eager),
+then each reduced precision once more with the backbone compiled (``compiled`` runs: inductor's
+fused kernels round differently, and ``--compile auto`` compiles a reduced precision only where
+these hold recall). Each run records R@1, milliseconds per image
 (decode included, after one untimed warm-up batch) and how far its descriptors are from fp32's
 (min cosine, max abs difference). :func:`placerank.descriptors.fast.choose_precision` then takes
 the fastest precision within 0.5 R@1 points of fp32. Records go to the cache root
@@ -64,15 +66,22 @@ def run_precision_check(
     data: str | Path | None = None,
     batch_size: int = 16,
     precisions: list[str] | None = None,
+    compiled: bool = True,
 ) -> dict:
-    """The check's record for ``model`` on ``device`` (see the module docstring); not saved."""
+    """The check's record for ``model`` on ``device`` (see the module docstring); not saved.
+    ``compiled``: also run each reduced precision with the backbone compiled (its ``compiled``
+    runs: ``--compile auto`` compiles a reduced precision only where they hold recall)."""
     root = find_shared_data(data)
     db_spec, q_spec, tolerance = CHECK_DATASET
     ds = open_dataset(root / db_spec, root / q_spec, options=LayoutOptions(frame_tolerance=tolerance))
     prepare_inference(model, device, compile="off")
     runs: dict[str, dict] = {}
     reference: np.ndarray | None = None
-    for precision in precisions or candidate_precisions(device):
+    compiled_runs: dict[str, dict] = {}
+    chosen = precisions or candidate_precisions(device)
+    passes = [(p, False) for p in chosen] + [(p, True) for p in chosen if compiled and p != "fp32"]
+    for precision, compile_ in passes:
+        prepare_inference(model, device, compile="on" if compile_ else "off")
         db, db_ms = _timed_extract(model, list(ds.database.paths), device, precision, batch_size)
         q, q_ms = _timed_extract(model, list(ds.queries.paths), device, precision, batch_size)
         ids = FlatIndex.build(db).search(q, 1)[1]
@@ -86,7 +95,8 @@ def run_precision_check(
         else:
             run["min_cosine"] = float(np.min(np.sum(both * reference, axis=1)))
             run["max_abs_diff"] = float(np.max(np.abs(both - reference)))
-        runs[precision] = run
+        (compiled_runs if compile_ else runs)[precision] = run
+    prepare_inference(model, device, compile="off")
     record = {
         "model": model.name,
         "device_class": device_class(device),
@@ -98,6 +108,7 @@ def run_precision_check(
         "batch_size": batch_size,
         "recall_tolerance": RECALL_TOLERANCE,
         "precisions": runs,
+        **({"compiled": compiled_runs} if compiled_runs else {}),
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
         "measured": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),

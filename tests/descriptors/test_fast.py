@@ -20,6 +20,7 @@ from placerank.descriptors.fast import (
     check_record_path,
     choose_precision,
     compile_mode,
+    compiled_precision_holds,
     device_class,
     prepare_inference,
     resolve_precision,
@@ -86,7 +87,8 @@ def test_a_failing_compile_falls_back_to_eager_with_one_warning(make_model, imag
     assert compile_mode(model) == "off" and "forward" not in model.backbone.__dict__
 
 
-def test_auto_compiles_only_when_the_images_repay_it(make_model):
+def test_auto_compiles_only_when_the_images_repay_it(make_model, monkeypatch):
+    monkeypatch.setattr(fast, "shipped_checks", lambda: [_record(0.65, 0.65, compiled16=0.65)])
     model = prepare_inference(make_model("effnet-lite0-gem", image_size=(64, 64)), CPU, compile="auto")
     assert not should_compile(model, COLD_MIN_IMAGES - 1, 16, "bf16", CPU)
     assert should_compile(model, COLD_MIN_IMAGES, 16, "bf16", CPU)
@@ -102,8 +104,8 @@ def test_auto_compiles_only_when_the_images_repay_it(make_model):
         prepare_inference(model, CPU, "fast")
 
 
-def _record(fp32, bf16, ms32=100.0, ms16=40.0) -> dict:
-    return {
+def _record(fp32, bf16, ms32=100.0, ms16=40.0, compiled16=None) -> dict:
+    record = {
         "model": "effnet-lite0-gem",
         "device_class": device_class(CPU),
         "precisions": {
@@ -111,6 +113,26 @@ def _record(fp32, bf16, ms32=100.0, ms16=40.0) -> dict:
             "bf16": {"recall_at_1": bf16, "ms_per_image": ms16},
         },
     }
+    if compiled16 is not None:
+        record["compiled"] = {"bf16": {"recall_at_1": compiled16, "ms_per_image": ms16 / 2}}
+    return record
+
+
+def test_auto_compiles_reduced_precision_only_where_its_compiled_check_held(make_model, monkeypatch):
+    """Eager bf16 holding recall is not enough: the compiled bf16 forward must have held too (the
+    shipped EfficientNet-Lite0 record: eager bf16 +0.7 points, compiled -0.7)."""
+    model = prepare_inference(make_model("effnet-lite0-gem", image_size=(64, 64)), CPU, compile="auto")
+    images = COLD_MIN_IMAGES
+    for compiled16, expected in ((0.65, True), (0.646, True), (0.644, False), (None, False)):
+        monkeypatch.setattr(fast, "shipped_checks", lambda c=compiled16: [_record(0.65, 0.65, compiled16=c)])
+        assert should_compile(model, images, 16, "bf16", CPU) is expected, compiled16
+        assert should_compile(model, images, 16, "fp32", CPU)  # fp32 compiles whatever the check says
+    monkeypatch.setattr(fast, "shipped_checks", lambda: [])
+    assert not should_compile(model, images, 16, "bf16", CPU)  # never checked: eager
+    assert should_compile(prepare_inference(model, CPU, "on"), 1, 16, "bf16", CPU)  # asked for: compiled
+    monkeypatch.undo()
+    lite0 = fast.find_check("effnet-lite0-gem", "cpu-amx", "torch")
+    assert lite0 is not None and lite0["chosen"] == "bf16" and not compiled_precision_holds(lite0, "bf16")
 
 
 def test_choose_precision_takes_the_fastest_within_half_a_point():
@@ -159,6 +181,10 @@ def test_check_precision_command_measures_and_saves(capsys):
         assert 0 < run["recall_at_1"] <= 1 and run["ms_per_image"] > 0
         if name != "fp32":
             assert 0.95 < run["min_cosine"] <= 1.0 + 1e-6
+    # every reduced precision this CPU runs was also measured compiled, for --compile auto
+    assert sorted(record.get("compiled", {})) == sorted(set(record["precisions"]) - {"fp32"})
+    for run in record.get("compiled", {}).values():
+        assert 0 < run["recall_at_1"] <= 1 and 0.95 < run["min_cosine"] <= 1.0 + 1e-6
 
 
 def test_extract_records_the_resolved_precision(gardens, tmp_path, monkeypatch):
