@@ -59,11 +59,13 @@ OUTPUT_MEANING = {
 }
 
 
-def require_onnx() -> None:
+def require_onnx(check_with: str = "onnxruntime") -> None:
     """The export needs ``onnx`` and ``onnxscript`` (torch's exporter) and verifies the file with
-    ``onnxruntime``: one line naming what is missing and the extra that installs it."""
+    ``check_with`` (``onnxruntime`` or ``openvino``): one line naming what is missing and the
+    extra that installs it. Only the checker asked for is imported: importing a runtime loads its
+    native libraries, and ONNX Runtime and OpenVINO are never loaded into one process."""
     missing = []
-    for module in ("onnx", "onnxscript", "onnxruntime"):
+    for module in ("onnx", "onnxscript", check_with):
         try:
             __import__(module)
         except ImportError:
@@ -71,7 +73,7 @@ def require_onnx() -> None:
     if missing:
         raise PlaceRankError(
             f"ONNX export needs the Python package(s) {', '.join(missing)}:"
-            " pip install 'placerank[export]' (or pip install onnx onnxscript onnxruntime)"
+            f" pip install 'placerank[export]' (or pip install onnx onnxscript {check_with})"
         )
 
 
@@ -215,7 +217,7 @@ def export_onnx(model: VPRModel, out: str | os.PathLike, check_with: str = "onnx
     holds both: together they corrupted the heap here) on a batch of 1 and of 3 (the dynamic axis)
     against PyTorch's. Returns the metadata, the output names and ``max_abs_diff`` (largest over
     outputs and batches)."""
-    require_onnx()
+    require_onnx(check_with)
     import onnx
 
     out = check_out_file(out)

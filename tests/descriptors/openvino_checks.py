@@ -36,6 +36,8 @@ def global_descriptors(images: list[Path]) -> dict:
         "fp32_max_diff": float(np.abs(d - reference).max()),
         "bf16_min_cosine": float(np.sum(bf16 * reference, axis=1).min()),
         "exported": exported_path(model).is_file(),
+        # the export was checked with OpenVINO: ONNX Runtime's native libraries never loaded here
+        "onnxruntime_loaded": "onnxruntime" in sys.modules,
     }
 
 

@@ -41,6 +41,7 @@ def _in_own_process(check: str, folder: Path, weights: Path) -> dict:
 def test_openvino_gives_the_pytorch_descriptors(gardens, shared_weights):
     got = _in_own_process("global", gardens / "night_right", shared_weights)
     assert got["fp32_max_diff"] < 1e-5 and got["exported"]  # exported once, into the cache root
+    assert not got["onnxruntime_loaded"]  # never ONNX Runtime and OpenVINO in one process
     assert 0.99 < got["bf16_min_cosine"] < 1.0 - 1e-7  # OpenVINO bf16: close, not equal
 
 
