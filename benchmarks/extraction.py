@@ -14,7 +14,8 @@ positives |i-j| <= 2, at the model's default input size, batch 16:
 - **pipeline** rows (``extract_features``: DataLoader decode + resize in workers, batching,
   normalisation, copy out), ms per image *including decode*: ``today`` (an unprepared model in
   eager fp32: the old default) and ``default`` (what the CLI does for a large job: channels_last,
-  ``--precision auto`` = the model's check, compiled backbone), plus
+  ``--precision auto`` = the model's check, the backbone compiled where ``--compile auto`` would:
+  fp32, or a reduced precision whose compiled check held), plus
   ``pipeline / fastest bare forward`` (goal >= 0.9) and ``default / today`` (goal >= 4x).
 
 ``--write-checks`` turns the channels_last fp32 and bf16 rows into the records ``--precision auto``
@@ -47,7 +48,12 @@ from placerank.data.images import load_tensor  # noqa: E402
 from placerank.data.layouts import LayoutOptions, open_dataset  # noqa: E402
 from placerank.data.places import find_shared_data  # noqa: E402
 from placerank.descriptors.extract import extract_features  # noqa: E402
-from placerank.descriptors.fast import choose_precision, device_class, prepare_inference  # noqa: E402
+from placerank.descriptors.fast import (  # noqa: E402
+    choose_precision,
+    compiled_precision_holds,
+    device_class,
+    prepare_inference,
+)
 from placerank.eval.recall import recall_at_n  # noqa: E402
 from placerank.index.flat import FlatIndex  # noqa: E402
 from placerank.models import create  # noqa: E402
@@ -245,7 +251,7 @@ def bench_model(name: str, ds, args, tmp: Path) -> dict:
     d_today, s_today = pipeline_row(model, paths, args.batch_size, args.workers, "fp32", "off", "torch")
     pipe = {"today": {"ms_per_image": s_today * 1000 / n, "recall_at_1": recall_at_1(d_today, n_db, ds.positives)}}
     for key, runtime, precision, compile_ in (
-        ("torch_fast", "torch", _chosen(out.get("check")), "on"),
+        ("torch_fast", "torch", _chosen(out.get("check")), _auto_compile(out.get("check"))),
         ("openvino", "openvino", _chosen(out.get("check_openvino")), "off"),
     ):
         if runtime == "openvino" and "openvino" not in rows:
@@ -276,6 +282,11 @@ def bench_model(name: str, ds, args, tmp: Path) -> dict:
 
 def _chosen(record: dict | None) -> str:
     return record["chosen"] if record is not None else "fp32"
+
+
+def _auto_compile(record: dict | None) -> str:
+    """What ``--compile auto`` does for a large job at the check's chosen precision."""
+    return "on" if compiled_precision_holds(record, _chosen(record)) else "off"
 
 
 def check_record(result: dict, runtime: str = "torch") -> dict | None:
@@ -392,6 +403,12 @@ def main() -> None:
 
 
 def save(results: list[dict], args) -> None:
+    """Write ``results`` into ``--out``, keeping the models an earlier run measured and this one did
+    not (one model can be re-measured without losing the others' rows)."""
+    earlier = json.loads(args.out.read_text())["models"] if args.out.is_file() else []
+    fresh = {r["model"]: r for r in results}
+    seen = {r["model"] for r in earlier}
+    results = [fresh.get(r["model"], r) for r in earlier] + [r for r in results if r["model"] not in seen]
     out = {
         "benchmark": "extraction",
         "dataset": "GardensPoint day_right (140) -> night_right (140), |i-j| <= 2",
