@@ -45,7 +45,6 @@ from placerank.data.places import read_training_set
 from placerank.errors import PlaceRankError
 from placerank.options import parse_options
 from placerank.train.common import (
-    EpochSelector,
     PlaceBatchSampler,
     PlaceImageDataset,
     RunDir,
@@ -68,6 +67,7 @@ from placerank.train.distributed import (
 from placerank.train.losses.fol import FoLCriterion, FoLLossConfig
 from placerank.train.losses.fol_adapt import adapt_loss_config, head_parameters, shared_parameters
 from placerank.train.precision import TrainPrecision
+from placerank.train.validation import EpochSelector
 
 BACKBONE_MODELS = {
     "effnet-lite0": "fol-effnet-lite0",

@@ -48,7 +48,6 @@ from placerank.options import parse_options
 from placerank.train.common import (
     RunDir,
     TrainConfig,
-    ValidationSet,
     register_method,
     seed_everything,
 )
@@ -72,6 +71,7 @@ from placerank.train.selavpr_mining import (
     train_step,
     trainable_state,
 )
+from placerank.train.validation import ValidationSet
 
 BACKBONES = {
     "effnet-lite0": "selavpr-effnet-lite0",

@@ -43,7 +43,6 @@ from placerank.errors import DataError, PlaceRankError
 from placerank.train.common import (
     RunDir,
     TrainConfig,
-    ValidationSet,
     register_method,
     seed_everything,
 )
@@ -65,6 +64,7 @@ from placerank.train.sfrs_features import SFRSFeatures
 from placerank.train.sfrs_mining import SFRSMiner
 from placerank.train.sfrs_options import SFRSOptions
 from placerank.train.sfrs_step import SFRSForward, step_items, tuple_loss
+from placerank.train.validation import ValidationSet
 
 BACKBONE_MODELS = {
     "effnet-lite0": "sfrs-effnet-lite0",
