@@ -59,6 +59,8 @@ HELPERS = (
     "auto_split",
     "common",
     "distributed",
+    "fol_options",
+    "fol_step",
     "losses",
     "precision",
     "selavpr_mining",

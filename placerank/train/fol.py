@@ -27,23 +27,23 @@ pitfall 3), and no model selection on a test set is done (pitfall 12): without a
 Runs in one process or under torchrun / ``placerank train --nproc N`` (DDP): each rank runs the
 forward on its rows of every batch, the batch-global losses run on the all-gathered outputs, and
 N processes end with the weights of one (docs/fol.md, "Several GPUs / processes").
+
+The options and their resolution live in :mod:`.fol_options`, the per-step forward / loss /
+gather in :mod:`.fol_step`; this module re-exports their public names.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from placerank.data.dataset import ImageSet
-from placerank.data.places import read_training_set
 from placerank.errors import PlaceRankError
-from placerank.options import parse_options
 from placerank.train.common import (
     PlaceBatchSampler,
     PlaceImageDataset,
@@ -64,99 +64,26 @@ from placerank.train.distributed import (
     shard_rows,
     wrap_ddp,
 )
-from placerank.train.losses.fol import FoLCriterion, FoLLossConfig
+from placerank.train.fol_options import (  # noqa: F401  (re-exported: tests, callers)
+    BACKBONE_MODELS,
+    FoLOptions,
+    FoLTrainOptions,
+    fol_options,
+    model_name_for,
+    read_places,
+    resolve_local_modes,
+)
+from placerank.train.fol_step import (  # noqa: F401  (re-exported: tests, benchmarks)
+    FoLForward,
+    fol_batch_loss,
+    fol_forward,
+    fol_step_loss,
+    gather_output,
+)
+from placerank.train.losses.fol import FoLCriterion, FoLLossConfig  # noqa: F401  (FoLLossConfig: re-exported)
 from placerank.train.losses.fol_adapt import adapt_loss_config, head_parameters, shared_parameters
 from placerank.train.precision import TrainPrecision
 from placerank.train.validation import EpochSelector
-
-BACKBONE_MODELS = {
-    "effnet-lite0": "fol-effnet-lite0",
-    "effnet-lite1": "fol-effnet-lite1",
-    "effnet-lite2": "fol-effnet-lite2",
-    "dinov2-vits14": "fol-vits14",
-    "dinov2-vitb14": "fol-vitb14",
-    "dinov2-vitl14": "fol-vitl14",
-}
-
-
-@dataclass
-class FoLTrainOptions:
-    """Method-specific options (``--option KEY=VALUE``)."""
-
-    num_regions: int = 225
-    # The model's test-time region features (stored in model.pt). "": the model's default —
-    # dense (the official cell set) for fol-vit*, pool3 for the CNN.
-    local_mode: str = ""
-    # Region features of the local triplet loss. "": dense for fol-vit* (official: every region
-    # cell, with gradient), center for the CNN (the CPU step; measured in docs/fol.md).
-    train_local_mode: str = ""
-    train_blocks: int = 4
-    weight_decay: float = 9.5e-9
-    lr_decay_iters: int = 10000
-    lr_final_factor: float = 0.1
-    amp: bool = True
-    max_steps: int = 0  # 0: no limit
-    gsv_cities: str = ""  # comma-separated dataframe names; empty: all
-    gsv_min_images: int = 4
-    # GSV-Cities: keep the --images-per-place most recent images of each place by (year, month,
-    # lat) — the official deterministic choice; false: every image, K drawn at random per epoch.
-    gsv_recent: bool = True
-    # Validation pair (``placerank train``'s automatic split, or given): the best R@val_select_n of
-    # the global descriptor becomes model.pt, checked every val_every_minutes of training (-1:
-    # --max-minutes / 10, or every epoch without it; 0: every epoch); stop after val_patience
-    # validations without improvement (0: never).
-    val_database: str = ""
-    val_queries: str = ""
-    val_frame_tolerance: int = -1
-    val_radius: float = -1.0
-    val_frames: tuple[int, ...] = ()
-    val_select_n: int = 5
-    val_patience: int = 0
-    val_every_minutes: float = -1.0
-
-
-@dataclass
-class FoLOptions(FoLLossConfig, FoLTrainOptions):
-    """Every ``--option`` of ``--method fol``: the training options and the loss settings."""
-
-
-def fol_options(values) -> tuple[FoLTrainOptions, FoLLossConfig]:
-    """``--option`` values (strings or typed) -> (training options, loss config); an unknown
-    key or a bad value is one line (:func:`placerank.options.parse_options`)."""
-    opts = parse_options(FoLOptions, values, what="fol option")
-    pick = lambda cls: cls(**{f.name: getattr(opts, f.name) for f in fields(cls)})  # noqa: E731
-    return pick(FoLTrainOptions), pick(FoLLossConfig)
-
-
-def model_name_for(backbone: str) -> str:
-    if backbone in BACKBONE_MODELS:
-        return BACKBONE_MODELS[backbone]
-    if backbone in BACKBONE_MODELS.values():
-        return backbone
-    raise PlaceRankError(f"fol cannot train on backbone '{backbone}'; use one of: {', '.join(BACKBONE_MODELS)}")
-
-
-def read_places(config: TrainConfig, opts: FoLTrainOptions) -> ImageSet:
-    """Place-labelled images from traversal folders / CSVs / Nordland and GSV-Cities roots
-    (GSV-Cities: the ``--images-per-place`` most recent images per place, as the official code,
-    unless ``gsv_recent=false``)."""
-    cities = [c for c in opts.gsv_cities.split(",") if c] or None
-    recent = config.images_per_place if opts.gsv_recent else None
-    return read_training_set(config.train, config.frames, cities, opts.gsv_min_images, recent)
-
-
-def resolve_local_modes(name: str, opts: FoLTrainOptions) -> tuple[str, str]:
-    """(test-time local_mode, train_local_mode) with the defaults filled in: the official
-    ``dense`` / ``dense`` for ``fol-vit*``, ``pool3`` / ``center`` for the CNN."""
-    from placerank.models.fol import CNN_LOCAL_MODE, LOCAL_MODES, VIT_LOCAL_MODE
-
-    vit = name.startswith("fol-vit")
-    mode = opts.local_mode or (VIT_LOCAL_MODE if vit else CNN_LOCAL_MODE)
-    train_mode = opts.train_local_mode or ("dense" if vit else "center")
-    for key, value in (("local_mode", mode), ("train_local_mode", train_mode)):
-        if value not in LOCAL_MODES:
-            raise PlaceRankError(f"unknown {key} '{value}' (known: {', '.join(LOCAL_MODES)})")
-    return mode, train_mode
 
 
 def lr_factor(step: int, decay_iters: int, final: float) -> float:
@@ -165,65 +92,6 @@ def lr_factor(step: int, decay_iters: int, final: float) -> float:
         return 1.0
     t = min(step, decay_iters) / decay_iters
     return 1.0 + (final - 1.0) * t
-
-
-def fol_forward(model, images: torch.Tensor, train_local_mode: str = "center"):
-    """The per-image part of a step: (FoL output, dense local map for the CEL/pseudo-correspondence
-    losses). With ``train_local_mode="center"`` (default) nothing needs the dense local map's
-    gradient (CEL detaches it, the triplet loss's region features are the patch-centre cells, and
-    the pseudo-correspondence 3 x 3 cells are recomputed from small windows by
-    ``model.pooled_cells``), so the dense map is computed without autograd: ~2x cheaper per step
-    on CPU. "pool3"/"dense" (the official choice for the triplet loss) keep the dense map's graph."""
-    if train_local_mode == "center":
-        out = model.run(images, local_map=False)
-        with torch.no_grad():
-            local_map = model._head(out.feature_map, normalize=False)
-        return out, local_map
-    out = model.run(images, local_map=True)
-    return out, out.local_map
-
-
-def fol_batch_loss(model, criterion: FoLCriterion, out, local_map, labels: torch.Tensor, train_local_mode: str):
-    """The batch part of a step: every FoL loss over the whole batch (MS pairs, batch-hard
-    triplets, CEL and pseudo-correspondence partners are batch-global)."""
-    import torch.nn.functional as F
-
-    cells = None
-    if train_local_mode == "center":
-        cells = lambda b, r, c: model.pooled_cells(out.feature_map, b, r, c)  # noqa: E731
-    sets = model.region_sets(out, training=True, mode=train_local_mode)
-    return criterion(out, [s.descriptors.float() for s in sets], labels, F.normalize(local_map.float(), dim=1), cells)
-
-
-def fol_step_loss(
-    model, criterion: FoLCriterion, images: torch.Tensor, labels: torch.Tensor, train_local_mode: str = "center"
-):
-    """One batch's FoL loss in one process (:func:`fol_forward` then :func:`fol_batch_loss`)."""
-    out, local_map = fol_forward(model, images, train_local_mode)
-    return fol_batch_loss(model, criterion, out, local_map, labels, train_local_mode)
-
-
-class FoLForward(torch.nn.Module):
-    """:func:`fol_forward` as a module: what DistributedDataParallel wraps (its forward runs on
-    this rank's rows; the batch loss then runs on the gathered outputs, see
-    :mod:`placerank.train.distributed`)."""
-
-    def __init__(self, model, train_local_mode: str):
-        super().__init__()
-        self.model = model
-        self.train_local_mode = train_local_mode
-
-    def forward(self, images: torch.Tensor):
-        return fol_forward(self.model, images, self.train_local_mode)
-
-
-def gather_output(out, local_map: torch.Tensor, ctx: DistContext):
-    """Every tensor of a rank's FoL output gathered into the global batch's (with autograd)."""
-    from dataclasses import replace
-
-    full = {f.name: getattr(out, f.name) for f in fields(out)}
-    full = {k: None if v is None else gather_rows(v, ctx) for k, v in full.items()}
-    return replace(out, **full), gather_rows(local_map, ctx)
 
 
 @register_method("fol")
