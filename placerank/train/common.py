@@ -64,6 +64,7 @@ HELPERS = (
     "losses",
     "precision",
     "selavpr_mining",
+    "selavpr_options",
     "sfrs_data",
     "sfrs_features",
     "sfrs_mining",
