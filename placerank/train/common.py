@@ -66,6 +66,7 @@ HELPERS = (
     "selavpr_mining",
     "selavpr_options",
     "sfrs_data",
+    "sfrs_epoch",
     "sfrs_features",
     "sfrs_mining",
     "sfrs_options",
