@@ -68,9 +68,15 @@ def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractCon
 
 def descriptor_namespace(model, precision: str = "fp32") -> str:
     """The descriptor-cache namespace: model, weights, preprocessing and (unless fp32, so
-    existing caches keep working) the inference precision."""
+    existing caches keep working) the inference precision; a reduced precision run by another
+    runtime than PyTorch (``--runtime openvino``) also names the runtime: bf16 descriptors of two
+    runtimes differ as much as each differs from fp32 (cosine ~0.99), while fp32 ones agree to
+    1e-5 and share the cache."""
     parts = [model.name, model.weights_id, model.preprocess.signature()]
-    return namespace(*parts, *([f"precision={precision}"] if precision != "fp32" else []))
+    if precision == "fp32":
+        return namespace(*parts)
+    runtime = runtime_of(model)
+    return namespace(*parts, f"precision={precision}", *([f"runtime={runtime}"] if runtime != "torch" else []))
 
 
 def descriptor_cache_for(model, precision: str = "fp32") -> DescriptorCache:
@@ -201,6 +207,9 @@ def extract_features(
             )
             bar = tqdm(total=len(todo), desc=f"{desc} ({model.name})", unit="img", leave=False, disable=not progress)
             exported = exported_encoder(model, runtime_of(model), precision)
+            if cache is not None and exported is None and cache.path.stem != descriptor_namespace(model, precision):
+                cache.close()  # the runtime fell back to torch: its descriptors go to torch's namespace
+                cache = descriptor_cache_for(model, precision)
             compiled = exported is None and should_compile(model, len(todo), batch_size, precision, device)
             with CompiledBackbone(model, batch_size, precision, device, compiled) as runner:
                 for idx, images, sizes, errors in loader:

@@ -17,9 +17,9 @@ cache root (``exported/``), then loaded into an OpenVINO compiled model. Local-h
 :class:`~placerank.models.base.LocalFeatures` by
 :func:`placerank.models.onnx_outputs.local_features_from_outputs`, so one pass still gives global
 and local features. Precision: fp32 or bf16 (OpenVINO's
-``INFERENCE_PRECISION_HINT``). Descriptor caches are keyed by precision, not runtime: fp32
-descriptors of every runtime agree to 1e-5, and OpenVINO's bf16 ones agree with PyTorch's bf16
-as closely as either does with fp32 (measured in ``benchmarks/extraction.py``).
+``INFERENCE_PRECISION_HINT``). The descriptor cache is keyed by precision and, below fp32, by
+runtime: fp32 descriptors of every runtime agree to 1e-5 and share it; OpenVINO's bf16 ones are
+as far from PyTorch's bf16 as either is from fp32 (``benchmarks/extraction.py``), so they do not.
 """
 
 from __future__ import annotations

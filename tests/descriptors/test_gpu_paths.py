@@ -16,6 +16,7 @@ from placerank.descriptors import extract as extract_mod
 from placerank.descriptors.cache import namespace
 from placerank.descriptors.extract import check_precision, descriptor_cache_for, descriptor_namespace, extract_features
 from placerank.descriptors.files import extract_to_folder, load_descriptors, up_to_date
+from placerank.descriptors.runtime import RUNTIME_ATTR
 from placerank.errors import PlaceRankError
 from placerank.index import flat
 from placerank.index.flat import FlatIndex
@@ -50,6 +51,13 @@ def test_precision_is_part_of_the_cache_namespace(model, images):
     # fp32 keeps the namespace existing caches were written under
     assert descriptor_namespace(model) == namespace(model.name, model.weights_id, model.preprocess.signature())
     assert descriptor_namespace(model, "bf16") != descriptor_namespace(model)
+    # another runtime: its own bf16 cache, the same fp32 one (fp32 descriptors agree to 1e-5)
+    torch_bf16 = descriptor_namespace(model, "bf16")
+    setattr(model, RUNTIME_ATTR, "openvino")
+    assert descriptor_namespace(model, "bf16") != torch_bf16
+    assert descriptor_namespace(model) == namespace(model.name, model.weights_id, model.preprocess.signature())
+    setattr(model, RUNTIME_ATTR, "torch")
+    assert descriptor_namespace(model, "bf16") == torch_bf16
     fp32, _ = extract_features(model, images[:2], CPU, 2, 0, progress=False)
     bf16, _ = extract_features(model, images[:2], CPU, 2, 0, progress=False, precision="bf16")
     again, _ = extract_features(model, images[:2], CPU, 2, 0, progress=False)  # read from the fp32 cache

@@ -85,3 +85,28 @@ def test_auto_runtime_takes_openvino_once_the_export_repays_itself(make_model):
     assert choose_runtime("auto", model, CPU, 0) == "openvino"
     netvlad = make_model("effnet-lite0-netvlad", image_size=(64, 64))
     assert netvlad.needs_data_init and choose_runtime("auto", netvlad, CPU, 10**6) == "torch"
+
+
+def test_a_runtime_that_falls_back_caches_under_torchs_namespace(make_model, images, monkeypatch, capsys):
+    """bf16 descriptors are cached per runtime; when OpenVINO cannot take the model (one warning)
+    the PyTorch descriptors it extracts instead land in PyTorch's bf16 namespace, not OpenVINO's."""
+    from placerank.descriptors import runtime
+    from placerank.descriptors.cache import DescriptorCache, image_key
+    from placerank.descriptors.extract import descriptor_namespace, extract_features
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("an op the exporter refuses")
+
+    monkeypatch.setattr(runtime, "ExportedEncoder", refuse)
+    model = prepare_inference(make_model("effnet-lite0-gem", image_size=(64, 96)), CPU, "off", "openvino")
+    openvino_space = descriptor_namespace(model, "bf16")
+    d, keys = extract_features(model, images, CPU, 4, 0, use_cache=True, progress=False, precision="bf16")
+    assert capsys.readouterr().err.strip() == (
+        "placerank: warning: --runtime openvino cannot run effnet-lite0-gem (an op the exporter refuses);"
+        " running it with torch"
+    )
+    torch_space = descriptor_namespace(model, "bf16")
+    assert torch_space != openvino_space
+    cached = DescriptorCache(torch_space, model.descriptor_dim).get_many([image_key(p) for p in images])
+    assert sorted(cached) == sorted(keys) and all((cached[k] == d[i]).all() for i, k in enumerate(keys))
+    assert not DescriptorCache(openvino_space, model.descriptor_dim).get_many(keys)
