@@ -37,16 +37,13 @@ def run(args) -> int:
     record = run_precision_check(model, device, args.data, batch_size=args.batch_size, compiled=not args.no_compile)
     fp32 = record["precisions"]["fp32"]
     print(f"{record['model']} on {record['device_class']}, {record['dataset']} ({record['queries']} queries):")
-    for name, run_ in record["precisions"].items():
+    runs = [(name, r) for name, r in record["precisions"].items()]
+    runs += [(f"{name} compiled", r) for name, r in record.get("compiled", {}).items()]
+    for name, run_ in runs:
         agree = "" if name == "fp32" else f"  min cosine {run_['min_cosine']:.5f}, max diff {run_['max_abs_diff']:.2e}"
         delta = 100 * (run_["recall_at_1"] - fp32["recall_at_1"])
         print(
             f"  {name}: R@1 {100 * run_['recall_at_1']:.1f} ({delta:+.1f}), {run_['ms_per_image']:.1f} ms/image{agree}"
-        )
-    for name, run_ in record.get("compiled", {}).items():
-        delta = 100 * (run_["recall_at_1"] - fp32["recall_at_1"])
-        print(
-            f"  {name} compiled: R@1 {100 * run_['recall_at_1']:.1f} ({delta:+.1f}), {run_['ms_per_image']:.1f} ms/image"
         )
     print(f"--precision auto takes {record['chosen']}")
     if record["chosen"] != "fp32":

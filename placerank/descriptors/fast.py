@@ -253,9 +253,13 @@ def find_check(model_name: str, device_cls: str, runtime: str = "torch") -> dict
 def choose_precision(record: dict) -> str:
     """The fastest measured precision whose R@1 is within :data:`RECALL_TOLERANCE` of fp32's."""
     runs = record["precisions"]
-    floor = float(runs["fp32"]["recall_at_1"]) - RECALL_TOLERANCE
-    fine = [p for p, r in runs.items() if float(r["recall_at_1"]) >= floor - 1e-12]
+    fine = [p for p, r in runs.items() if _recall_holds(runs["fp32"], r)]
     return min(fine, key=lambda p: float(runs[p]["ms_per_image"]))
+
+
+def _recall_holds(fp32_run: dict, run: dict) -> bool:
+    """``run``'s R@1 is at most :data:`RECALL_TOLERANCE` below ``fp32_run``'s."""
+    return float(run["recall_at_1"]) >= float(fp32_run["recall_at_1"]) - RECALL_TOLERANCE - 1e-12
 
 
 def compiled_precision_holds(record: dict | None, precision: str) -> bool:
@@ -269,8 +273,7 @@ def compiled_precision_holds(record: dict | None, precision: str) -> bool:
         return True
     if record is None or precision not in record.get("compiled", {}) or "fp32" not in record.get("precisions", {}):
         return False
-    floor = float(record["precisions"]["fp32"]["recall_at_1"]) - RECALL_TOLERANCE
-    return float(record["compiled"][precision]["recall_at_1"]) >= floor - 1e-12
+    return _recall_holds(record["precisions"]["fp32"], record["compiled"][precision])
 
 
 def resolve_precision(requested: str, model, device: torch.device) -> str:

@@ -74,7 +74,6 @@ def run_precision_check(
     root = find_shared_data(data)
     db_spec, q_spec, tolerance = CHECK_DATASET
     ds = open_dataset(root / db_spec, root / q_spec, options=LayoutOptions(frame_tolerance=tolerance))
-    prepare_inference(model, device, compile="off")
     runs: dict[str, dict] = {}
     reference: np.ndarray | None = None
     compiled_runs: dict[str, dict] = {}
