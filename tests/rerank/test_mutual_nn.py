@@ -57,6 +57,20 @@ def test_every_entry_point_gives_the_brute_force_pairs():
                 assert {tuple(p) for p in mutual_nn_pairs(q, c).tolist()} == e
 
 
+def test_pairs_with_exact_ties_keep_the_first_index_in_both_directions():
+    """Integer descriptors make many exactly equal similarities: the CPU path (one product, no
+    column-wise argmax, ties found from knocked-out column maxima) must still give argmax's
+    first-index answer in both directions, as the brute-force definition does."""
+    rng = np.random.default_rng(1)
+    for _ in range(400):
+        n, m, d = (int(x) for x in (*rng.integers(1, 30, 2), rng.integers(1, 4)))
+        q = rng.integers(-2, 3, (n, d)).astype(np.float32)
+        c = rng.integers(-2, 3, (m, d)).astype(np.float32)
+        got = mutual_nn_pairs(q, c)
+        assert got[:, 0].tolist() == sorted(got[:, 0].tolist())
+        assert {tuple(p) for p in got.tolist()} == _brute(q, c)
+
+
 def test_mean_similarity_value_and_gradient_equal_the_full_matrix_definition():
     torch.manual_seed(0)
     f1 = torch.nn.functional.normalize(torch.randn(300, 16), dim=1).requires_grad_(True)
