@@ -47,12 +47,13 @@ LOCAL_STD = (1.0, 1.0, 1.0)
 LOCAL_MIN_SIDE = 32
 DEFAULT_SIZE = (480, 640)
 #: ``precision=auto`` per (network, device type); anything not listed runs fp32. Measured
-#: (``benchmarks/local_extraction.py``, docs/inference.md): bf16 keeps the re-ranked R@1 on
-#: GardensPoint day -> night for XFeat and ALIKED on CPU and is faster (1.15x / 1.3x over fp32
-#: channels_last). It is not the default yet: ``auto`` must first resolve to the precision an
-#: existing localize database's features were stored in (its ``rerankers`` meta row records the
-#: signature), or every old database would re-extract them. DISK's bf16 descriptors drift
-#: (cosine down to 0.85); nothing on CUDA was measured.
+#: (``benchmarks/local_extraction.py``, docs/inference.md): bf16 is 1.15x / 1.3x faster than fp32
+#: channels_last for XFeat / ALIKED on CPU and kept the re-ranked R@1 on 40 GardensPoint queries,
+#: but on all 140 night -> day queries of the demo XFeat bf16 lost one (92.9 against 93.6: more
+#: than the 0.5 points ``--precision auto`` allows), so XFeat stays fp32; ALIKED was measured on
+#: 24 queries only. DISK's bf16 descriptors drift (cosine down to 0.85); nothing on CUDA was
+#: measured. (Before any entry is added, ``auto`` must resolve to the precision an existing localize
+#: database stored its features in, or every old database would re-extract them.)
 AUTO_PRECISION: dict[tuple[str, str], str] = {}
 
 
