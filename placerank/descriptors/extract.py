@@ -222,8 +222,11 @@ def extract_features(
                         if exported is None
                         else functools.partial(exported.encode, local_options=opts)
                     )
+                    # channels_last only for PyTorch's prepared weights: the exported runtime takes
+                    # the loader's contiguous NCHW batch as it is (no copy there and back)
+                    channels_last = exported is None and is_prepared(model)
                     g, local = runner.run(
-                        encode, as_input(images, device, is_prepared(model)), [(int(s[0]), int(s[1])) for s in sizes]
+                        encode, as_input(images, device, channels_last), [(int(s[0]), int(s[1])) for s in sizes]
                     )
                     d = g.float().cpu().numpy()
                     out[rows] = d
