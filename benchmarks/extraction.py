@@ -274,10 +274,9 @@ def bench_model(name: str, ds, args, tmp: Path) -> dict:
             if runtime == "openvino":
                 d, s = children["openvino"].ask("pipeline", (paths, args.workers, precision))
             else:
-                unprepared = key == "today"  # the old default: an unprepared model in eager fp32
                 d, s = pipeline_row(
-                    model, paths, args.batch_size, args.workers, precision, "off" if unprepared else compile_,
-                    "torch" if unprepared else runtime, prepared=not unprepared,
+                    model, paths, args.batch_size, args.workers, precision, compile_, runtime,
+                    prepared=key != "today",  # the old default: an unprepared model in eager fp32
                 )  # fmt: skip
             seconds[key].append(s)
             found[key] = d
@@ -289,7 +288,7 @@ def bench_model(name: str, ds, args, tmp: Path) -> dict:
         pipe[key] = {
             "runtime": runtime,
             "precision": precision,
-            "compile": compile_ == "on" and key != "today",
+            "compile": compile_ == "on",
             "ms_per_image": s * 1000 / n,
             "recall_at_1": recall_at_1(found[key], n_db, ds.positives),
             "vs_today": s_today / s,

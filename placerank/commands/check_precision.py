@@ -37,7 +37,7 @@ def run(args) -> int:
     record = run_precision_check(model, device, args.data, batch_size=args.batch_size, compiled=not args.no_compile)
     fp32 = record["precisions"]["fp32"]
     print(f"{record['model']} on {record['device_class']}, {record['dataset']} ({record['queries']} queries):")
-    runs = [(name, r) for name, r in record["precisions"].items()]
+    runs = list(record["precisions"].items())
     runs += [(f"{name} compiled", r) for name, r in record.get("compiled", {}).items()]
     for name, run_ in runs:
         agree = "" if name == "fp32" else f"  min cosine {run_['min_cosine']:.5f}, max diff {run_['max_abs_diff']:.2e}"
