@@ -77,14 +77,14 @@ def build_model(name: str, quick: bool):
 
 def first_stage(name: str, args, ds, device):
     """The model, re-ranker, local store and top-100 candidates, as ``evaluate`` builds them."""
-    from placerank.descriptors.extract import local_precision, local_store_for
+    from placerank.descriptors.extract import local_numerics, local_store_for
     from placerank.descriptors.files import extract_descriptors
     from placerank.index.candidates import search
     from placerank.rerank.base import create_reranker, shares_model_head
 
     model = build_model(FIRST_STAGE[name], args.quick).to(device)
     reranker = create_reranker(name, model=model).to(device)
-    store = local_store_for(reranker, precision=local_precision(model, reranker, "fp32"))
+    store = local_store_for(reranker, numerics=local_numerics(model, reranker, "fp32"))
     shared = store if shares_model_head(model, reranker) else None
     db, q = (
         extract_descriptors(model, s.paths, device, 16, 0, True, reranker=reranker if shared else None, store=shared)

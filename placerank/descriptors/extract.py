@@ -42,7 +42,7 @@ from placerank.descriptors.fast import (
 )
 from placerank.descriptors.local_store import LocalFeatureStore
 from placerank.descriptors.memory import fit_batch_size, workers_for
-from placerank.descriptors.runtime import exported_encoder
+from placerank.descriptors.runtime import exported_encoder, numerics
 from placerank.errors import PlaceRankError
 from placerank.models.base import LocalFeatures
 
@@ -83,13 +83,13 @@ def descriptor_cache_for(model, precision: str = "fp32") -> DescriptorCache:
     return DescriptorCache(descriptor_namespace(model, precision), model.descriptor_dim)
 
 
-def local_store_for(reranker, root: str | Path | None = None, precision: str = "fp32") -> LocalFeatureStore:
+def local_store_for(reranker, root: str | Path | None = None, numerics: str = "fp32") -> LocalFeatureStore:
     """The re-ranker's local-feature store: under ``root`` (a descriptor folder's ``local/``) or
     the cache; one sub-folder per re-ranker signature, so several re-rankers live side by side.
-    ``precision`` (for features from the model's own head run under autocast) gets its own
-    sub-folder unless fp32."""
+    ``numerics`` (:func:`local_numerics`: features from the model's own head under autocast, on
+    PyTorch or another runtime) gets its own sub-folder unless fp32."""
     base = Path(root) if root is not None else cache_root() / "local"
-    extra = [f"precision={precision}"] if precision != "fp32" else []
+    extra = [f"precision={numerics}"] if numerics != "fp32" else []
     folder = base / namespace(reranker.name, reranker.signature(), *extra)
     return LocalFeatureStore(folder, reranker.signature(), reranker.dim)
 
@@ -101,6 +101,13 @@ def local_precision(model, reranker, precision: str) -> str:
     if shared_local_options(model, reranker) is not None:
         return precision
     return str(getattr(reranker, "precision", "fp32"))
+
+
+def local_numerics(model, reranker, precision: str) -> str:
+    """:func:`local_precision` and, for the model's own head below fp32, the runtime that ran it
+    (:func:`~placerank.descriptors.runtime.numerics`): the label of the store the features go to."""
+    runtime = runtime_of(model) if shared_local_options(model, reranker) is not None else "torch"
+    return numerics(local_precision(model, reranker, precision), runtime)
 
 
 def shared_local_options(model, reranker) -> dict | None:

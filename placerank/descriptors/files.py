@@ -24,7 +24,9 @@ import numpy as np
 import torch
 
 from placerank.descriptors.cache import image_key
-from placerank.descriptors.extract import extract_features, local_precision, local_store_for
+from placerank.descriptors.extract import extract_features, local_numerics, local_store_for
+from placerank.descriptors.fast import runtime_of
+from placerank.descriptors.runtime import numerics
 from placerank.errors import PlaceRankError
 from placerank.utils import read_stage_json, save_npy_atomic, write_json_atomic
 
@@ -32,8 +34,11 @@ FORMAT = 1
 KIND = "placerank-descriptors"
 
 
-def fingerprint(model: str, weights_id: str, preprocess: str, keys: list[str], precision: str = "fp32") -> str:
-    made = f"{model}|{weights_id}|{preprocess}" + (f"|{precision}" if precision != "fp32" else "")
+def fingerprint(model: str, weights_id: str, preprocess: str, keys: list[str], numerics: str = "fp32") -> str:
+    """What a folder's descriptors are a function of; ``numerics``: precision and, below fp32, the
+    runtime (:func:`~placerank.descriptors.runtime.numerics`; fp32 adds nothing, so folders
+    written before precisions existed keep their fingerprint)."""
+    made = f"{model}|{weights_id}|{preprocess}" + (f"|{numerics}" if numerics != "fp32" else "")
     h = hashlib.sha256(made.encode())
     for k in keys:
         h.update(k.encode())
@@ -55,6 +60,7 @@ class DescriptorSet:
     local: list[dict] = field(default_factory=list)  # [{"reranker", "signature", "store"}]
     folder: Path | None = None
     precision: str = "fp32"  # the model's forward: fp32, or bf16 / fp16 autocast
+    runtime: str = "torch"  # what ran it (part of the fingerprint below fp32: --runtime, docs/inference.md)
 
     @classmethod
     def of_model(
@@ -73,12 +79,15 @@ class DescriptorSet:
             input_size=tuple(model.preprocess.size),
             local=local,
             precision=precision,
+            runtime=runtime_of(model),
             folder=None if folder is None else Path(folder),
         )
 
     @property
     def fingerprint(self) -> str:
-        return fingerprint(self.model, self.weights_id, self.preprocess, self.keys, self.precision)
+        return fingerprint(
+            self.model, self.weights_id, self.preprocess, self.keys, numerics(self.precision, self.runtime)
+        )
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -93,6 +102,7 @@ class DescriptorSet:
             "preprocess": self.preprocess,
             "input_size": list(self.input_size) if self.input_size else None,
             "precision": self.precision,
+            "runtime": self.runtime,
             "descriptor_dim": int(self.descriptors.shape[1]),
             "count": len(self.paths),
             "fingerprint": self.fingerprint,
@@ -165,6 +175,7 @@ def load_descriptors(folder: str | Path) -> DescriptorSet:
         local=list(meta.get("local") or []),
         folder=folder,
         precision=str(meta.get("precision", "fp32")),
+        runtime=str(meta.get("runtime", "torch")),
     )
     if ds.fingerprint != meta["fingerprint"]:
         raise _bad(folder, "descriptors.json fingerprint does not match its contents")
@@ -216,7 +227,8 @@ def up_to_date(folder: str | Path, model, paths: list[Path], reranker=None, prec
     except PlaceRankError:
         return False
     keys = [image_key(p) for p in paths]
-    if meta["fingerprint"] != fingerprint(model.name, model.weights_id, model.preprocess.signature(), keys, precision):
+    made = numerics(precision, runtime_of(model))
+    if meta["fingerprint"] != fingerprint(model.name, model.weights_id, model.preprocess.signature(), keys, made):
         return False
     if not (Path(folder) / "descriptors.npy").is_file():
         return False
@@ -224,7 +236,7 @@ def up_to_date(folder: str | Path, model, paths: list[Path], reranker=None, prec
         return True
     if not any(e.get("signature") == reranker.signature() for e in meta.get("local") or []):
         return False
-    store = local_store_for(reranker, Path(folder) / "local", local_precision(model, reranker, precision))
+    store = local_store_for(reranker, Path(folder) / "local", local_numerics(model, reranker, precision))
     try:
         return all(k in store for k in keys)
     finally:
@@ -252,7 +264,7 @@ def extract_to_folder(
         return load_descriptors(folder), True
     store = None
     if reranker is not None:
-        store = local_store_for(reranker, folder / "local", local_precision(model, reranker, precision))
+        store = local_store_for(reranker, folder / "local", local_numerics(model, reranker, precision))
     folder.mkdir(parents=True, exist_ok=True)
     # descriptors stream into a memory-mapped file beside the final one, renamed when complete
     partial = folder / f".descriptors-{os.getpid()}.partial.npy"

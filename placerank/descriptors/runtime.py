@@ -42,6 +42,14 @@ _PACKAGES = {"openvino": "openvino"}
 _ENCODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(runtime, precision): encoder}
 
 
+def numerics(precision: str, runtime: str) -> str:
+    """What a model's descriptors depend on beyond the model and its input: the precision and,
+    below fp32, the runtime (``bf16`` on PyTorch, ``bf16+openvino``). fp32 descriptors of every
+    runtime agree to 1e-5, so they share one label; bf16 ones of two runtimes differ as much as
+    each differs from fp32 (cosine ~0.99), so they must never meet in one cache, folder or database."""
+    return precision if precision == "fp32" or runtime == "torch" else f"{precision}+{runtime}"
+
+
 def check_runtime(runtime: str, device: torch.device, precision: str | None = None) -> str:
     """``runtime`` if it can run here at ``precision``; else one line (before any work)."""
     if runtime not in (*RUNTIMES, "auto"):

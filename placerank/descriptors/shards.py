@@ -41,7 +41,7 @@ from numpy.lib.format import open_memmap
 from tqdm.auto import tqdm
 
 from placerank.descriptors.cache import image_key
-from placerank.descriptors.extract import extract_features, local_precision, local_store_for
+from placerank.descriptors.extract import extract_features, local_numerics, local_store_for
 from placerank.descriptors.files import DescriptorSet, keep_other_stores, read_meta
 from placerank.errors import PlaceRankError, warn
 from placerank.utils import atomic_path, write_json_atomic
@@ -92,9 +92,12 @@ def shard_folder(folder: str | Path, rank: int, size: int) -> Path:
 
 def shard_fingerprint(model, keys: list[str], precision: str, reranker=None) -> str:
     """What a shard's rows depend on: the merged folder's fingerprint plus the re-ranker."""
+    from placerank.descriptors.fast import runtime_of
     from placerank.descriptors.files import fingerprint
+    from placerank.descriptors.runtime import numerics
 
-    base = fingerprint(model.name, model.weights_id, model.preprocess.signature(), keys, precision)
+    made = numerics(precision, runtime_of(model))
+    base = fingerprint(model.name, model.weights_id, model.preprocess.signature(), keys, made)
     return base if reranker is None else f"{base}|{reranker.signature()}"
 
 
@@ -180,7 +183,7 @@ def extract_shard(
     started, stop, chunks = done, _stop_after(rank), 0
     store = None
     if reranker is not None:
-        store = local_store_for(reranker, shard / "local", local_precision(model, reranker, precision))
+        store = local_store_for(reranker, shard / "local", local_numerics(model, reranker, precision))
     chunk = _chunk_rows(len(mine), max(1, batch_size), max(1, chunk_batches))
     bar = tqdm(
         total=len(mine),
@@ -279,7 +282,7 @@ def merge_shards(
     del shards
     local = []
     if reranker is not None:
-        target = _merge_local(folder, size, keys, reranker, local_precision(model, reranker, precision), local_root)
+        target = _merge_local(folder, size, keys, reranker, local_numerics(model, reranker, precision), local_root)
         local.append({"reranker": reranker.name, "signature": reranker.signature(), "store": target})
     descriptors = np.load(folder / "descriptors.npy", mmap_mode="r")
     ds = DescriptorSet.of_model(model, descriptors, paths, keys, weights, local, precision, folder)

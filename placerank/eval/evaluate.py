@@ -14,7 +14,7 @@ from pathlib import Path
 
 from placerank.data.dataset import Dataset
 from placerank.data.layouts import LayoutOptions, open_dataset
-from placerank.descriptors.extract import check_precision, local_precision, local_store_for
+from placerank.descriptors.extract import check_precision, local_numerics, local_store_for
 from placerank.descriptors.fast import check_compile_mode, precision_report, prepare_inference, resolve_precision
 from placerank.descriptors.files import extract_descriptors, open_rows
 from placerank.descriptors.runtime import check_runtime, choose_runtime
@@ -140,7 +140,7 @@ def evaluate(config: EvalConfig, model=None, dataset: Dataset | None = None) -> 
 
         rerank_options = reranker_options(config.rerank, config.rerank_options or {})
         reranker = create_reranker(config.rerank, model=model, **rerank_options).to(device)
-        store = local_store_for(reranker, precision=local_precision(model, reranker, config.precision))
+        store = local_store_for(reranker, numerics=local_numerics(model, reranker, config.precision))
     # A re-ranker on the model's own local head gets its features in the same backbone pass.
     shared = store if shares_model_head(model, reranker) else None
     # a large database's descriptors stream into a memmap in a scratch folder ($TMPDIR), not RAM

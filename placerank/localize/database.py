@@ -40,7 +40,15 @@ from placerank.localize.estimate import EstimateConfig
 from placerank.localize.features import LocalFeatureCache
 from placerank.localize.folder import FolderIndexer, is_under, list_photos
 from placerank.localize.lock import DatabaseBusyError, WriteLock
-from placerank.localize.model import build_model, check_request, database_precision, load_model, model_meta
+from placerank.localize.model import (
+    build_model,
+    check_request,
+    database_precision,
+    database_runtime,
+    load_model,
+    model_meta,
+    stored_runtime,
+)
 from placerank.localize.query import localize
 from placerank.localize.results import IndexReport, LocalizeResult, RemoveReport
 from placerank.localize.store import Store
@@ -60,7 +68,8 @@ class Database(contextlib.AbstractContextManager):
     ``precision``: the one the database's descriptors are in (every extraction uses it);
     ``compile``: the model's ``--compile`` mode (auto / on / off; ``auto`` compiles an ``index``
     run large enough to repay it, never a single query); ``runtime``: what runs it (``--runtime``
-    torch / onnx / openvino, docs/inference.md).
+    auto / torch / openvino, docs/inference.md; ``auto``: OpenVINO once the model is exported; a
+    database below fp32 keeps the runtime it was built with, ``runtime`` meta row).
     """
 
     def __init__(
@@ -73,7 +82,7 @@ class Database(contextlib.AbstractContextManager):
         built=None,
         precision: str = "fp32",
         compile: str = "off",
-        runtime: str = "torch",
+        runtime: str = "auto",
     ):
         from placerank.utils import resolve_device
 
@@ -100,7 +109,7 @@ class Database(contextlib.AbstractContextManager):
         index_options: dict | None = None,
         precision: str = "fp32",
         compile: str = "off",
-        runtime: str = "torch",
+        runtime: str = "auto",
     ) -> Database:
         """Make a new, empty database for ``model`` (a registry name or a built VPRModel), searched
         with an index of kind ``index`` (docs/index.md), its descriptors in ``precision`` (fp32,
@@ -129,7 +138,7 @@ class Database(contextlib.AbstractContextManager):
             if metadata.is_initialised(folder):
                 raise PlaceRankError(exists)
             conn = metadata.create(folder, meta)
-        return cls(folder, conn, device, model, weights, m, precision, compile, runtime)
+        return cls(folder, conn, device, model, weights, m, precision, compile, meta["runtime"])
 
     @classmethod
     def open(
@@ -142,7 +151,7 @@ class Database(contextlib.AbstractContextManager):
         read_only: bool = False,
         precision: str | None = None,
         compile: str = "off",
-        runtime: str = "torch",
+        runtime: str = "auto",
     ) -> Database:
         """Open an existing database. ``model``/``weights``/``image_size``/``precision``, when
         given, must be the ones it was built with (refused otherwise); left out (``precision``:
@@ -163,6 +172,7 @@ class Database(contextlib.AbstractContextManager):
             raise PlaceRankError(f"{folder / metadata.DB_FILE}: not a readable placerank database ({e})") from None
         check_request(folder, meta, model, image_size)
         db.precision = database_precision(folder, meta, precision)
+        db.runtime = database_runtime(folder, meta, runtime)
         if (model is not None and not isinstance(model, str)) or weights is not None:
             _ = db.model  # load now so a weights mismatch is reported at open
         return db
@@ -181,7 +191,7 @@ class Database(contextlib.AbstractContextManager):
         index_options: dict | None = None,
         precision: str | None = None,
         compile: str = "off",
-        runtime: str = "torch",
+        runtime: str = "auto",
     ) -> Database:
         """Open the database at ``path``, or create it. ``index`` (a kind, docs/index.md) and
         ``index_options``, when given, become the database's index (rebuilt on next use).
@@ -230,6 +240,7 @@ class Database(contextlib.AbstractContextManager):
             "weights": meta["weights_source"],
             "image_size": meta["image_size"],
             "precision": meta.get("precision") or "fp32",
+            "runtime": stored_runtime(meta),
             "frame": meta["frame"] or "(none yet)",
             "radius_m": float(meta["radius"]),
             "rerankers": json.loads(meta["rerankers"]),

@@ -19,10 +19,11 @@ import numpy as np
 
 from placerank.data.exif import GpsReading, read_gps
 from placerank.data.positions import LOCAL, WGS84, Position, read_positions_csv
+from placerank.descriptors.runtime import numerics
 from placerank.errors import DataError, PlaceRankError
 from placerank.localize.features import CHUNK_BATCHES, LocalFeatureCache, compile_for, describe, image_sizes
 from placerank.localize.metadata import FileRow
-from placerank.localize.model import stored_precision
+from placerank.localize.model import check_model_numerics, stored_precision, stored_runtime
 from placerank.localize.results import IndexReport
 from placerank.localize.store import NewPhoto, Store
 
@@ -281,6 +282,7 @@ class FolderIndexer:
                     if fresh[i].old_id is not None:
                         plan.stale.append(str(paths[i]))
                 if done:
+                    check_model_numerics(self.store.folder, self.store.meta.all(), model)  # no fallback stored
                     batch = [fresh[i] for i in done]
                     for it, d, hw in zip(batch, descs, image_sizes([it.path for it in batch])):
                         it.desc, it.hw = d, hw
@@ -306,6 +308,8 @@ class FolderIndexer:
         except PlaceRankError as e:
             self.say(f"{e}; extracting in one process instead")
             return False
+        if numerics(ds.precision, ds.runtime) != numerics(precision, stored_runtime(self.store.meta.all())):
+            check_model_numerics(self.store.folder, self.store.meta.all(), model)  # the ranks fell back: one line
         chunk = max(1, batch_size) * CHUNK_BATCHES
         for start in range(0, len(fresh), chunk):
             batch = fresh[start : start + chunk]

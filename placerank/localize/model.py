@@ -5,7 +5,8 @@ model never meet the stored ones.
 The same holds for the inference **precision** (fp32, or bf16 / fp16 autocast): a bf16
 descriptor is ~0.999 cosine of the fp32 one, enough to move a ranking, so a database is built in
 one precision (recorded in its ``precision`` meta row; a database without the row predates it and
-is fp32) and every photo added later and every query is extracted in it. Models are prepared
+is fp32) and every photo added later and every query is extracted in it; below fp32 also on the
+same **runtime** (``runtime`` row: torch or openvino; none = torch). Models are prepared
 for inference here (:func:`~placerank.descriptors.fast.prepare_inference`: eval mode,
 channels_last, the ``--compile`` mode)."""
 
@@ -38,6 +39,42 @@ def stored_precision(meta: dict[str, str]) -> str:
     return meta.get("precision") or "fp32"
 
 
+def stored_runtime(meta: dict[str, str]) -> str:
+    """The runtime a database's descriptors were extracted with (torch before it was recorded)."""
+    return meta.get("runtime") or "torch"
+
+
+def database_runtime(folder: Path, meta: dict[str, str], requested: str) -> str:
+    """The runtime this database's model runs on. fp32 descriptors of every runtime agree to 1e-5:
+    the requested one (``auto`` decided as for any job). Below fp32 the stored one, since bf16
+    descriptors of two runtimes differ as much as each differs from fp32: ``auto`` takes it,
+    another explicit runtime is refused (one line)."""
+    precision = stored_precision(meta)
+    if precision == "fp32":
+        return requested
+    stored = stored_runtime(meta)
+    if requested not in ("auto", stored):
+        raise IndexMismatchError(
+            f"{folder}: database was built at precision {precision} with --runtime {stored}, not {requested}; "
+            f"use --runtime {stored} (or auto) or a new --db"
+        )
+    return stored
+
+
+def check_model_numerics(folder: Path, meta: dict[str, str], model) -> None:
+    """Refuse (one line) to store or search descriptors a model made with other numerics than the
+    database's: a runtime that could not run the model fell back to PyTorch meanwhile."""
+    from placerank.descriptors.fast import runtime_of
+    from placerank.descriptors.runtime import numerics
+
+    precision = stored_precision(meta)
+    if numerics(precision, runtime_of(model)) != numerics(precision, stored_runtime(meta)):
+        raise IndexMismatchError(
+            f"{folder}: database descriptors are {precision} from --runtime {stored_runtime(meta)}, but the model"
+            f" now runs on {runtime_of(model)} (it could not run on {stored_runtime(meta)}); not mixing them"
+        )
+
+
 def database_precision(folder: Path, meta: dict[str, str], requested: str | None, device=None) -> str:
     """The precision new photos and queries of this database are extracted in: its own.
     ``requested`` None or ``auto`` takes it; another explicit value is refused (one line), as
@@ -60,7 +97,10 @@ def database_precision(folder: Path, meta: dict[str, str], requested: str | None
 
 
 def model_meta(m, weights, radius: float, created: str, precision: str = "fp32") -> dict[str, str]:
-    """The ``meta`` rows of a new database built with model ``m`` in ``precision``."""
+    """The ``meta`` rows of a new database built with model ``m`` (prepared for inference: its
+    runtime is recorded) in ``precision``."""
+    from placerank.descriptors.fast import runtime_of
+
     if m.needs_data_init:
         # Its k-means initialisation depends on data and is not part of any weights file, so a
         # database built with it could never be reopened with the same model.
@@ -80,6 +120,7 @@ def model_meta(m, weights, radius: float, created: str, precision: str = "fp32")
         "descriptor_dim": str(m.descriptor_dim),
         "preprocess": m.preprocess.signature(),
         "precision": precision,
+        "runtime": runtime_of(m),
         "image_size": f"{m.preprocess.size[0]},{m.preprocess.size[1]}",
         "frame": "",
         "radius": repr(float(radius)),
