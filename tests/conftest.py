@@ -12,6 +12,11 @@ from pathlib import Path
 # Two cores shared by torch's threads and DataLoader workers: spinning OpenMP threads waste the
 # core the other side needs (measured 10-20x slower small ops under load). Set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The commands' default runtime (auto) would run large jobs on OpenVINO; this process also loads
+# ONNX Runtime to check exports, and the two together corrupted the heap here (docs/inference.md).
+# So PyTorch runs everything in this process and its children unless a test asks for OpenVINO;
+# the OpenVINO paths and the auto default are tested in child processes without this variable.
+os.environ["PLACERANK_RUNTIME"] = "torch"
 
 import pytest
 import torch

@@ -7,6 +7,7 @@ import math
 from collections.abc import Callable
 
 from placerank.descriptors.memory import DEFAULT_MAX_MEMORY_GB
+from placerank.descriptors.runtime import default_runtime
 from placerank.errors import PlaceRankError
 
 DEFAULT_MODEL = "effnet-lite0-gem"
@@ -97,11 +98,12 @@ def add_compile_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="same as --compile off")
     p.add_argument(
         "--runtime",
-        default="torch",
-        choices=["torch", "openvino", "auto"],
-        help="what runs the model: torch (default), openvino (the exported ONNX file on OpenVINO, fp32 / bf16,"
-        " CPU only, the fastest measured CPU path; exported once per model, weights and input size into the"
-        " cache) or auto (OpenVINO where installed once the export repays itself, else torch); docs/inference.md",
+        default=default_runtime(),
+        choices=["auto", "torch", "openvino"],
+        help="what runs the model: auto (default, or $PLACERANK_RUNTIME: OpenVINO on a CPU where it is installed"
+        " once the model is exported or the job is large enough to repay the export, else torch), torch, or"
+        " openvino (the exported ONNX file on OpenVINO, fp32 / bf16, CPU only, the fastest measured CPU path;"
+        " exported once per model, weights and input size into the cache); docs/inference.md",
     )
 
 
@@ -120,7 +122,7 @@ def inference_setup(args, model, device, images: int = 0) -> str:
     from placerank.descriptors.fast import prepare_inference, resolve_precision
     from placerank.descriptors.runtime import choose_runtime
 
-    runtime = choose_runtime(getattr(args, "runtime", "torch"), model, device, images)
+    runtime = choose_runtime(getattr(args, "runtime", "auto"), model, device, images)
     prepare_inference(model, device, getattr(args, "compile", "off"), runtime)
     return resolve_precision(getattr(args, "precision", "fp32"), model, device)
 

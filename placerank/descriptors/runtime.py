@@ -26,6 +26,9 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import os
+import sys
+import threading
 import weakref
 from pathlib import Path
 
@@ -36,10 +39,18 @@ from placerank.errors import PlaceRankError, warn
 from placerank.utils import cache_root
 
 RUNTIMES = ("torch", "openvino")
+RUNTIME_ENV = "PLACERANK_RUNTIME"  # the commands' --runtime default when set (else auto)
 RUNTIME_ATTR = "placerank_runtime"  # where prepare_inference records a model's runtime
 EXPORT_MIN_IMAGES = 256  # ~10-35 s one-time export / >= ~100 ms saved per image at 360x640 (docs/inference.md)
 _PACKAGES = {"openvino": "openvino"}
 _ENCODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(runtime, precision): encoder}
+
+
+def default_runtime() -> str:
+    """The runtime when none is asked for: ``$PLACERANK_RUNTIME`` (checked where it is used), else
+    ``auto``. The test suite sets it to ``torch``: its process also loads ONNX Runtime to check
+    exports, and OpenVINO is exercised in child processes (tests/descriptors/openvino_checks.py)."""
+    return os.environ.get(RUNTIME_ENV) or "auto"
 
 
 def numerics(precision: str, runtime: str) -> str:
@@ -53,7 +64,8 @@ def numerics(precision: str, runtime: str) -> str:
 def check_runtime(runtime: str, device: torch.device, precision: str | None = None) -> str:
     """``runtime`` if it can run here at ``precision``; else one line (before any work)."""
     if runtime not in (*RUNTIMES, "auto"):
-        raise PlaceRankError(f"--runtime {runtime}: use one of auto, {', '.join(RUNTIMES)}")
+        source = f" (from {RUNTIME_ENV})" if os.environ.get(RUNTIME_ENV) == runtime else ""
+        raise PlaceRankError(f"--runtime {runtime}{source}: use one of auto, {', '.join(RUNTIMES)}")
     if runtime in ("torch", "auto"):
         return runtime
     if device.type != "cpu":
@@ -71,10 +83,12 @@ def check_runtime(runtime: str, device: torch.device, precision: str | None = No
 def choose_runtime(requested: str, model, device: torch.device, images: int = 0) -> str:
     """``auto`` -> ``openvino`` on a CPU where it is installed, for a model that exports (no
     uninitialised NetVLAD), when the model is exported already or ``images`` (to extract) repay
-    the export (:data:`EXPORT_MIN_IMAGES`); else ``torch``. Other values are returned as given."""
+    the export (:data:`EXPORT_MIN_IMAGES`); else ``torch``. Never in a process that has loaded ONNX
+    Runtime (the one pairing that has corrupted the heap here, docs/inference.md): a host program
+    or a test run that uses it keeps PyTorch. Other values are returned as given."""
     if requested != "auto":
         return requested
-    if device.type != "cpu" or getattr(model, "needs_data_init", False):
+    if device.type != "cpu" or getattr(model, "needs_data_init", False) or "onnxruntime" in sys.modules:
         return "torch"
     if importlib.util.find_spec("openvino") is None or importlib.util.find_spec("onnx") is None:
         return "torch"
@@ -114,10 +128,12 @@ class ExportedEncoder:
         config = {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": torch.get_num_threads()}
         self._compiled = ov.Core().compile_model(str(path), "CPU", config)
         self._ports = [self._compiled.output(n) for n in self.names]
+        self._lock = threading.Lock()
 
     def _run(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        result = self._compiled(x)
-        return {n: np.asarray(result[p]) for n, p in zip(self.names, self._ports)}
+        with self._lock:  # a compiled model's call reuses one infer request: one caller at a time
+            result = self._compiled(x)
+            return {n: np.array(result[p]) for n, p in zip(self.names, self._ports)}
 
     def encode(self, images: torch.Tensor, sizes, local_options: dict | None = None):
         from placerank.models.onnx_outputs import local_features_from_outputs

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from placerank.data.dataset import Dataset
@@ -17,7 +17,7 @@ from placerank.data.layouts import LayoutOptions, open_dataset
 from placerank.descriptors.extract import check_precision, local_numerics, local_store_for
 from placerank.descriptors.fast import check_compile_mode, precision_report, prepare_inference, resolve_precision
 from placerank.descriptors.files import extract_descriptors, open_rows
-from placerank.descriptors.runtime import check_runtime, choose_runtime
+from placerank.descriptors.runtime import check_runtime, choose_runtime, default_runtime
 from placerank.descriptors.standardize import check_mode, standardize_sides
 from placerank.eval.confidence import (
     check_rerank_below,
@@ -66,7 +66,7 @@ class EvalConfig:
     device: str = "auto"
     precision: str = "fp32"  # the model's forward: fp32, bf16 / fp16 (CUDA) autocast, or auto (docs/inference.md)
     compile: str = "off"  # torch.compile the backbone: auto (when it repays itself) | on | off
-    runtime: str = "torch"  # torch | onnx | openvino (the exported model on the CPU; docs/inference.md)
+    runtime: str = field(default_factory=default_runtime)  # auto | torch | openvino (docs/inference.md)
     batch_size: int = 16
     num_workers: int | None = None
     use_cache: bool = True

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from placerank.descriptors.runtime import default_runtime
 from placerank.errors import DataError, PlaceRankError
 from placerank.index.idmap import IdMapIndex
 from placerank.localize import metadata
@@ -68,7 +69,8 @@ class Database(contextlib.AbstractContextManager):
     ``precision``: the one the database's descriptors are in (every extraction uses it);
     ``compile``: the model's ``--compile`` mode (auto / on / off; ``auto`` compiles an ``index``
     run large enough to repay it, never a single query); ``runtime``: what runs it (``--runtime``
-    auto / torch / openvino, docs/inference.md; ``auto``: OpenVINO once the model is exported; a
+    auto / torch / openvino; None: ``$PLACERANK_RUNTIME`` or auto, docs/inference.md; ``auto``:
+    OpenVINO once the model is exported; a
     database below fp32 keeps the runtime it was built with, ``runtime`` meta row).
     """
 
@@ -82,7 +84,7 @@ class Database(contextlib.AbstractContextManager):
         built=None,
         precision: str = "fp32",
         compile: str = "off",
-        runtime: str = "auto",
+        runtime: str | None = None,
     ):
         from placerank.utils import resolve_device
 
@@ -91,7 +93,7 @@ class Database(contextlib.AbstractContextManager):
         self.store = Store(folder, conn)
         self._requested = (model, weights)
         self._model = built
-        self.precision, self.compile, self.runtime = precision, compile, runtime
+        self.precision, self.compile, self.runtime = precision, compile, runtime or default_runtime()
         self.features = LocalFeatureCache(folder, lambda: self.model, self.device, lambda: self.precision)
 
     # -- construction -----------------------------------------------------------------------
@@ -109,7 +111,7 @@ class Database(contextlib.AbstractContextManager):
         index_options: dict | None = None,
         precision: str = "fp32",
         compile: str = "off",
-        runtime: str = "auto",
+        runtime: str | None = None,
     ) -> Database:
         """Make a new, empty database for ``model`` (a registry name or a built VPRModel), searched
         with an index of kind ``index`` (docs/index.md), its descriptors in ``precision`` (fp32,
@@ -128,7 +130,14 @@ class Database(contextlib.AbstractContextManager):
         dev = resolve_device(device)
         if precision != "auto":
             check_precision(precision, dev)  # before the model is built
-        m = build_model(model if model is not None else DEFAULT_MODEL, weights, image_size, dev, compile, runtime)
+        m = build_model(
+            model if model is not None else DEFAULT_MODEL,
+            weights,
+            image_size,
+            dev,
+            compile,
+            runtime or default_runtime(),
+        )
         precision = resolve_precision(precision, m, dev)
         meta = model_meta(m, weights, radius, metadata.now(), precision)
         IdMapIndex(int(m.descriptor_dim), spec=index, options=index_options)  # a bad kind fails before any file
@@ -151,7 +160,7 @@ class Database(contextlib.AbstractContextManager):
         read_only: bool = False,
         precision: str | None = None,
         compile: str = "off",
-        runtime: str = "auto",
+        runtime: str | None = None,
     ) -> Database:
         """Open an existing database. ``model``/``weights``/``image_size``/``precision``, when
         given, must be the ones it was built with (refused otherwise); left out (``precision``:
@@ -172,7 +181,7 @@ class Database(contextlib.AbstractContextManager):
             raise PlaceRankError(f"{folder / metadata.DB_FILE}: not a readable placerank database ({e})") from None
         check_request(folder, meta, model, image_size)
         db.precision = database_precision(folder, meta, precision)
-        db.runtime = database_runtime(folder, meta, runtime)
+        db.runtime = database_runtime(folder, meta, db.runtime)
         if (model is not None and not isinstance(model, str)) or weights is not None:
             _ = db.model  # load now so a weights mismatch is reported at open
         return db
@@ -191,7 +200,7 @@ class Database(contextlib.AbstractContextManager):
         index_options: dict | None = None,
         precision: str | None = None,
         compile: str = "off",
-        runtime: str = "auto",
+        runtime: str | None = None,
     ) -> Database:
         """Open the database at ``path``, or create it. ``index`` (a kind, docs/index.md) and
         ``index_options``, when given, become the database's index (rebuilt on next use).

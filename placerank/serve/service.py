@@ -53,7 +53,7 @@ class ServeConfig:
     device: str = "auto"
     precision: str = "auto"  # auto: the database's own; another explicit one is refused
     compile: str = "auto"  # auto: one query at a time stays eager; on: compiled (and warmed up) at start
-    runtime: str = "torch"  # what runs the model (--runtime, docs/inference.md)
+    runtime: str | None = None  # what runs the model (None: $PLACERANK_RUNTIME or auto; --runtime, docs/inference.md)
 
     @property
     def max_upload_bytes(self) -> int:

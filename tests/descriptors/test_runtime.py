@@ -71,9 +71,10 @@ def test_eval_cli_refuses_an_unknown_runtime_before_work(gardens, tmp_path):
     assert e.value.code == 2 and not (tmp_path / "e").exists()
 
 
-def test_auto_runtime_takes_openvino_once_the_export_repays_itself(make_model):
+def test_auto_runtime_takes_openvino_once_the_export_repays_itself(make_model, monkeypatch):
     from placerank.descriptors.runtime import EXPORT_MIN_IMAGES, choose_runtime
 
+    monkeypatch.delitem(sys.modules, "onnxruntime", raising=False)  # as in a process that never loaded it
     model = make_model("effnet-lite0-gem", image_size=(64, 64))
     assert choose_runtime("auto", model, CPU, EXPORT_MIN_IMAGES - 1) == "torch"
     assert choose_runtime("auto", model, CPU, EXPORT_MIN_IMAGES) == "openvino"
@@ -85,6 +86,36 @@ def test_auto_runtime_takes_openvino_once_the_export_repays_itself(make_model):
     assert choose_runtime("auto", model, CPU, 0) == "openvino"
     netvlad = make_model("effnet-lite0-netvlad", image_size=(64, 64))
     assert netvlad.needs_data_init and choose_runtime("auto", netvlad, CPU, 10**6) == "torch"
+    # a process that has loaded ONNX Runtime (a host program, this test run) never gets OpenVINO beside it
+    monkeypatch.setitem(sys.modules, "onnxruntime", object())
+    assert choose_runtime("auto", model, CPU, 10**6) == "torch"
+
+
+def test_the_commands_default_runtime_is_auto(gardens, shared_weights, tmp_path, monkeypatch):
+    """Without ``$PLACERANK_RUNTIME`` (which this test run sets to torch) a large CPU job runs on
+    OpenVINO, exported into the cache on the way: an eval of GardensPoint's 280 frames (>= the
+    export's break-even) in a child process; the results record the runtime and auto precision."""
+    env = {k: v for k, v in os.environ.items() if k != "PLACERANK_RUNTIME"}
+    env.update(PLACERANK_WEIGHTS=str(shared_weights), PLACERANK_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    argv = ["eval", "--database", str(gardens / "day_right"), "--queries", str(gardens / "night_right")]
+    argv += ["--image-size", "64", "112", "--layout", "frames", "--out", str(tmp_path / "e")]
+    done = subprocess.run(
+        [sys.executable, "-m", "placerank", *argv], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    model = json.loads((tmp_path / "e" / "results.json").read_text())["model"]
+    assert model["runtime"] == "openvino" and model["precision"] in ("fp32", "bf16")
+    assert list((tmp_path / "cache" / "exported").glob("effnet-lite0-gem-*-64x112.onnx"))
+
+
+def test_a_bad_runtime_default_is_one_line(gardens, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PLACERANK_RUNTIME", "onnx")
+    args = ["eval", "--database", str(gardens / "day_right"), "--queries", str(gardens / "night_right")]
+    assert main([*args, "--out", str(tmp_path / "e"), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "placerank: error: --runtime onnx (from PLACERANK_RUNTIME): use one of auto, torch, openvino"
+    )
+    assert not (tmp_path / "e").exists()
 
 
 def test_a_runtime_that_falls_back_caches_under_torchs_namespace(make_model, images, monkeypatch, capsys):
