@@ -13,10 +13,12 @@ positives |i-j| <= 2, at the model's default input size, batch 16:
   abs difference) and R@1.
 - **pipeline** rows (``extract_features``: DataLoader decode + resize in workers, batching,
   normalisation, copy out), ms per image *including decode*: ``today`` (an unprepared model in
-  eager fp32: the old default) and ``default`` (what the CLI does for a large job: channels_last,
-  ``--precision auto`` = the model's check, the backbone compiled where ``--compile auto`` would:
-  fp32, or a reduced precision whose compiled check held), plus
-  ``pipeline / fastest bare forward`` (goal >= 0.9) and ``default / today`` (goal >= 4x).
+  eager fp32: the old default), ``torch_fast`` (PyTorch's default path, what a job below the
+  export's break-even or on a GPU runs: channels_last, ``--precision auto`` = the model's check,
+  the backbone compiled where ``--compile auto`` would: fp32, or a reduced precision whose
+  compiled check held) and ``openvino`` (``--runtime auto``'s choice for a large CPU job: the
+  exported model at OpenVINO's checked precision), plus ``pipeline / fastest bare forward``
+  (goal >= 0.9) and ``vs today`` (goal >= 4x).
 
 ``--write-checks`` turns the channels_last fp32 and bf16 rows into the records ``--precision auto``
 ships (``placerank/descriptors/precision_checks.json``). The machine is shared and has 2 cores:

@@ -126,7 +126,7 @@ def run(args) -> int:
         info = db.info()
         print(
             f"database {db.folder}: {info['model']} (weights {info['weights_id']}), {info['images']} photo(s), "
-            f"positions: {info['frame']}, precision: {info['precision']}, index: {info['index']}"
+            f"positions: {info['frame']}, precision: {info['precision']} (runtime {info['runtime']}), index: {info['index']}"
             + "".join(f" {k}={v}" for k, v in info["index_options"].items())
         )
         if args.remove:

@@ -6,10 +6,9 @@ run the *fp32* graph faster than PyTorch's best path (torch.compile + bf16), wit
 equal to PyTorch fp32 (max difference ~3e-7); OpenVINO is the faster of the two (6.4-7.1x eager
 PyTorch fp32 against 5.3-6.7x) and also runs bf16 (11-15x), so it is the one kept as a runtime
 (ONNX Runtime only checks exported files: a long-lived ONNX Runtime session and OpenVINO in one
-process corrupted the heap here, reproduced under pytest). PyTorch stays the default runtime (GPU,
-training, anything that cannot be exported, and no process that loads ONNX Runtime elsewhere
-— ``placerank export``'s check — ever loads OpenVINO too); ``--runtime openvino`` or ``auto``
-opts in.
+process corrupted the heap here, reproduced under pytest). ``auto`` (the default: PyTorch on a
+GPU, in training, for what cannot be exported and for a job too small to repay the export; never
+OpenVINO in a process that has loaded ONNX Runtime) picks it for a large CPU job.
 
 The model is exported once per (model, weights, input size) with
 :func:`placerank.models.onnx_export.export_onnx` (checked against PyTorch on export) into the
