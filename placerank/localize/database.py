@@ -116,7 +116,7 @@ class Database(contextlib.AbstractContextManager):
         """Make a new, empty database for ``model`` (a registry name or a built VPRModel), searched
         with an index of kind ``index`` (docs/index.md), its descriptors in ``precision`` (fp32,
         bf16, fp16, or ``auto``: what the model's recall check chose on this device, docs/inference.md)."""
-        from placerank.descriptors.fast import check_precision, resolve_precision
+        from placerank.descriptors.fast import check_precision, resolve_precision, runtime_of
         from placerank.utils import resolve_device
 
         folder = Path(path).resolve()
@@ -147,7 +147,7 @@ class Database(contextlib.AbstractContextManager):
             if metadata.is_initialised(folder):
                 raise PlaceRankError(exists)
             conn = metadata.create(folder, meta)
-        return cls(folder, conn, device, model, weights, m, precision, compile, meta["runtime"])
+        return cls(folder, conn, device, model, weights, m, precision, compile, runtime_of(m))
 
     @classmethod
     def open(

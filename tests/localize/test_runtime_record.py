@@ -53,7 +53,7 @@ def weights_env(shared_weights, monkeypatch):
 
 
 def test_the_runtime_is_recorded_and_a_bf16_database_refuses_another(dbs, weights_env):
-    with placerank.Database.open(dbs / "bf16") as db:
+    with placerank.Database.open(dbs / "bf16", runtime="auto") as db:
         assert db.info()["runtime"] == "torch" and db.runtime == "torch"  # auto -> the stored one
     with pytest.raises(IndexMismatchError) as e:
         placerank.Database.open(dbs / "bf16", runtime="openvino")
@@ -100,7 +100,7 @@ def test_a_model_that_falls_back_from_the_databases_runtime_is_refused(
     more = tum_positions("runtime_more.csv", start=20, stop=30, step=5)
     before = sqlite3.connect(dbs / "bf16-openvino" / "placerank.sqlite").execute("SELECT COUNT(*) FROM images")
     count = before.fetchone()[0]
-    with placerank.Database.open(dbs / "bf16-openvino") as db:
+    with placerank.Database.open(dbs / "bf16-openvino", runtime="auto") as db:
         with pytest.raises(IndexMismatchError) as e:
             db.localize(query, top_k=2)
         with pytest.raises(IndexMismatchError, match="not mixing them"):
