@@ -23,6 +23,7 @@ as far from PyTorch's bf16 as either is from fp32 (``benchmarks/extraction.py``)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import os
@@ -40,7 +41,10 @@ from placerank.utils import cache_root
 RUNTIMES = ("torch", "openvino")
 RUNTIME_ENV = "PLACERANK_RUNTIME"  # the commands' --runtime default when set (else auto)
 RUNTIME_ATTR = "placerank_runtime"  # where prepare_inference records a model's runtime
-EXPORT_MIN_IMAGES = 256  # ~10-35 s one-time export / >= ~100 ms saved per image at 360x640 (docs/inference.md)
+EXPORTS_KEPT = 8  # exported files kept in the cache, most recently used first (prune_exports)
+# auto exports for a job of this many images: Lite0's 6-8 s export saves ~45 ms an image (70 -> 25 ms
+# with decode at 360x640), repaid at ~180; a slower export (up to ~35 s) is repaid on reuse (docs/inference.md)
+EXPORT_MIN_IMAGES = 256
 _PACKAGES = {"openvino": "openvino"}
 _ENCODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(runtime, precision): encoder}
 
@@ -100,14 +104,39 @@ def exported_path(model) -> Path:
 
 
 def export_once(model) -> Path:
-    """The model's exported file in the cache root, exported (and checked) the first time."""
+    """The model's exported file in the cache root, exported (and checked) the first time; the
+    folder keeps the :data:`EXPORTS_KEPT` most recently used files (:func:`prune_exports`)."""
     from placerank.models.onnx_export import export_onnx
 
     path = exported_path(model)
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        export_onnx(copy.deepcopy(model).cpu(), path, check_with="openvino")
+    if path.is_file():
+        with contextlib.suppress(OSError):  # a read-only cache still serves the file
+            os.utime(path)  # recently used: kept by the pruning
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    export_onnx(copy.deepcopy(model).cpu(), path, check_with="openvino")
+    prune_exports(path.parent, keep=path)
     return path
+
+
+def prune_exports(folder: Path, keep: Path, limit: int | None = None) -> list[Path]:
+    """Delete all but the ``limit`` (default :data:`EXPORTS_KEPT`) most recently used ``*.onnx``
+    files of ``folder``, never ``keep``; returns what was deleted. Why: with ``--runtime auto`` the
+    default, every model with new weights is exported once (14 MB for Lite0 + GeM), and a model whose heads are
+    drawn at random on each construction (an untrained FoL / SelaVPR head) has new weights on every
+    run. A file another process still has loaded is safe to delete (OpenVINO read it at load); one
+    it was about to load is exported again."""
+    limit = EXPORTS_KEPT if limit is None else limit
+    files = []
+    for f in folder.glob("*.onnx"):
+        with contextlib.suppress(OSError):
+            files.append((f.stat().st_mtime, f))
+    files.sort(reverse=True)
+    gone = [f for _, f in files if f != keep][max(0, limit - 1) :]
+    for f in gone:
+        with contextlib.suppress(OSError):
+            f.unlink()
+    return gone
 
 
 class ExportedEncoder:

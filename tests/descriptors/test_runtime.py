@@ -141,3 +141,18 @@ def test_a_runtime_that_falls_back_caches_under_torchs_namespace(make_model, ima
     cached = DescriptorCache(torch_space, model.descriptor_dim).get_many([image_key(p) for p in images])
     assert sorted(cached) == sorted(keys) and all((cached[k] == d[i]).all() for i, k in enumerate(keys))
     assert not DescriptorCache(openvino_space, model.descriptor_dim).get_many(keys)
+
+
+def test_the_export_folder_keeps_the_most_recently_used_files(tmp_path):
+    """Under ``--runtime auto`` every new set of weights is exported once; the folder keeps the
+    newest files (by use), always the one just written, and deletes the rest."""
+    from placerank.descriptors.runtime import prune_exports
+
+    files = [tmp_path / f"m-{i}.onnx" for i in range(10)]
+    for i, f in enumerate(files):
+        f.write_bytes(b"x")
+        os.utime(f, (1000 + i, 1000 + i))  # m-9 newest
+    (tmp_path / "notes.txt").write_text("not an export")
+    gone = prune_exports(tmp_path, keep=files[0], limit=4)
+    assert sorted(gone) == sorted(files[1:7])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m-0.onnx", "m-7.onnx", "m-8.onnx", "m-9.onnx", "notes.txt"]
