@@ -45,6 +45,13 @@ def fingerprint(model: str, weights_id: str, preprocess: str, keys: list[str], n
     return h.hexdigest()[:32]
 
 
+def model_fingerprint(model, keys: list[str], precision: str) -> str:
+    """The fingerprint of what ``model`` (prepared: its runtime is read off it) makes of ``keys``
+    in ``precision``."""
+    made = numerics(precision, runtime_of(model))
+    return fingerprint(model.name, model.weights_id, model.preprocess.signature(), keys, made)
+
+
 @dataclass
 class DescriptorSet:
     """Global descriptors of an image set, with what made them."""
@@ -227,8 +234,7 @@ def up_to_date(folder: str | Path, model, paths: list[Path], reranker=None, prec
     except PlaceRankError:
         return False
     keys = [image_key(p) for p in paths]
-    made = numerics(precision, runtime_of(model))
-    if meta["fingerprint"] != fingerprint(model.name, model.weights_id, model.preprocess.signature(), keys, made):
+    if meta["fingerprint"] != model_fingerprint(model, keys, precision):
         return False
     if not (Path(folder) / "descriptors.npy").is_file():
         return False

@@ -92,12 +92,9 @@ def shard_folder(folder: str | Path, rank: int, size: int) -> Path:
 
 def shard_fingerprint(model, keys: list[str], precision: str, reranker=None) -> str:
     """What a shard's rows depend on: the merged folder's fingerprint plus the re-ranker."""
-    from placerank.descriptors.fast import runtime_of
-    from placerank.descriptors.files import fingerprint
-    from placerank.descriptors.runtime import numerics
+    from placerank.descriptors.files import model_fingerprint
 
-    made = numerics(precision, runtime_of(model))
-    base = fingerprint(model.name, model.weights_id, model.preprocess.signature(), keys, made)
+    base = model_fingerprint(model, keys, precision)
     return base if reranker is None else f"{base}|{reranker.signature()}"
 
 
@@ -292,11 +289,11 @@ def merge_shards(
     return ds
 
 
-def _merge_local(folder: Path, size: int, keys: list[str], reranker, precision: str, root) -> str:
+def _merge_local(folder: Path, size: int, keys: list[str], reranker, numerics: str, root) -> str:
     """Copy every shard's local features into the final store, in image order; returns the
     store's path (relative to ``folder`` when inside it, as ``placerank extract`` records it)."""
-    target = local_store_for(reranker, folder / "local" if root is None else root, precision)
-    parts = [local_store_for(reranker, shard_folder(folder, r, size) / "local", precision) for r in range(size)]
+    target = local_store_for(reranker, folder / "local" if root is None else root, numerics)
+    parts = [local_store_for(reranker, shard_folder(folder, r, size) / "local", numerics) for r in range(size)]
     try:
         for a in range(0, len(keys), 256):
             batch = [(i, k) for i, k in enumerate(keys[a : a + 256], start=a) if k not in target]
