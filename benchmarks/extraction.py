@@ -78,7 +78,11 @@ def _runtime_child(model_file: str, npy_path: str, batch: int, threads: int, fol
     """One foreign runtime's rows (bare paths and the pipeline) in their own spawned process.
     ONNX Runtime and OpenVINO each beside the other, or OpenVINO beside torch.compile, crashed
     this benchmark's process (a corrupted heap, found nondeterministically); every PyTorch row
-    stays in the parent, which never loads either runtime. Times only the work itself."""
+    stays in the parent, which never loads either runtime. Times only the work itself. Its
+    DataLoaders fork their workers, as in a command's main process: a spawned process's default
+    start method is spawn, whose workers re-import torch and placerank on every loader (measured:
+    the OpenVINO bf16 pipeline 22-25 ms an image here against 17 ms in a main process)."""
+    mp.set_start_method("fork", force=True)
     torch.set_num_threads(threads)
     os.environ["PLACERANK_CACHE"] = str(Path(folder) / "cache")  # the export lands in a scratch cache
     model = torch.load(model_file, weights_only=False)
