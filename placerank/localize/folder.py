@@ -19,11 +19,11 @@ import numpy as np
 
 from placerank.data.exif import GpsReading, read_gps
 from placerank.data.positions import LOCAL, WGS84, Position, read_positions_csv
-from placerank.descriptors.runtime import numerics
+from placerank.descriptors.fast import runtime_of
 from placerank.errors import DataError, PlaceRankError
 from placerank.localize.features import CHUNK_BATCHES, LocalFeatureCache, compile_for, describe, image_sizes
 from placerank.localize.metadata import FileRow
-from placerank.localize.model import check_model_numerics, stored_precision, stored_runtime
+from placerank.localize.model import check_runtime_made, stored_precision
 from placerank.localize.results import IndexReport
 from placerank.localize.store import NewPhoto, Store
 
@@ -270,7 +270,8 @@ class FolderIndexer:
     def _describe(self, fresh, model, report, plan, batch_size, num_workers, reranker, view) -> None:
         paths = [it.path for it in fresh]
         device = self.features.device
-        precision = stored_precision(self.store.meta.all())  # the database's, for every photo it holds
+        meta = self.store.meta.all()
+        precision = stored_precision(meta)  # the database's, for every photo it holds
         if self.nproc > 1 and self._describe_in_processes(fresh, model, report, batch_size, num_workers, precision):
             return
         with compile_for(model, len(fresh), batch_size, precision, device):  # --compile auto: for the whole run
@@ -282,7 +283,7 @@ class FolderIndexer:
                     if fresh[i].old_id is not None:
                         plan.stale.append(str(paths[i]))
                 if done:
-                    check_model_numerics(self.store.folder, self.store.meta.all(), model)  # no fallback stored
+                    check_runtime_made(self.store.folder, meta, runtime_of(model))  # a fallback is not stored
                     batch = [fresh[i] for i in done]
                     for it, d, hw in zip(batch, descs, image_sizes([it.path for it in batch])):
                         it.desc, it.hw = d, hw
@@ -308,8 +309,7 @@ class FolderIndexer:
         except PlaceRankError as e:
             self.say(f"{e}; extracting in one process instead")
             return False
-        if numerics(ds.precision, ds.runtime) != numerics(precision, stored_runtime(self.store.meta.all())):
-            check_model_numerics(self.store.folder, self.store.meta.all(), model)  # the ranks fell back: one line
+        check_runtime_made(self.store.folder, self.store.meta.all(), ds.runtime)  # the ranks' runtime
         chunk = max(1, batch_size) * CHUNK_BATCHES
         for start in range(0, len(fresh), chunk):
             batch = fresh[start : start + chunk]

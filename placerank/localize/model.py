@@ -61,17 +61,17 @@ def database_runtime(folder: Path, meta: dict[str, str], requested: str) -> str:
     return stored
 
 
-def check_model_numerics(folder: Path, meta: dict[str, str], model) -> None:
-    """Refuse (one line) to store or search descriptors a model made with other numerics than the
-    database's: a runtime that could not run the model fell back to PyTorch meanwhile."""
-    from placerank.descriptors.fast import runtime_of
+def check_runtime_made(folder: Path, meta: dict[str, str], runtime: str) -> None:
+    """Refuse (one line) to store or search descriptors that ``runtime`` made when the database's
+    are another runtime's below fp32: a runtime that could not run the model fell back to PyTorch
+    meanwhile (in this process, or in a ``--nproc`` rank)."""
     from placerank.descriptors.runtime import numerics
 
-    precision = stored_precision(meta)
-    if numerics(precision, runtime_of(model)) != numerics(precision, stored_runtime(meta)):
+    precision, stored = stored_precision(meta), stored_runtime(meta)
+    if numerics(precision, runtime) != numerics(precision, stored):
         raise IndexMismatchError(
-            f"{folder}: database descriptors are {precision} from --runtime {stored_runtime(meta)}, but the model"
-            f" now runs on {runtime_of(model)} (it could not run on {stored_runtime(meta)}); not mixing them"
+            f"{folder}: database descriptors are {precision} from --runtime {stored}, but the model"
+            f" now runs on {runtime} (it could not run on {stored}); not mixing them"
         )
 
 

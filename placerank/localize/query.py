@@ -18,11 +18,12 @@ import numpy as np
 from placerank.data.exif import GpsReading, read_gps
 from placerank.data.positions import LOCAL, WGS84, project_latlon, unproject, utm_label
 from placerank.descriptors.extract import extract_features
+from placerank.descriptors.fast import runtime_of
 from placerank.errors import DataError, PlaceRankError
 from placerank.localize.estimate import EstimateConfig, estimate_position
 from placerank.localize.features import LocalFeatureCache, MemoryStore
 from placerank.localize.metadata import Row
-from placerank.localize.model import check_model_numerics, stored_precision
+from placerank.localize.model import check_runtime_made, stored_precision
 from placerank.localize.results import LocalizeResult, Match, QueryGps
 from placerank.localize.store import Store
 from placerank.rerank.sequence import frame_scores
@@ -127,7 +128,7 @@ def localize(
         progress=False,
         precision=(precision := stored_precision(store.meta.all())),
     )
-    check_model_numerics(store.folder, store.meta.all(), model)  # a runtime that fell back: one line
+    check_runtime_made(store.folder, store.meta.all(), runtime_of(model))  # a runtime that fell back: one line
     timing["describe"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     sims, ids = index.search(q, max(top_k, sequence.candidates) if sequence is not None else top_k)
